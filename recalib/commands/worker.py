@@ -1,0 +1,15 @@
+"""`recalib worker` (not implemented yet)."""
+
+from __future__ import annotations
+
+import argparse
+
+from recalib.errors import InternalError
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    del parser
+
+
+def main(args: argparse.Namespace) -> int:
+    raise InternalError("recalib worker is not implemented yet")
