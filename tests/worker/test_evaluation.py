@@ -1,0 +1,159 @@
+"""worker.evaluation: exact metrics on hand-made logits, the verdict rules, bad model outputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from recalib.contract import Metrics, Verdict
+from recalib.errors import InvalidModelError, JobCancelledError
+from worker.evaluation import (
+    decide_verdict,
+    evaluate,
+    infer_num_classes,
+    max_output_diff,
+    prediction_change,
+)
+
+LN3, LN8 = math.log(3.0), math.log(8.0)
+
+
+def _batches(logits: list[list[float]], labels: list[int], batch_size: int = 1):
+    x, y = torch.tensor(logits), torch.tensor(labels)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def _entropy(probs: list[float]) -> float:
+    return -sum(p * math.log(p) for p in probs if p > 0)
+
+
+def test_metrics_exact_on_hand_made_logits() -> None:
+    # Softmax of [ln3, 0, 0] is [.6, .2, .2] (correct, label 0); of [0, ln8, 0] is [.1, .8, .1]
+    # (wrong, label 2).
+    batches = _batches([[LN3, 0.0, 0.0], [0.0, LN8, 0.0]], [0, 2])
+    result = evaluate(nn.Identity(), batches, labeled=True)
+    metrics = result.metrics
+    assert metrics.samples == 2
+    assert metrics.top1 == pytest.approx(0.5)
+    assert metrics.top5 is None  # fewer than 5 classes
+    assert metrics.loss == pytest.approx((-math.log(0.6) - math.log(0.1)) / 2, abs=1e-6)
+    expected_entropy = (_entropy([0.6, 0.2, 0.2]) + _entropy([0.1, 0.8, 0.1])) / 2
+    assert metrics.mean_entropy == pytest.approx(expected_entropy, abs=1e-6)
+    assert metrics.mean_confidence == pytest.approx((0.6 + 0.8) / 2, abs=1e-6)
+    assert result.predictions.tolist() == [0, 1]
+
+
+def test_top5_with_six_classes_across_batches() -> None:
+    # Sample 0: label 3 has rank 4 → top-5 hit, top-1 miss. Sample 1: label 5 ranks last → miss.
+    # Sample 2: label 1 ranks first → both hit.
+    logits = [
+        [6.0, 5.0, 4.0, 3.0, 2.0, 1.0],
+        [6.0, 5.0, 4.0, 3.0, 2.0, 1.0],
+        [0.0, 9.0, 0.0, 0.0, 0.0, 0.0],
+    ]
+    result = evaluate(nn.Identity(), _batches(logits, [3, 5, 1], batch_size=2), labeled=True)
+    assert result.metrics.top1 == pytest.approx(1 / 3)
+    assert result.metrics.top5 == pytest.approx(2 / 3)
+    assert result.predictions.tolist() == [0, 0, 1]
+
+
+def test_unlabeled_gives_label_free_metrics_only() -> None:
+    batches = _batches([[LN3, 0.0, 0.0], [0.0, 0.0, 0.0]], [-1, -1])
+    metrics = evaluate(nn.Identity(), batches, labeled=False).metrics
+    assert (metrics.top1, metrics.top5, metrics.loss) == (None, None, None)
+    assert metrics.mean_confidence == pytest.approx((0.6 + 1 / 3) / 2, abs=1e-6)
+    expected = (_entropy([0.6, 0.2, 0.2]) + math.log(3.0)) / 2
+    assert metrics.mean_entropy == pytest.approx(expected, abs=1e-6)
+
+
+def test_extreme_logits_keep_entropy_finite() -> None:
+    metrics = evaluate(nn.Identity(), _batches([[0.0, 1e4]], [1]), labeled=True).metrics
+    assert metrics.mean_entropy == pytest.approx(0.0, abs=1e-6)
+    assert metrics.mean_confidence == pytest.approx(1.0)
+
+
+def test_progress_and_cancellation() -> None:
+    seen: list[tuple[int, int | None]] = []
+    batches = _batches([[1.0, 0.0]] * 3, [0, 0, 0])
+    evaluate(
+        nn.Identity(), batches, labeled=True, total_batches=3, progress=lambda *a: seen.append(a)
+    )
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    calls = iter([False, True])
+    with pytest.raises(JobCancelledError):
+        evaluate(nn.Identity(), batches, labeled=True, should_stop=lambda: next(calls))
+
+
+def test_prediction_change() -> None:
+    before, after = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 0, 0])
+    assert prediction_change(before, after) == pytest.approx(0.5)
+    assert prediction_change(before, before) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        prediction_change(before, after[:3])
+
+
+def _metrics(top1: float | None, samples: int = 100) -> Metrics:
+    return Metrics(
+        top1=top1, top5=None, loss=None, samples=samples, mean_entropy=1.0, mean_confidence=0.5
+    )
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "verdict"),
+    [
+        (0.50, 0.90, Verdict.better),
+        (0.90, 0.50, Verdict.worse),
+        (0.50, 0.50, Verdict.unchanged),
+        (0.50, 0.51, Verdict.unchanged),  # one sample of 100: noise
+        (0.51, 0.50, Verdict.unchanged),
+        (0.50, 0.52, Verdict.better),  # two samples
+        (0.52, 0.50, Verdict.worse),
+    ],
+)
+def test_verdict_by_top1(before: float, after: float, verdict: Verdict) -> None:
+    assert decide_verdict(_metrics(before), _metrics(after)) is verdict
+
+
+def test_verdict_unknown_without_labels_or_data() -> None:
+    assert decide_verdict(_metrics(None), _metrics(None)) is Verdict.unknown
+    assert decide_verdict(None, None) is Verdict.unknown
+
+
+class _Returns(nn.Module):
+    def __init__(self, output: object) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, x: torch.Tensor) -> object:
+        return self.output
+
+
+@pytest.mark.parametrize(
+    ("output", "match"),
+    [
+        (torch.zeros(2, 3, 4), r"shape \(2, 3, 4\)"),
+        (torch.zeros(2, dtype=torch.int64), r"shape \(2,\)"),
+        (torch.zeros(5, 3), r"shape \(5, 3\)"),  # not one row per input
+        ((torch.zeros(2, 3),), "returned tuple"),
+        (torch.full((2, 3), float("nan")), "NaN"),
+    ],
+)
+def test_bad_model_outputs_are_user_errors(output: object, match: str) -> None:
+    with pytest.raises(InvalidModelError, match=match):
+        infer_num_classes(_Returns(output), torch.zeros(2, 1))
+
+
+def test_infer_num_classes_and_max_output_diff() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 7)
+    assert infer_num_classes(linear, torch.zeros(2, 4)) == 7
+    shifted = nn.Linear(4, 7)
+    shifted.load_state_dict(linear.state_dict())
+    with torch.no_grad():
+        shifted.bias[3] += 0.25
+    batches = [(torch.randn(3, 4), torch.zeros(3, dtype=torch.int64)) for _ in range(2)]
+    assert max_output_diff(linear, shifted, batches) == pytest.approx(0.25, abs=1e-6)
+    assert max_output_diff(linear, linear, batches) == 0.0
