@@ -190,6 +190,14 @@ class DataSplit(_Output):
     eval_indices: list[int] | None = Field(
         None, description="Indices of calibration-file samples used to evaluate (holdout only)."
     )
+    evaluated_on: Literal["eval_file", "holdout", "calibration"] | None = Field(
+        None,
+        description=(
+            "What `before`/`after` were measured on: the eval file, a held-out part of labeled "
+            "calibration data, or (unlabeled calibration data, no eval file) the calibration "
+            "samples themselves, label-free metrics only."
+        ),
+    )
     skipped_entries: int = Field(0, description="Archive entries skipped (not images, corrupt).")
     skipped_examples: list[str] = Field(default_factory=list, description="Up to 20 of them.")
 
