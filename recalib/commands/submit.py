@@ -1,15 +1,191 @@
-"""`recalib submit` (not implemented yet)."""
+"""``recalib submit``: upload a model and data to a recalib server, queue a job, optionally wait.
+
+For pipelines: the exit code says how it went (``recalib.errors``): 0 success, 2 bad arguments or
+request, 3 ``--fail-if-worse`` and the verdict is worse, 4 the job failed, 5 it was cancelled,
+1 the server is unreachable or another internal fault.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
 
-from recalib.errors import InternalError
+from recalib.client import DEFAULT_SERVER, RecalibClient
+from recalib.contract import JobPublic, JobStatus, Verdict
+from recalib.errors import (
+    EXIT_CANCELLED,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_WORSE,
+    InvalidOptionError,
+)
+
+# argparse dest → JobOptions field, for options passed only when given.
+_OPTION_FLAGS: dict[str, dict[str, Any]] = {
+    "batch_size": {"type": int, "help": "Calibration batch size, samples."},
+    "max_samples": {"type": int, "help": "Use at most this many calibration samples."},
+    "device": {"help": "auto, cpu, cuda[:N] or mps (the worker's device)."},
+    "estimator": {"choices": ["population", "batch_mean", "ema"]},
+    "momentum": {"type": float, "help": "EMA momentum (estimator ema)."},
+    "prior_strength": {"type": float, "help": "N of Schneider et al. 2020 (0 = pure target)."},
+    "tolerance": {"type": float, "help": "Early-stop tolerance (relative to running std)."},
+    "seed": {"type": int},
+    "holdout": {
+        "type": float,
+        "help": "Fraction of labeled calibration data held out to evaluate.",
+    },
+    "autocast": {"choices": ["off", "bf16", "fp16"]},
+}
+_BOOL_FLAGS = {
+    "fold": "Also produce a copy with BN folded into conv/linear.",
+    "channels_last": "Use channels_last memory format.",
+}
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    del parser
+    parser.add_argument("model", type=Path, help="Model file (.pt2, .pt, .ts, .safetensors).")
+    parser.add_argument("--calib", type=Path, required=True, help="Calibration data file.")
+    parser.add_argument("--eval", type=Path, help="Evaluation data file (labeled).")
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("RECALIB_SERVER", DEFAULT_SERVER),
+        help="Server URL (env RECALIB_SERVER; default %(default)s).",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("RECALIB_API_KEY"),
+        help="API key (env RECALIB_API_KEY).",
+    )
+    engine = parser.add_argument_group("engine options (server defaults when left out)")
+    for name, spec in _OPTION_FLAGS.items():
+        engine.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, **spec)
+    for name, help_text in _BOOL_FLAGS.items():
+        engine.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, action="store_true", help=help_text
+        )
+    parser.add_argument("--arch", help="`module:callable` building the model (state_dict files).")
+    parser.add_argument("--arch-kwargs", default="{}", help="JSON object of arch arguments.")
+    parser.add_argument("--wait", action="store_true", help="Follow the job until it ends.")
+    parser.add_argument(
+        "--download", type=Path, metavar="DIR", help="Save report + models (implies --wait)."
+    )
+    parser.add_argument(
+        "--fail-if-worse",
+        action="store_true",
+        help="Exit 3 when the verdict is worse (implies --wait).",
+    )
+    parser.add_argument("--json", action="store_true", help="Print the job as JSON on stdout.")
+    parser.add_argument(
+        "--idempotency-key", help="Resubmitting with the same key returns the same job."
+    )
+    parser.add_argument("--poll-s", type=float, default=0.5, help="Status poll period, seconds.")
+
+
+def job_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The JobOptions fields given on the command line (others keep the server defaults)."""
+    options = {
+        name: getattr(args, name) for name in _OPTION_FLAGS if getattr(args, name) is not None
+    }
+    options |= {name: True for name in _BOOL_FLAGS if getattr(args, name)}
+    return options
+
+
+def _arch_kwargs(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidOptionError(f"--arch-kwargs is not JSON: {exc}", field="arch_kwargs") from exc
+    if not isinstance(value, dict):
+        raise InvalidOptionError("--arch-kwargs must be a JSON object", field="arch_kwargs")
+    return value
 
 
 def main(args: argparse.Namespace) -> int:
-    raise InternalError("recalib submit is not implemented yet")
+    arch_kwargs = _arch_kwargs(args.arch_kwargs)
+    wait = args.wait or args.download is not None or args.fail_if_worse
+    with RecalibClient(args.server, api_key=args.api_key) as client:
+        ids = {}
+        for role, path in (("model", args.model), ("calib", args.calib), ("eval", args.eval)):
+            if path is not None:
+                ids[role] = client.upload_file(path).id
+                _note(f"{role}: {path} → {ids[role]}")
+        job = client.create_job(
+            ids["model"],
+            ids["calib"],
+            ids.get("eval"),
+            options=job_options(args),
+            arch=args.arch,
+            arch_kwargs=arch_kwargs,
+            idempotency_key=args.idempotency_key,
+        )
+        _note(f"job {job.id} {job.status.value}")
+        if not wait:
+            _out(job.model_dump_json(indent=2) if args.json else job.id)
+            return EXIT_OK
+        job = _follow(client, job.id, args.poll_s)
+        if job.status == JobStatus.succeeded and args.download is not None:
+            _download_all(client, job, args.download)
+    _out(job.model_dump_json(indent=2) if args.json else _summary(job))
+    return exit_code(job, fail_if_worse=args.fail_if_worse)
+
+
+def exit_code(job: JobPublic, *, fail_if_worse: bool) -> int:
+    """0, or the code of a failed/cancelled job, or EXIT_WORSE for a worse verdict if asked."""
+    if job.status == JobStatus.failed:
+        return EXIT_JOB_FAILED
+    if job.status == JobStatus.cancelled:
+        return EXIT_CANCELLED
+    if fail_if_worse and job.result is not None and job.result.verdict == Verdict.worse:
+        return EXIT_WORSE
+    return EXIT_OK
+
+
+def _follow(client: RecalibClient, job_id: str, poll_s: float) -> JobPublic:
+    """Wait for the job with a progress bar on stderr (shown only on a terminal)."""
+    from tqdm import tqdm
+
+    with tqdm(desc=job_id, file=sys.stderr, disable=None, unit="batch", leave=False) as bar:
+
+        def on_progress(job: JobPublic) -> None:
+            progress = job.progress
+            bar.set_description(f"{job_id} {job.status.value}/{progress.phase.value}")
+            if progress.total is not None and bar.total != progress.total:
+                bar.reset(total=progress.total)
+            bar.n = progress.done
+            bar.refresh()
+
+        return client.wait(job_id, on_progress=on_progress, poll_s=poll_s)
+
+
+def _download_all(client: RecalibClient, job: JobPublic, dest: Path) -> None:
+    which_all = ["report", "checkpoint"] + (["folded"] if job.result and job.result.folded else [])
+    for which in which_all:
+        path = client.download(job.id, which, dest)  # type: ignore[arg-type]
+        _note(f"{which}: {path} (sha256 verified)")
+
+
+def _summary(job: JobPublic) -> str:
+    if job.status != JobStatus.succeeded or job.result is None:
+        error = f": [{job.error.type}] {job.error.message}" if job.error else ""
+        return f"job {job.id} {job.status.value}{error}"
+    report = job.result
+    before = report.before.top1 if report.before else None
+    after = report.after.top1 if report.after else None
+    accuracy = f", top1 {_fmt(before)} → {_fmt(after)}" if before is not None else ""
+    return f"job {job.id} succeeded: verdict {report.verdict.value}{accuracy}"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _note(text: str) -> None:
+    sys.stderr.write(text + "\n")
