@@ -1,15 +1,226 @@
-"""`recalib run` (not implemented yet)."""
+"""``recalib run``: recalibrate a model locally (no server) and write report.json + checkpoints.
+
+Every option value is validated by the contract models (:class:`~recalib.contract.JobOptions`), so
+a bad value ends as one line naming the flag and exit code 2. The verdict does not change the exit
+code unless ``--fail-if-worse`` is given (then 3 when the verdict is ``worse``, as for ``submit``).
+Operator settings (``RECALIB_ARCH_ALLOWLIST``, ``RECALIB_ALLOW_UNSAFE_PICKLE``, archive limits)
+apply here as in the service.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
-from recalib.errors import InternalError
+from pydantic import ValidationError
+
+from recalib.contract import JobOptions, JobSpec, Preprocess, Progress, Report, Verdict
+from recalib.errors import EXIT_OK, EXIT_WORSE, InvalidOptionError, NotFoundError
+from recalib.settings import get_settings
+
+# JobOptions / Preprocess field → help. Values stay strings here: pydantic parses and validates
+# them, so every bad value gives the same one-line error.
+_OPTIONS = {
+    "batch_size": "Calibration batch size, samples (default 64).",
+    "max_samples": "Use at most this many calibration samples (seeded subsample).",
+    "device": "auto (default), cpu, cuda[:N] or mps.",
+    "estimator": "{population,batch_mean,ema} (default population).",
+    "momentum": "EMA momentum, estimator ema only (default 0.1).",
+    "prior_strength": "N of Schneider et al. 2020; 0 = pure target statistics (default 0).",
+    "tolerance": "Early stop once statistics move less than this (relative to running std).",
+    "tolerance_window": "Batches, for --tolerance (default 5).",
+    "seed": "Seed for order, subsampling and the holdout split (default 0).",
+    "holdout": "Fraction of labeled calibration data held out to evaluate (default 0.5 when "
+    "no --eval is given).",
+    "eval_batch_size": "Evaluation batch size (default 256).",
+    "autocast": "{off,bf16,fp16} autocast for forward passes (default off).",
+}
+_FLAGS = {
+    "fold": "Also write a copy with BN folded into conv/linear.",
+    "channels_last": "Use channels_last memory format (4-D inputs).",
+}
+_PREPROCESS = {
+    "resize": "Image archives: resize the shorter side to N pixels.",
+    "center_crop": "Image archives: square center crop of N pixels.",
+    "mean": "Image archives: per-channel mean, comma-separated (a,b,c).",
+    "std": "Image archives: per-channel std, comma-separated (a,b,c).",
+    "mode": "Image archives: RGB (default) or L.",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    del parser
+    parser.add_argument("model", help="Model file (.pt2, .ts/.pt TorchScript, .safetensors, .pt).")
+    parser.add_argument("--calib", required=True, metavar="DATA", help="Calibration data file.")
+    parser.add_argument("--eval", metavar="DATA", help="Evaluation data file (labeled).")
+    parser.add_argument("--arch", metavar="MOD:FN", help="Builds the model for state_dict files.")
+    parser.add_argument("--arch-kwargs", metavar="JSON", default="{}", help="Arguments of --arch.")
+    parser.add_argument("--out", metavar="DIR", help="Output directory (./recalib-out/<model>).")
+    engine = parser.add_argument_group("job options")
+    for name, help_text in _OPTIONS.items():
+        engine.add_argument(
+            _flag(name), dest=name, metavar=name.split("_")[-1].upper(), help=help_text
+        )
+    for name, help_text in _FLAGS.items():
+        engine.add_argument(_flag(name), dest=name, action="store_true", help=help_text)
+    images = parser.add_argument_group("image preprocessing")
+    for name, help_text in _PREPROCESS.items():
+        images.add_argument(_flag(name), dest=name, help=help_text)
+    parser.add_argument(
+        "--allow-unsafe-pickle", action="store_true", help="Unpickle whole-module .pt files."
+    )
+    parser.add_argument("--json", action="store_true", help="Print report.json instead of a table.")
+    parser.add_argument(
+        "--fail-if-worse", action="store_true", help="Exit 3 when the verdict is worse."
+    )
+
+
+def build_spec(args: argparse.Namespace) -> JobSpec:
+    """The :class:`JobSpec` of the arguments; bad values raise :class:`InvalidOptionError`."""
+    for label, path in (("model", args.model), ("calibration", args.calib), ("eval", args.eval)):
+        if path is not None and not Path(path).is_file():
+            raise NotFoundError(f"{label} file not found", file=path)
+    values: dict[str, Any] = {n: getattr(args, n) for n in _OPTIONS if getattr(args, n) is not None}
+    values |= {name: True for name in _FLAGS if getattr(args, name)}
+    given = {n: getattr(args, n) for n in _PREPROCESS if getattr(args, n) is not None}
+    for name in ("mean", "std"):
+        if name in given:
+            given[name] = [part.strip() for part in given[name].split(",")]
+    try:
+        if given:
+            values["preprocess"] = Preprocess.model_validate(given)
+        options = JobOptions.model_validate(values)
+        settings = get_settings()
+    except ValidationError as exc:
+        raise _option_error(exc) from None
+    try:
+        arch_kwargs = json.loads(args.arch_kwargs)
+    except json.JSONDecodeError as exc:
+        raise InvalidOptionError(f"not valid JSON: {exc}", field="--arch-kwargs") from None
+    if not isinstance(arch_kwargs, dict):
+        raise InvalidOptionError("must be a JSON object", field="--arch-kwargs")
+    out_dir = args.out or str(Path("recalib-out") / Path(args.model).stem)
+    return JobSpec(
+        model_path=args.model,
+        calibration_path=args.calib,
+        eval_path=args.eval,
+        arch=args.arch,
+        arch_kwargs=arch_kwargs,
+        options=options,
+        out_dir=out_dir,
+        allow_unsafe_pickle=args.allow_unsafe_pickle or settings.allow_unsafe_pickle,
+        arch_allowlist=settings.arch_allowlist,
+        max_archive_members=settings.max_archive_members,
+        max_archive_bytes=settings.max_archive_bytes,
+        max_image_pixels=settings.max_image_pixels,
+    )
+
+
+def _option_error(exc: ValidationError) -> InvalidOptionError:
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"] if part != "preprocess"]
+    if exc.title == "Settings":
+        where = "RECALIB_" + loc[0].upper() if loc else "RECALIB_* environment"
+    else:
+        where = _flag(loc[0]) if loc else "preprocessing options"
+    value = f" (got {error['input']!r})" if loc and "input" in error else ""
+    message = error["msg"].removeprefix("Value error, ")
+    return InvalidOptionError(f"{message}{value}", field=where)
 
 
 def main(args: argparse.Namespace) -> int:
-    raise InternalError("recalib run is not implemented yet")
+    spec = build_spec(args)
+    from worker.pipeline import run_job  # torch is imported only here
+
+    with _ProgressBar() as bar:
+        report = run_job(spec, on_progress=bar.update)
+    if args.json:
+        sys.stdout.write(report.model_dump_json(indent=2) + "\n")
+    else:
+        sys.stdout.write(summary(report, Path(spec.out_dir)) + "\n")
+    if args.fail_if_worse and report.verdict is Verdict.worse:
+        return EXIT_WORSE
+    return EXIT_OK
+
+
+def summary(report: Report, out_dir: Path) -> str:
+    """A short human-readable table of the report."""
+    rows = [("", "before", "after")]
+    for label, key in (
+        ("top-1", "top1"),
+        ("top-5", "top5"),
+        ("loss (nats)", "loss"),
+        ("confidence", "mean_confidence"),
+        ("entropy (nats)", "mean_entropy"),
+    ):
+        pair = [getattr(m, key) if m is not None else None for m in (report.before, report.after)]
+        if any(v is not None for v in pair):
+            rows.append((label, *("-" if v is None else f"{v:.4f}" for v in pair)))
+    lines = [f"{a:<16}{b:>10}{c:>10}" for a, b, c in rows]
+    evaluated = report.after.samples if report.after else 0
+    change = report.prediction_change
+    lines.append(
+        f"verdict: {report.verdict.value}"
+        + (f" ({evaluated} samples evaluated on {report.data.evaluated_on})" if evaluated else "")
+        + (f", predictions changed: {change:.1%}" if change is not None else "")
+    )
+    if report.verdict is Verdict.worse:
+        lines.append("warning: top-1 accuracy is LOWER after recalibration")
+    calib = report.calibration
+    lines.append(
+        f"calibration: {calib.samples} samples, {calib.batches} batches, {report.bn_layers} BN "
+        f"layers, estimator {calib.estimator.value}, device {report.device}"
+        + (", stopped early" if calib.stopped_early else "")
+    )
+    lines.append(f"checkpoint: {out_dir / report.checkpoint.file}")
+    if report.folded is not None:
+        lines.append(
+            f"folded: {out_dir / report.folded.artifact.file} "
+            f"(max |diff| {report.folded.max_abs_diff:.2e})"
+        )
+    lines.append(f"report: {out_dir / 'report.json'} ({report.timings_s['total']:.1f} s)")
+    return "\n".join(lines)
+
+
+class _ProgressBar:
+    """A tqdm bar per phase on a terminal; elsewhere one line per phase once a run is long."""
+
+    QUIET_S = 10.0
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.bar: Any = None
+        self.phase: str | None = None
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def update(self, progress: Progress) -> None:
+        phase = progress.phase.value
+        if phase != self.phase or progress.done == 0:
+            self.phase = phase
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            if self.tty:
+                from tqdm import tqdm
+
+                self.bar = tqdm(desc=phase, total=progress.total, unit="batch", file=sys.stderr)
+            elif time.monotonic() - self.started > self.QUIET_S:
+                total = f" ({progress.total} batches)" if progress.total else ""
+                sys.stderr.write(f"recalib: {phase}{total}\n")
+        if self.bar is not None and progress.done:
+            self.bar.n = progress.done
+            self.bar.refresh()

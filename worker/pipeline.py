@@ -1,0 +1,327 @@
+"""The job runner: one recalibration from files to ``report.json`` and checkpoints.
+
+:func:`run_job` is what the queue worker and ``recalib run`` execute. Phases, in order (each
+reported through ``on_progress`` as :class:`~recalib.contract.Progress`, ``done``/``total`` in
+batches): ``loading`` → ``evaluating`` (original statistics) → ``recalibrating`` → ``evaluating``
+(new statistics) → ``saving`` (checkpoint, then the folded copy when ``options.fold``).
+
+Which samples serve what (:func:`plan_data`, recorded in ``report.data``):
+
+- an eval file is given: it is evaluated in full; every calibration sample may calibrate.
+  ``options.holdout`` is then an :class:`InvalidOptionError` (two eval sets would be ambiguous).
+- no eval file, labeled calibration data: a seeded random ``holdout`` fraction (default 0.5) of it
+  is held out for evaluation, the rest calibrates (``evaluated_on = "holdout"``).
+- no eval file, unlabeled calibration data: the model is evaluated before and after on the
+  calibration samples themselves (``evaluated_on = "calibration"``): the label-free metrics
+  (entropy, confidence, prediction change) only, top-1/top-5/loss are null, the verdict is
+  ``unknown``. ``options.holdout`` is an :class:`InvalidOptionError` here.
+
+``options.max_samples`` then keeps a seeded random subset of the calibration part. The seed fixes
+the split, the subset and the calibration order, so a job is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recalib.contract import FoldReport, JobOptions, JobSpec, Phase, Progress, Report
+from recalib.errors import (
+    InvalidDataError,
+    InvalidOptionError,
+    JobCancelledError,
+    NotFoundError,
+    RecalibError,
+)
+from worker import report as reporting
+from worker.devices import resolve_device
+from worker.engine import recalibrate
+from worker.evaluation import evaluate, infer_num_classes, max_output_diff
+from worker.folding import fold_batchnorm, save_folded
+from worker.formats.data import DataLimits, SampleSet, check_labels, make_loader, open_samples
+from worker.formats.models import LoadedModel, load_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOLDOUT = 0.5
+AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class DataPlan:
+    """Which samples calibrate and which evaluate (indices into their files)."""
+
+    calibration: SampleSet
+    calibration_indices: list[int]  # in calibration order (seeded shuffle)
+    available_samples: int
+    eval_set: SampleSet
+    eval_indices: list[int]  # in file order
+    labeled: bool
+    evaluated_on: str  # "eval_file" | "holdout" | "calibration"
+    holdout_fraction: float | None = None
+
+
+def plan_data(calibration: SampleSet, eval_set: SampleSet | None, options: JobOptions) -> DataPlan:
+    """Split and subsample the data as described in the module docstring (seeded)."""
+    rng = np.random.default_rng(options.seed)
+    n = calibration.num_samples
+    holdout: float | None = None
+    if eval_set is not None:
+        if options.holdout is not None:
+            raise InvalidOptionError(
+                "holdout splits the calibration data for evaluation, but an eval file is given; "
+                "drop one of them",
+                field="options.holdout",
+            )
+        pool, evaluated_on = np.arange(n), "eval_file"
+        eval_indices, labeled = list(range(eval_set.num_samples)), eval_set.has_labels
+    elif calibration.has_labels:
+        holdout = options.holdout if options.holdout is not None else DEFAULT_HOLDOUT
+        order = rng.permutation(n)
+        n_eval = round(holdout * n)
+        if n_eval < 1 or n - n_eval < 2:
+            raise InvalidDataError(
+                f"holdout {holdout} of {n} calibration samples leaves {n_eval} to evaluate and "
+                f"{n - n_eval} to calibrate; need ≥ 1 and ≥ 2: give more data or an eval file",
+                file=str(calibration.path),
+            )
+        pool, evaluated_on, labeled = order[n_eval:], "holdout", True
+        eval_indices = sorted(int(i) for i in order[:n_eval])
+    else:
+        if options.holdout is not None:
+            raise InvalidOptionError(
+                "holdout needs labeled calibration data, and this calibration file has no "
+                "labels; give a labeled eval file or drop holdout",
+                field="options.holdout",
+            )
+        pool, evaluated_on, labeled, eval_indices = np.arange(n), "calibration", False, []
+    chosen = [int(i) for i in pool[rng.permutation(len(pool))][: options.max_samples]]
+    if evaluated_on == "calibration":
+        eval_indices = sorted(chosen)
+    return DataPlan(
+        calibration=calibration,
+        calibration_indices=chosen,
+        available_samples=len(pool),
+        eval_set=eval_set if eval_set is not None else calibration,
+        eval_indices=eval_indices,
+        labeled=labeled,
+        evaluated_on=evaluated_on,
+        holdout_fraction=holdout,
+    )
+
+
+class _Reporter:
+    """Turns phase changes and per-batch callbacks into :class:`Progress` events."""
+
+    def __init__(
+        self,
+        on_progress: Callable[[Progress], None] | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> None:
+        self.on_progress = on_progress
+        self.should_stop = should_stop
+
+    def start(self, phase: Phase, total: int | None = None) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise JobCancelledError(f"the job was cancelled before the {phase.value} phase")
+        self.emit(phase, 0, total)
+
+    def emit(self, phase: Phase, done: int, total: int | None) -> None:
+        if self.on_progress is not None:
+            self.on_progress(Progress(phase=phase, done=done, total=total))
+
+    def batches(self, phase: Phase) -> Callable[[int, int | None], None]:
+        return lambda done, total: self.emit(phase, done, total)
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Report:
+    """Recalibrate ``spec.model_path`` on ``spec.calibration_path`` and evaluate before/after.
+
+    Writes into ``spec.out_dir``: ``report.json`` (the returned :class:`Report`), the recalibrated
+    checkpoint (same format as the input) and, with ``options.fold``, the BN-folded copy.
+
+    Args:
+        spec: paths, options and the operator's limits.
+        on_progress: called at each phase start and after each batch (never more often).
+        should_stop: polled between batches; True raises :class:`JobCancelledError`.
+
+    Raises:
+        UserError: a subclass naming the file or option at fault, for any bad input.
+        JobCancelledError: ``should_stop`` returned True.
+    """
+    options = spec.options
+    progress = _Reporter(on_progress, should_stop)
+    timer = reporting.Timer()
+    out_dir = Path(spec.out_dir)
+
+    progress.start(Phase.loading)
+    with timer("load"):
+        loaded, plan = _load(spec)
+        device = resolve_device(options.device)
+        model = loaded.module.to(device)
+        _check_labels(model, plan)
+    autocast_dtype = AUTOCAST_DTYPES[options.autocast]
+    pin_memory = device.type == "cuda"
+    eval_loader = make_loader(
+        plan.eval_set,
+        indices=plan.eval_indices,
+        batch_size=options.eval_batch_size,
+        pin_memory=pin_memory,
+    )
+    run_evaluation = functools.partial(
+        evaluate,
+        model,
+        eval_loader,
+        labeled=plan.labeled,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        channels_last=options.channels_last,
+        total_batches=len(eval_loader),
+        progress=progress.batches(Phase.evaluating),
+        should_stop=should_stop,
+    )
+
+    progress.start(Phase.evaluating, len(eval_loader))
+    with timer("evaluate_before"):
+        before = run_evaluation()
+
+    calibration_loader = make_loader(
+        plan.calibration,
+        indices=plan.calibration_indices,
+        batch_size=options.batch_size,
+        pin_memory=pin_memory,
+    )
+    progress.start(Phase.recalibrating, len(calibration_loader))
+    with timer("recalibrate"):
+        result = recalibrate(
+            model,
+            calibration_loader,
+            estimator=options.estimator,
+            momentum=options.momentum,
+            prior_strength=options.prior_strength,
+            tolerance=options.tolerance,
+            tolerance_window=options.tolerance_window,
+            device=device,
+            channels_last=options.channels_last,
+            autocast_dtype=autocast_dtype,
+            total_batches=len(calibration_loader),
+            progress=progress.batches(Phase.recalibrating),
+            should_stop=should_stop,
+        )
+
+    progress.start(Phase.evaluating, len(eval_loader))
+    with timer("evaluate_after"):
+        after = run_evaluation()
+
+    progress.start(Phase.saving)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with timer("save"):
+        model.to("cpu", memory_format=torch.contiguous_format)
+        checkpoint = loaded.save(out_dir)
+    folded = None
+    if options.fold:
+        with timer("fold"):
+            folded = _fold(loaded, plan, eval_loader, device, out_dir, should_stop)
+    report = reporting.build_report(
+        spec,
+        loaded=loaded,
+        plan=plan,
+        result=result,
+        before=before,
+        after=after,
+        checkpoint=checkpoint,
+        folded=folded,
+        device=device,
+        timings_s=timer.finish(),
+    )
+    reporting.write_report(report, out_dir)
+    return report
+
+
+def _load(spec: JobSpec) -> tuple[LoadedModel, DataPlan]:
+    for path, field in (
+        (spec.model_path, "model_path"),
+        (spec.calibration_path, "calibration_path"),
+        (spec.eval_path, "eval_path"),
+    ):
+        if path is not None and not Path(path).is_file():
+            raise NotFoundError(f"{field}: no such file: {path}", file=path)
+    loaded = load_model(
+        spec.model_path,
+        arch=spec.arch,
+        arch_kwargs=spec.arch_kwargs,
+        allow_unsafe_pickle=spec.allow_unsafe_pickle,
+        arch_allowlist=tuple(spec.arch_allowlist),
+    )
+    limits = DataLimits(
+        max_archive_members=spec.max_archive_members,
+        max_archive_bytes=spec.max_archive_bytes,
+        max_image_pixels=spec.max_image_pixels,
+    )
+    preprocess = spec.options.preprocess
+    calibration = open_samples(spec.calibration_path, preprocess=preprocess, limits=limits)
+    eval_set = None
+    if spec.eval_path is not None:
+        eval_set = open_samples(spec.eval_path, preprocess=preprocess, limits=limits)
+    return loaded, plan_data(calibration, eval_set, spec.options)
+
+
+def _check_labels(model: torch.nn.Module, plan: DataPlan) -> None:
+    """Probe the model on two samples of each data set; labels must lie in [0, outputs)."""
+    num_classes = 0
+    data_sets = [(plan.calibration, plan.calibration_indices)]
+    if plan.eval_set is not plan.calibration:
+        data_sets.append((plan.eval_set, plan.eval_indices))
+    for samples, indices in data_sets:
+        probe = torch.stack([samples[i][0] for i in indices[:2]])
+        try:
+            num_classes = infer_num_classes(model, probe)
+        except RecalibError:
+            raise
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise InvalidDataError(
+                f"the model fails on samples of shape {tuple(probe.shape[1:])} from "
+                f"{Path(samples.path).name}: {str(exc).splitlines()[0]}",
+                file=str(samples.path),
+            ) from exc
+        if samples.has_labels:
+            check_labels(samples, num_classes)
+
+
+def _fold(
+    loaded: LoadedModel,
+    plan: DataPlan,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    out_dir: Path,
+    should_stop: Callable[[], bool] | None,
+) -> FoldReport:
+    """Fold BN into conv/linear, measure the output difference on the eval data, save the copy."""
+    result = fold_batchnorm(loaded)
+    try:
+        diff = max_output_diff(
+            loaded.module.to(device),
+            result.module.to(device),
+            loader,
+            device=device,
+            should_stop=should_stop,
+        )
+    finally:
+        loaded.module.to("cpu")
+        result.module.to("cpu")
+    example = torch.stack([plan.calibration[i][0] for i in plan.calibration_indices[:2]])
+    artifact = save_folded(result, loaded, (example,), out_dir)
+    return FoldReport(
+        artifact=artifact, folded=result.folded, not_folded=result.not_folded, max_abs_diff=diff
+    )

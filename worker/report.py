@@ -1,0 +1,141 @@
+"""Assembling and writing ``report.json``: timings, device description, the data split."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+import recalib
+from recalib.contract import (
+    Artifact,
+    CalibrationSummary,
+    DataSplit,
+    FoldReport,
+    JobSpec,
+    Report,
+)
+from worker.evaluation import Evaluation, decide_verdict, prediction_change
+
+if TYPE_CHECKING:
+    from worker.engine import RecalibrationResult
+    from worker.formats.models import LoadedModel
+    from worker.pipeline import DataPlan
+
+REPORT_FILE = "report.json"
+MAX_SKIPPED_EXAMPLES = 20
+
+
+class Timer:
+    """Wall-clock seconds per named step; :meth:`finish` adds ``total`` since construction."""
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+        self.timings_s: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            self.timings_s[name] = round(time.perf_counter() - start, 4)
+
+    def finish(self) -> dict[str, float]:
+        return {**self.timings_s, "total": round(time.perf_counter() - self._start, 4)}
+
+
+def describe_device(device: torch.device) -> str:
+    """``"cpu"``, or ``"cuda:0 (NVIDIA H100 80GB HBM3)"`` with the GPU's name."""
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def data_split(plan: DataPlan, spec: JobSpec) -> DataSplit:
+    """``report.data``: which samples calibrated and which evaluated, and what archives skipped.
+
+    ``calibration_indices`` are listed whenever a subset calibrated (holdout or ``max_samples``),
+    ``eval_indices`` whenever calibration-file samples were evaluated (holdout, or unlabeled data
+    evaluated on itself); both sorted.
+    """
+    subset = len(plan.calibration_indices) < plan.calibration.num_samples
+    sources = [plan.calibration]
+    if plan.eval_set is not plan.calibration:
+        sources.append(plan.eval_set)
+    examples = [example for source in sources for example in source.skipped_examples]
+    return DataSplit(
+        calibration_file=Path(spec.calibration_path).name,
+        eval_file=Path(spec.eval_path).name if spec.eval_path else None,
+        holdout_fraction=plan.holdout_fraction,
+        calibration_indices=sorted(plan.calibration_indices) if subset else None,
+        eval_indices=plan.eval_indices if plan.evaluated_on != "eval_file" else None,
+        evaluated_on=plan.evaluated_on,  # type: ignore[arg-type]
+        skipped_entries=sum(source.skipped_entries for source in sources),
+        skipped_examples=examples[:MAX_SKIPPED_EXAMPLES],
+    )
+
+
+def build_report(
+    spec: JobSpec,
+    *,
+    loaded: LoadedModel,
+    plan: DataPlan,
+    result: RecalibrationResult,
+    before: Evaluation,
+    after: Evaluation,
+    checkpoint: Artifact,
+    folded: FoldReport | None,
+    device: torch.device,
+    timings_s: dict[str, float],
+) -> Report:
+    """The :class:`Report` of one finished job."""
+    return Report(
+        recalib_version=recalib.__version__,
+        model_format=loaded.format,
+        bn_layers=len(result.layers),
+        skipped_layers=result.skipped,
+        calibration=CalibrationSummary(
+            samples=result.samples,
+            batches=result.batches,
+            available_samples=plan.available_samples,
+            stopped_early=result.stopped_early,
+            estimator=spec.options.estimator,
+            merged_batches=result.merged_batches,
+        ),
+        before=before.metrics,
+        after=after.metrics,
+        prediction_change=prediction_change(before.predictions, after.predictions),
+        verdict=decide_verdict(before.metrics, after.metrics),
+        layers=result.changes,
+        checkpoint=checkpoint,
+        folded=folded,
+        data=data_split(plan, spec),
+        options=spec.options,
+        device=describe_device(device),
+        timings_s=timings_s,
+    )
+
+
+def write_report(report: Report, out_dir: Path) -> Path:
+    """Write ``out_dir/report.json`` atomically (a reader never sees half a file)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / REPORT_FILE
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".report-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(report.model_dump_json(indent=2))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
