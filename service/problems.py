@@ -90,11 +90,15 @@ def _validation_message(err: dict[str, Any]) -> str:
     return str(err.get("msg", "invalid value"))
 
 
-def _http_slug(status: int) -> str:
+def _http_phrase(status: int) -> str:
     try:
-        return HTTPStatus(status).phrase.lower().replace(" ", "-")
+        return HTTPStatus(status).phrase
     except ValueError:
-        return "http-error"
+        return "HTTP error"
+
+
+def _http_slug(status: int) -> str:
+    return _http_phrase(status).lower().replace(" ", "-")
 
 
 async def _on_recalib_error(request: Request, exc: Exception) -> JSONResponse:
@@ -119,7 +123,7 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
 async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, StarletteHTTPException):
         return await _on_unexpected(request, exc)
-    phrase = HTTPStatus(exc.status_code).phrase if exc.status_code in HTTPStatus else "Error"
+    phrase = _http_phrase(exc.status_code)
     problem = Problem(
         type=problem_type(_http_slug(exc.status_code)),
         title=phrase,

@@ -1,0 +1,1 @@
+"""The HTTP layer: dependencies (``deps``) and one router per resource (``routes``)."""

@@ -1,0 +1,194 @@
+"""``/v1/jobs/{id}/checkpoint|report|folded``: artifacts of succeeded jobs.
+
+Served from ``jobs/<id>/out/`` only (attempt directories never are), with the sha256 as ``ETag``
+(``If-None-Match`` → 304), a ``Content-Disposition`` named after the uploaded model, and HTTP
+Range requests (Starlette's ``FileResponse``: 206, multipart/byteranges). Range errors are
+checked here first so that they, too, are problem documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path as FsPath
+from typing import Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, Header, Path, Response
+from fastapi.responses import FileResponse
+from starlette.exceptions import HTTPException
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+
+from recalib import layout
+from recalib.contract import JobRecord, JobStatus
+from recalib.errors import ConflictError, NotFoundError
+from service.api.deps import FileStoreDep, JobStoreDep, SettingsDep, TenantDep
+from service.file_store import FileStore
+from service.problems import problem_responses
+
+router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
+
+REPORT_FILE = "report.json"
+Which = Literal["checkpoint", "report", "folded"]
+JobIdPath = Annotated[
+    str, Path(pattern=r"^j_[A-Za-z0-9_-]{16,64}$", examples=["j_Zx81bQe0LsP3mNaa"])
+]
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    path: FsPath
+    sha256: str
+    download_name: str
+    media_type: str
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.sha256}"'
+
+
+def resolve_artifact(
+    record: JobRecord, which: Which, data_dir: FsPath, files: FileStore, tenant: str
+) -> ArtifactFile:
+    """The file behind an artifact of a succeeded job, or a 409/404 error saying why not."""
+    if record.status != JobStatus.succeeded or record.result is None:
+        raise ConflictError(
+            f"job {record.id} is {record.status.value}: artifacts exist only once it succeeded",
+            field=which,
+        )
+    out_dir = layout.output_dir(data_dir, record.id)
+    stem = _model_stem(record, files, tenant)
+    report = record.result
+    if which == "report":
+        path = out_dir / REPORT_FILE
+        sha256 = _sha256_of(path) if path.is_file() else ""
+        return ArtifactFile(path, sha256, f"{stem}.report.json", "application/json")
+    artifact = report.checkpoint if which == "checkpoint" else None
+    if which == "folded":
+        if report.folded is None:
+            raise NotFoundError(
+                f"job {record.id} has no folded model: submit with options.fold=true",
+                field="folded",
+            )
+        artifact = report.folded.artifact
+    if artifact is None:  # unreachable: which is one of three
+        raise NotFoundError(f"unknown artifact {which}")
+    label = "recalibrated" if which == "checkpoint" else "folded"
+    suffix = FsPath(artifact.file).suffix
+    path = out_dir / FsPath(artifact.file).name
+    return ArtifactFile(
+        path, artifact.sha256, f"{stem}.{label}{suffix}", "application/octet-stream"
+    )
+
+
+def _model_stem(record: JobRecord, files: FileStore, tenant: str) -> str:
+    try:
+        name = files.get(tenant, record.request.model_file).filename
+    except NotFoundError:  # the upload was deleted since; the job id still names it
+        return record.id
+    return FsPath(name).stem or record.id
+
+
+def _sha256_of(path: FsPath) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+def _check_range(range_header: str | None, if_range: str | None, etag: str, size: int) -> None:
+    """Raise 400/416 for a Range header that FileResponse would reject (it answers plain text)."""
+    if range_header is None or (if_range is not None and if_range.strip() != etag):
+        return  # no range, or If-Range mismatch: the whole file is sent
+    try:
+        FileResponse._parse_range_header(range_header, size)
+    except MalformedRangeHeader as exc:
+        raise HTTPException(400, f"malformed Range header: {exc.content}") from exc
+    except RangeNotSatisfiable as exc:
+        raise HTTPException(
+            416,
+            f"Range not satisfiable: the file has {size} bytes",
+            headers={"Content-Range": f"bytes */{exc.max_size}"},
+        ) from exc
+
+
+async def _serve(
+    which: Which,
+    job_id: str,
+    tenant: str,
+    jobs: JobStoreDep,
+    files: FileStoreDep,
+    data_dir: FsPath,
+    if_none_match: str | None,
+    range_header: str | None,
+    if_range: str | None,
+) -> Response:
+    record = await anyio.to_thread.run_sync(jobs.get, tenant, job_id)
+    art = await anyio.to_thread.run_sync(resolve_artifact, record, which, data_dir, files, tenant)
+    if not art.path.is_file():
+        raise NotFoundError(f"the {which} of job {job_id} is no longer stored", field=which)
+    if if_none_match and _etag_matches(if_none_match, art.etag):
+        return Response(status_code=304, headers={"ETag": art.etag})
+    _check_range(range_header, if_range, art.etag, art.path.stat().st_size)
+    return FileResponse(
+        art.path,
+        media_type=art.media_type,
+        filename=art.download_name,
+        headers={"ETag": art.etag, "Cache-Control": "private, max-age=0, must-revalidate"},
+    )
+
+
+_DOC = {
+    200: {
+        "description": "The artifact (sha256 in `ETag`).",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    206: {"description": "Part of the artifact (HTTP Range)."},
+    304: {"description": "Unchanged (`If-None-Match` matched the ETag)."},
+    **problem_responses(400, 401, 404, 409, 416, 422, 503),
+}
+
+
+def _route(which: Which, summary: str) -> None:
+    async def download(
+        job_id: JobIdPath,
+        tenant: TenantDep,
+        jobs: JobStoreDep,
+        files: FileStoreDep,
+        settings: SettingsDep,
+        if_none_match: Annotated[str | None, Header(max_length=1024)] = None,
+        range_header: Annotated[str | None, Header(alias="Range", max_length=1024)] = None,
+        if_range: Annotated[str | None, Header(max_length=1024)] = None,
+    ) -> Response:
+        return await _serve(
+            which,
+            job_id,
+            tenant,
+            jobs,
+            files,
+            settings.data_dir,
+            if_none_match,
+            range_header,
+            if_range,
+        )
+
+    download.__name__ = f"download_{which}"
+    router.add_api_route(
+        f"/{{job_id}}/{which}",
+        download,
+        methods=["GET"],
+        response_class=Response,
+        responses=_DOC,
+        summary=summary,
+    )
+
+
+_route("checkpoint", "Download the recalibrated model")
+_route("report", "Download report.json")
+_route("folded", "Download the BN-folded model (jobs with options.fold)")

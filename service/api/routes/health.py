@@ -1,0 +1,72 @@
+"""``/healthz`` (the process answers) and ``/readyz`` (Redis answers and storage is writable)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+
+import redis
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from recalib.contract import Readiness, WorkerInfo
+from recalib.settings import Settings
+from service.api.deps import RedisDep, SettingsDep
+from service.workers import live_workers
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness: the API process answers")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready; `detail` says why."}},
+    summary="Readiness: Redis answers and the data directory is writable; live workers",
+)
+def readyz(conn: RedisDep, settings: SettingsDep) -> JSONResponse:
+    readiness = check_readiness(conn, settings)
+    return JSONResponse(
+        readiness.model_dump(mode="json"), status_code=200 if readiness.ready else 503
+    )
+
+
+def check_readiness(conn: redis.Redis, settings: Settings) -> Readiness:
+    """Ping Redis, write and delete a probe file in the data directory, list live workers."""
+    problems: list[str] = []
+    workers: list[WorkerInfo] = []
+    redis_ok = False
+    try:
+        redis_ok = bool(conn.ping())
+        workers = live_workers(conn, settings)
+    except redis.RedisError as exc:
+        problems.append(f"Redis does not answer ({type(exc).__name__})")
+    storage_ok = _storage_writable(settings.data_dir)
+    if not storage_ok:
+        problems.append(f"data directory {settings.data_dir} is not writable")
+    return Readiness(
+        ready=redis_ok and storage_ok,
+        redis=redis_ok,
+        storage_writable=storage_ok,
+        workers=workers,
+        detail="; ".join(problems) or None,
+    )
+
+
+def _storage_writable(data_dir: Path) -> bool:
+    probe = data_dir / f".ready-{secrets.token_hex(4)}"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        logger.warning("readiness probe cannot write %s: %s", probe, exc)
+        return False
+    return True

@@ -1,0 +1,149 @@
+"""``/v1/jobs``: create (enqueue), list, get, events (JSON or Server-Sent Events), cancel."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+
+from recalib.contract import JobCreate, JobEvent, JobPublic, JobRecord, JobStatus, Page
+from service.api.deps import FileStoreDep, JobStoreDep, TenantDep
+from service.job_store import JobStore
+from service.problems import problem_responses
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobIdPath = Annotated[
+    str, Path(pattern=r"^j_[A-Za-z0-9_-]{16,64}$", examples=["j_Zx81bQe0LsP3mNaa"])
+]
+
+SSE_POLL_S = 0.5
+SSE_KEEPALIVE_S = 15.0
+
+
+def to_public(record: JobRecord) -> JobPublic:
+    """What a client may see of a stored job (no tenant, key or worker)."""
+    return JobPublic.model_validate(record.model_dump())
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses={
+        200: {"model": JobPublic, "description": "The job this Idempotency-Key created before."},
+        **problem_responses(401, 403, 404, 422, 503),
+    },
+    summary="Create a recalibration job (queued)",
+)
+def create_job(
+    body: JobCreate,
+    response: Response,
+    tenant: TenantDep,
+    jobs: JobStoreDep,
+    files: FileStoreDep,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+) -> JobPublic:
+    """Queue a job over uploaded files; the same ``Idempotency-Key`` + body give the same job."""
+    files.require_job_inputs(tenant, body)
+    record, created = jobs.create(tenant, body, idempotency_key=idempotency_key)
+    response.status_code = status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK
+    response.headers["Location"] = f"/v1/jobs/{record.id}"
+    return to_public(record)
+
+
+@router.get(
+    "",
+    response_model=Page[JobPublic],
+    responses=problem_responses(401, 422, 503),
+    summary="List jobs, newest first",
+)
+def list_jobs(
+    tenant: TenantDep,
+    jobs: JobStoreDep,
+    status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=128)] = None,
+) -> Page[JobPublic]:
+    page = jobs.list(tenant, status=status_filter, cursor=cursor, limit=limit)
+    return Page[JobPublic](items=[to_public(r) for r in page.items], next_cursor=page.next_cursor)
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobPublic,
+    responses=problem_responses(401, 404, 422, 503),
+    summary="Get a job: status, progress, report or error",
+)
+def get_job(job_id: JobIdPath, tenant: TenantDep, jobs: JobStoreDep) -> JobPublic:
+    return to_public(jobs.get(tenant, job_id))
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=list[JobEvent],
+    responses={
+        200: {
+            "description": (
+                "The job's events after `after`; with `Accept: text/event-stream`, a stream of "
+                "them (`id:` = seq, `event:` = status, `data:` = the JobEvent) until the job ends."
+            ),
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **problem_responses(401, 404, 422, 503),
+    },
+    summary="Progress events of a job (JSON list or Server-Sent Events)",
+)
+def job_events(
+    job_id: JobIdPath,
+    request: Request,
+    tenant: TenantDep,
+    jobs: JobStoreDep,
+    after: Annotated[int, Query(ge=0, le=2**53)] = 0,
+    last_event_id: Annotated[str | None, Header(max_length=32)] = None,
+) -> list[JobEvent] | Response:
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        return jobs.events(tenant, job_id, after=after)
+    jobs.get(tenant, job_id)  # 404 before the stream starts
+    if last_event_id and last_event_id.isdigit():  # an EventSource reconnecting
+        after = max(after, int(last_event_id))
+    stream = _event_stream(jobs, tenant, job_id, after, request)
+    return StreamingResponse(
+        stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def _event_stream(
+    jobs: JobStore, tenant: str, job_id: str, after: int, request: Request
+) -> AsyncIterator[str]:
+    """Poll the store; send new events as they come, stop once the job has ended."""
+    quiet_s = 0.0
+    while True:
+        record = await anyio.to_thread.run_sync(jobs.get, tenant, job_id)
+        events = await anyio.to_thread.run_sync(partial(jobs.events, tenant, job_id, after=after))
+        for event in events:
+            data = event.model_dump_json()
+            yield f"id: {event.seq}\nevent: {event.status.value}\ndata: {data}\n\n"
+            after = event.seq
+        if record.status.is_final or await request.is_disconnected():
+            return
+        quiet_s = 0.0 if events else quiet_s + SSE_POLL_S
+        if quiet_s >= SSE_KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            quiet_s = 0.0
+        await anyio.sleep(SSE_POLL_S)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses=problem_responses(401, 404, 409, 422, 503),
+    summary="Cancel a job (queued: at once; running: the worker stops at the next batch)",
+)
+def cancel_job(job_id: JobIdPath, tenant: TenantDep, jobs: JobStoreDep) -> JobPublic:
+    return to_public(jobs.cancel(tenant, job_id))
