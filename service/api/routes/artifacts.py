@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path as FsPath
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Header, Path, Response
@@ -144,15 +144,16 @@ async def _serve(
     )
 
 
-_DOC = {
-    200: {
-        "description": "The artifact (sha256 in `ETag`).",
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-    },
-    206: {"description": "Part of the artifact (HTTP Range)."},
-    304: {"description": "Unchanged (`If-None-Match` matched the ETag)."},
-    **problem_responses(400, 401, 404, 409, 416, 422, 503),
-}
+def _doc(media_type: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "description": "The artifact (its sha256 in `ETag`).",
+            "content": {media_type: {"schema": {"type": "string", "format": "binary"}}},
+        },
+        206: {"description": "Part of the artifact (HTTP Range)."},
+        304: {"description": "Unchanged (`If-None-Match` matched the ETag)."},
+        **problem_responses(400, 401, 404, 409, 416, 422, 503),
+    }
 
 
 def _route(which: Which, summary: str) -> None:
@@ -184,7 +185,7 @@ def _route(which: Which, summary: str) -> None:
         download,
         methods=["GET"],
         response_class=Response,
-        responses=_DOC,
+        responses=_doc("application/json" if which == "report" else "application/octet-stream"),
         summary=summary,
     )
 

@@ -36,7 +36,7 @@ def to_public(record: JobRecord) -> JobPublic:
     response_model=JobPublic,
     responses={
         200: {"model": JobPublic, "description": "The job this Idempotency-Key created before."},
-        **problem_responses(401, 403, 404, 422, 503),
+        **problem_responses(400, 401, 403, 404, 422, 503),
     },
     summary="Create a recalibration job (queued)",
 )
