@@ -22,14 +22,14 @@ the split, the subset and the calibration order, so a job is deterministic for a
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from recalib.contract import FoldReport, JobOptions, JobSpec, Phase, Progress, Report
 from recalib.errors import (
@@ -41,8 +41,8 @@ from recalib.errors import (
 )
 from worker import report as reporting
 from worker.devices import resolve_device
-from worker.engine import recalibrate
-from worker.evaluation import evaluate, infer_num_classes, max_output_diff
+from worker.engine import RecalibrationResult, recalibrate
+from worker.evaluation import Evaluation, evaluate, infer_num_classes, max_output_diff
 from worker.folding import fold_batchnorm, save_folded
 from worker.formats.data import DataLimits, SampleSet, check_labels, make_loader, open_samples
 from worker.formats.models import LoadedModel, load_model
@@ -160,93 +160,131 @@ def run_job(
         UserError: a subclass naming the file or option at fault, for any bad input.
         JobCancelledError: ``should_stop`` returned True.
     """
-    options = spec.options
-    progress = _Reporter(on_progress, should_stop)
-    timer = reporting.Timer()
-    out_dir = Path(spec.out_dir)
+    return _Job(spec, on_progress, should_stop).run()
 
-    progress.start(Phase.loading)
-    with timer("load"):
-        loaded, plan = _load(spec)
-        device = resolve_device(options.device)
-        model = loaded.module.to(device)
-        _check_labels(model, plan)
-    autocast_dtype = AUTOCAST_DTYPES[options.autocast]
-    pin_memory = device.type == "cuda"
-    eval_loader = make_loader(
-        plan.eval_set,
-        indices=plan.eval_indices,
-        batch_size=options.eval_batch_size,
-        pin_memory=pin_memory,
-    )
-    run_evaluation = functools.partial(
-        evaluate,
-        model,
-        eval_loader,
-        labeled=plan.labeled,
-        device=device,
-        autocast_dtype=autocast_dtype,
-        channels_last=options.channels_last,
-        total_batches=len(eval_loader),
-        progress=progress.batches(Phase.evaluating),
-        should_stop=should_stop,
-    )
 
-    progress.start(Phase.evaluating, len(eval_loader))
-    with timer("evaluate_before"):
-        before = run_evaluation()
+class _Job:
+    """One run of :func:`run_job`: the phases as methods sharing the loaded model and data."""
 
-    calibration_loader = make_loader(
-        plan.calibration,
-        indices=plan.calibration_indices,
-        batch_size=options.batch_size,
-        pin_memory=pin_memory,
-    )
-    progress.start(Phase.recalibrating, len(calibration_loader))
-    with timer("recalibrate"):
-        result = recalibrate(
-            model,
-            calibration_loader,
-            estimator=options.estimator,
-            momentum=options.momentum,
-            prior_strength=options.prior_strength,
-            tolerance=options.tolerance,
-            tolerance_window=options.tolerance_window,
-            device=device,
-            channels_last=options.channels_last,
-            autocast_dtype=autocast_dtype,
-            total_batches=len(calibration_loader),
-            progress=progress.batches(Phase.recalibrating),
-            should_stop=should_stop,
+    def __init__(
+        self,
+        spec: JobSpec,
+        on_progress: Callable[[Progress], None] | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> None:
+        self.spec, self.options = spec, spec.options
+        self.should_stop = should_stop
+        self.progress = _Reporter(on_progress, should_stop)
+        self.timer = reporting.Timer()
+        self.out_dir = Path(spec.out_dir)
+        self.autocast_dtype = AUTOCAST_DTYPES[self.options.autocast]
+
+    def run(self) -> Report:
+        self.progress.start(Phase.loading)
+        with self.timer("load"):
+            self.loaded, self.plan = _load(self.spec)
+            self.device = resolve_device(self.options.device)
+            self.model = self.loaded.module.to(self.device)
+            if self.options.channels_last:
+                self.model.to(memory_format=torch.channels_last)
+            _check_labels(self.model, self.plan)
+        self.eval_loader = self._loader(
+            self.plan.eval_set, self.plan.eval_indices, self.options.eval_batch_size
         )
+        before = self._evaluate("evaluate_before")
+        result = self._recalibrate()
+        after = self._evaluate("evaluate_after")
 
-    progress.start(Phase.evaluating, len(eval_loader))
-    with timer("evaluate_after"):
-        after = run_evaluation()
+        self.progress.start(Phase.saving)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with self.timer("save"):
+            self.model.to("cpu", memory_format=torch.contiguous_format)
+            checkpoint = self.loaded.save(self.out_dir)
+        folded = None
+        if self.options.fold:
+            with self.timer("fold"):
+                folded = self._fold()
+        report = reporting.build_report(
+            self.spec,
+            loaded=self.loaded,
+            plan=self.plan,
+            result=result,
+            before=before,
+            after=after,
+            checkpoint=checkpoint,
+            folded=folded,
+            device=self.device,
+            timings_s=self.timer.finish(),
+        )
+        reporting.write_report(report, self.out_dir)
+        return report
 
-    progress.start(Phase.saving)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with timer("save"):
-        model.to("cpu", memory_format=torch.contiguous_format)
-        checkpoint = loaded.save(out_dir)
-    folded = None
-    if options.fold:
-        with timer("fold"):
-            folded = _fold(loaded, plan, eval_loader, device, out_dir, should_stop)
-    report = reporting.build_report(
-        spec,
-        loaded=loaded,
-        plan=plan,
-        result=result,
-        before=before,
-        after=after,
-        checkpoint=checkpoint,
-        folded=folded,
-        device=device,
-        timings_s=timer.finish(),
-    )
-    reporting.write_report(report, out_dir)
-    return report
+    def _loader(self, samples: SampleSet, indices: list[int], batch_size: int) -> DataLoader:
+        pin_memory = self.device.type == "cuda"
+        return make_loader(samples, indices=indices, batch_size=batch_size, pin_memory=pin_memory)
+
+    def _evaluate(self, step: str) -> Evaluation:
+        total = len(self.eval_loader)
+        self.progress.start(Phase.evaluating, total)
+        with self.timer(step):
+            return evaluate(
+                self.model,
+                self.eval_loader,
+                labeled=self.plan.labeled,
+                device=self.device,
+                autocast_dtype=self.autocast_dtype,
+                channels_last=self.options.channels_last,
+                total_batches=total,
+                progress=self.progress.batches(Phase.evaluating),
+                should_stop=self.should_stop,
+            )
+
+    def _recalibrate(self) -> RecalibrationResult:
+        options = self.options
+        loader = self._loader(
+            self.plan.calibration, self.plan.calibration_indices, options.batch_size
+        )
+        self.progress.start(Phase.recalibrating, len(loader))
+        with self.timer("recalibrate"):
+            return recalibrate(
+                self.model,
+                loader,
+                estimator=options.estimator,
+                momentum=options.momentum,
+                prior_strength=options.prior_strength,
+                tolerance=options.tolerance,
+                tolerance_window=options.tolerance_window,
+                device=self.device,
+                channels_last=options.channels_last,
+                autocast_dtype=self.autocast_dtype,
+                total_batches=len(loader),
+                progress=self.progress.batches(Phase.recalibrating),
+                should_stop=self.should_stop,
+            )
+
+    def _fold(self) -> FoldReport:
+        """Fold BN into conv/linear, measure the output change on the eval data, save the copy."""
+        loaded, plan = self.loaded, self.plan
+        result = fold_batchnorm(loaded)
+        try:
+            diff = max_output_diff(
+                loaded.module.to(self.device),
+                result.module.to(self.device),
+                self.eval_loader,
+                device=self.device,
+                should_stop=self.should_stop,
+            )
+        finally:
+            loaded.module.to("cpu")
+            result.module.to("cpu")
+        example = torch.stack([plan.calibration[i][0] for i in plan.calibration_indices[:2]])
+        artifact = save_folded(result, loaded, (example,), self.out_dir)
+        return FoldReport(
+            artifact=artifact,
+            folded=result.folded,
+            not_folded=result.not_folded,
+            max_abs_diff=diff,
+        )
 
 
 def _load(spec: JobSpec) -> tuple[LoadedModel, DataPlan]:
@@ -297,31 +335,3 @@ def _check_labels(model: torch.nn.Module, plan: DataPlan) -> None:
             ) from exc
         if samples.has_labels:
             check_labels(samples, num_classes)
-
-
-def _fold(
-    loaded: LoadedModel,
-    plan: DataPlan,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    out_dir: Path,
-    should_stop: Callable[[], bool] | None,
-) -> FoldReport:
-    """Fold BN into conv/linear, measure the output difference on the eval data, save the copy."""
-    result = fold_batchnorm(loaded)
-    try:
-        diff = max_output_diff(
-            loaded.module.to(device),
-            result.module.to(device),
-            loader,
-            device=device,
-            should_stop=should_stop,
-        )
-    finally:
-        loaded.module.to("cpu")
-        result.module.to("cpu")
-    example = torch.stack([plan.calibration[i][0] for i in plan.calibration_indices[:2]])
-    artifact = save_folded(result, loaded, (example,), out_dir)
-    return FoldReport(
-        artifact=artifact, folded=result.folded, not_folded=result.not_folded, max_abs_diff=diff
-    )

@@ -160,9 +160,9 @@ def summary(report: Report, out_dir: Path) -> str:
         ("confidence", "mean_confidence"),
         ("entropy (nats)", "mean_entropy"),
     ):
-        pair = [getattr(m, key) if m is not None else None for m in (report.before, report.after)]
-        if any(v is not None for v in pair):
-            rows.append((label, *("-" if v is None else f"{v:.4f}" for v in pair)))
+        before, after = (getattr(m, key) if m else None for m in (report.before, report.after))
+        if before is not None or after is not None:
+            rows.append((label, _number(before), _number(after)))
     lines = [f"{a:<16}{b:>10}{c:>10}" for a, b, c in rows]
     evaluated = report.after.samples if report.after else 0
     change = report.prediction_change
@@ -187,6 +187,10 @@ def summary(report: Report, out_dir: Path) -> str:
         )
     lines.append(f"report: {out_dir / 'report.json'} ({report.timings_s['total']:.1f} s)")
     return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 class _ProgressBar:
