@@ -95,7 +95,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     stop = threading.Event()
     reaper = Reaper(state.redis, state.settings)
     thread = threading.Thread(
-        target=reaper.run_forever, args=(stop,), name="recalib-reaper", daemon=True
+        target=_run_reaper,
+        args=(reaper, stop, state.settings.reaper_interval_s),
+        name="recalib-reaper",
+        daemon=True,
     )
     thread.start()
     logger.info("recalib API %s ready; data in %s", __version__, state.settings.data_dir)
@@ -106,3 +109,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         thread.join(timeout=REAPER_JOIN_S)
         state.file_store.uploads.close()
         state.redis.close()
+
+
+def _run_reaper(reaper: Reaper, stop: threading.Event, interval_s: float) -> None:
+    """Keep the reaper going: an error (Redis restarting) is logged and the loop resumes."""
+    while not stop.is_set():
+        try:
+            reaper.run_forever(stop)
+        except Exception:
+            logger.exception("reaper stopped by an error; restarting in %.1f s", interval_s)
+            stop.wait(interval_s)

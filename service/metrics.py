@@ -65,6 +65,9 @@ class ServiceCollector(Collector):
         depth.add_metric([], self.jobs.queue_depth())
         yield depth
         workers = live_workers(self.conn, self.settings)
+        total = GaugeMetricFamily("recalib_workers_live", "Live workers (recent heartbeat).")
+        total.add_metric([], len(workers))
+        yield total
         live = GaugeMetricFamily("recalib_workers", "Live workers by device.", labels=["device"])
         per_device: dict[str, int] = {}
         for worker in workers:
