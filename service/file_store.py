@@ -142,12 +142,12 @@ class FileStore:
         members = self.conn.zrevrangebylex(_index_key(tenant), high, b"-", start=0, num=limit + 1)
         items: list[FilePublic] = []
         for member in members[:limit]:
-            record = self._read(member.decode().partition(":")[2])
+            record = self._read(_text(member).partition(":")[2])
             if record is None:
                 self.conn.zrem(_index_key(tenant), member)
                 continue
             items.append(FilePublic.model_validate(record.model_dump()))
-        next_cursor = members[limit - 1].decode() if len(members) > limit else None
+        next_cursor = _text(members[limit - 1]) if len(members) > limit else None
         return Page[FilePublic](items=items, next_cursor=next_cursor)
 
     def require_job_inputs(self, tenant: str, request: JobCreate) -> None:
@@ -166,7 +166,7 @@ class FileStore:
         if not SHA256_RE.match(sha256):
             raise InvalidOptionError("sha256 must be 64 hex digits", field="sha256")
         file_id = self.conn.hget(_sha_key(tenant), sha256)
-        record = self._read(file_id.decode()) if file_id else None
+        record = self._read(_text(file_id)) if file_id else None
         if record is None or record.tenant != tenant or record.sha256 != sha256:
             return Page[FilePublic](items=[])
         return Page[FilePublic](items=[FilePublic.model_validate(record.model_dump())])
@@ -182,13 +182,18 @@ class FileStore:
     def _unindex(self, record: FileRecord) -> None:
         self.conn.zrem(_index_key(record.tenant), _index_member(record))
         sha_key = _sha_key(record.tenant)
-        if self.conn.hget(sha_key, record.sha256) == record.id.encode():
+        current = self.conn.hget(sha_key, record.sha256)
+        if current is not None and _text(current) == record.id:
             self.conn.hdel(sha_key, record.sha256)
 
     def _paths(self, file_id: str) -> tuple[Path, Path]:
         return layout.file_path(self.data_dir, file_id), layout.file_meta_path(
             self.data_dir, file_id
         )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _index_key(tenant: str) -> str:
