@@ -1,0 +1,122 @@
+"""Finding the BatchNorm layers of a model, and reading their statistics one batch at a time.
+
+Touched: ``torch.nn.modules.batchnorm._BatchNorm`` and its subclasses (BatchNorm1d/2d/3d,
+materialized LazyBatchNorm*, SyncBatchNorm, timm's BatchNormAct2d, ...) and TorchScript modules
+compiled from such a class (``original_name`` ending in ``BatchNorm1d/2d/3d`` or any scripted
+module holding ``running_mean``/``running_var``/``num_batches_tracked`` buffers). Skipped, and
+reported with the reason: ``track_running_stats=False`` layers, frozen BN (torchvision's
+``FrozenBatchNorm2d`` and look-alikes, whose statistics are constants) and unmaterialized lazy BN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import UninitializedBuffer
+
+from recalib.contract import SkippedLayer
+
+
+@dataclass
+class BNLayer:
+    """One recalibratable BN layer.
+
+    ``scripted`` layers (TorchScript) accept neither hooks nor a new momentum, so their batch
+    statistics are read by zeroing the buffers before a forward pass and scaling them after
+    (:meth:`prepare`/:meth:`read`); eager layers run with momentum 1 and are read directly.
+    """
+
+    name: str
+    module: nn.Module
+    scripted: bool
+    channels: int
+    eps: float
+    momentum: float | None
+    # Elements per channel of the last forward (eager: set by a pre-hook; scripted: estimated).
+    last_count: int = 0
+    hook: torch.utils.hooks.RemovableHandle | None = field(default=None, repr=False)
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.module)
+
+    @property
+    def running_mean(self) -> torch.Tensor:
+        return self.module.running_mean
+
+    @property
+    def running_var(self) -> torch.Tensor:
+        return self.module.running_var
+
+    def prepare(self) -> None:
+        """Before a forward pass: make the next buffer update equal the batch statistics."""
+        if self.scripted:
+            self.module.running_mean.zero_()
+            self.module.running_var.zero_()
+            self.module.num_batches_tracked.zero_()
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """After a forward pass: this batch's per-channel mean and unbiased variance."""
+        mean, var = self.module.running_mean, self.module.running_var
+        if self.scripted and self.momentum is not None:
+            # running = (1 - m) * 0 + m * batch, so batch = running / m
+            return mean / self.momentum, var / self.momentum
+        return mean.clone(), var.clone()
+
+
+def _type_name(module: nn.Module) -> str:
+    if isinstance(module, torch.jit.ScriptModule):
+        return getattr(module, "original_name", type(module).__name__)
+    return type(module).__name__
+
+
+def _is_scripted_bn(module: nn.Module) -> bool:
+    if not isinstance(module, torch.jit.ScriptModule):
+        return False
+    buffers = dict(module.named_buffers(recurse=False))
+    return {"running_mean", "running_var"} <= buffers.keys() or _type_name(module).endswith(
+        ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNorm")
+    )
+
+
+def _skip_reason(module: nn.Module) -> str | None:
+    type_name = _type_name(module)
+    if "Frozen" in type_name:
+        return "frozen BN: its statistics are constants, not running estimates"
+    running_mean = getattr(module, "running_mean", None)
+    if isinstance(running_mean, UninitializedBuffer):
+        return "lazy BN not materialized yet: run one forward pass before recalibrating"
+    if not getattr(module, "track_running_stats", True) or running_mean is None:
+        return "track_running_stats=False: it normalizes with batch statistics at inference"
+    if getattr(module, "num_batches_tracked", None) is None:
+        return "no num_batches_tracked buffer: cannot tell whether its statistics moved"
+    return None
+
+
+def find_bn_layers(model: nn.Module) -> tuple[list[BNLayer], list[SkippedLayer]]:
+    """All BN layers of ``model`` that can be recalibrated, and those that cannot (with why)."""
+    layers: list[BNLayer] = []
+    skipped: list[SkippedLayer] = []
+    for name, module in model.named_modules():
+        scripted = _is_scripted_bn(module)
+        looks_frozen = "FrozenBatchNorm" in type(module).__name__
+        if not (isinstance(module, _BatchNorm) or scripted or looks_frozen):
+            continue
+        reason = _skip_reason(module)
+        if reason is not None:
+            skipped.append(SkippedLayer(name=name, type=_type_name(module), reason=reason))
+            continue
+        layers.append(
+            BNLayer(
+                name=name,
+                module=module,
+                scripted=scripted,
+                channels=int(module.running_mean.numel()),
+                eps=float(getattr(module, "eps", 1e-5)),
+                momentum=getattr(module, "momentum", 0.1),
+            )
+        )
+    return layers, skipped
