@@ -7,6 +7,7 @@ worker and the tests all call :func:`recalibrate`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +27,8 @@ from recalib.errors import (
 from worker.bn_layers import BNLayer, find_bn_layers
 from worker.devices import move_batch
 from worker.estimators import LayerEstimator, make_estimator, mix_with_prior
+
+logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int | None], None]
 """Called after each batch with (batches done, batches in total or None)."""
@@ -65,8 +68,9 @@ def recalibrate(
     Only BN layers run in train mode (Dropout, DropPath and the rest stay in eval, unlike
     ``torch.optim.swa_utils.update_bn``, which calls ``model.train()``), under ``no_grad``. Only BN
     buffers change; parameters stay bit-identical. Afterwards every module has its original
-    training flag and momentum and the model is in eval mode; on an exception or a cancel the
-    original statistics are restored too.
+    training flag and momentum (a model that arrived in train mode, usually by accident, is put
+    wholly in eval mode, with a warning); on an exception or a cancel the original statistics
+    are restored too.
 
     Args:
         model: any module with BN layers, eager or TorchScript; modified in place.
@@ -133,9 +137,7 @@ def recalibrate(
         skipped += moved.skipped
         succeeded = True
     finally:
-        for module, training in modes.items():
-            module.train(training)
-        model.eval()
+        _restore_modes(model, modes)
         if not succeeded:
             _restore(layers, source, source_counts)
     return RecalibrationResult(
@@ -254,6 +256,16 @@ class _Run:
             moved.layers.append(layer)
             moved.changes.append(_layer_change(layer, old_mean, old_var))
         return moved
+
+
+def _restore_modes(model: nn.Module, modes: dict[nn.Module, bool]) -> None:
+    """Every module back to its flag; a model that arrived in train mode goes wholly to eval."""
+    if modes[model]:
+        logger.warning("model was in train mode; it is returned in eval mode for inference")
+        model.eval()
+        return
+    for module, training in modes.items():
+        module.train(training)
 
 
 def _model_device(model: nn.Module) -> torch.device:
