@@ -1,0 +1,64 @@
+# syntax=docker/dockerfile:1
+# Two images from one file:
+#   api    — FastAPI service, no torch (small, fast start):  docker build --target api .
+#   worker — queue worker with torch (CUDA build by default):  docker build --target worker .
+# CPU-only worker: --build-arg TORCH_SPEC=torch==2.13.0+cpu
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+RUN python3 -m venv /opt/venv
+
+# Dependencies first (they change rarely), keyed only on pyproject.toml: a code change does not
+# reinstall them.
+FROM base AS api-deps
+WORKDIR /build
+COPY pyproject.toml README.md ./
+RUN python3 -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); print('\n'.join(d['project']['dependencies']))" > requirements.txt \
+    && pip install -r requirements.txt
+
+FROM api-deps AS worker-deps
+ARG TORCH_SPEC=torch==2.13.0
+# TORCH_SPEC is a pinned requirement (torch==X or torch==X+cpu); hadolint cannot see through the ARG.
+# hadolint ignore=DL3013
+RUN pip install "${TORCH_SPEC}" \
+    && python3 -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); print('\n'.join(x for x in d['project']['optional-dependencies']['worker'] if not x.startswith('torch')))" > worker-requirements.txt \
+    && pip install -r worker-requirements.txt
+
+# ---------------------------------------------------------------------------------------------
+FROM base AS runtime
+RUN groupadd --system --gid 10001 recalib \
+    && useradd --system --uid 10001 --gid recalib --home-dir /data --shell /usr/sbin/nologin recalib \
+    && mkdir -p /data && chown recalib:recalib /data
+ENV RECALIB_DATA_DIR=/data
+VOLUME ["/data"]
+WORKDIR /app
+
+FROM runtime AS api
+COPY --from=api-deps /opt/venv /opt/venv
+COPY pyproject.toml README.md ./
+COPY recalib ./recalib
+COPY service ./service
+COPY worker ./worker
+RUN pip install --no-deps . && python3 -c "import service.main, sys; assert 'torch' not in sys.modules"
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+CMD ["uvicorn", "--factory", "service.main:create_app", "--host", "0.0.0.0", "--port", "8000"]
+
+FROM runtime AS worker
+COPY --from=worker-deps /opt/venv /opt/venv
+COPY pyproject.toml README.md ./
+COPY recalib ./recalib
+COPY service ./service
+COPY worker ./worker
+RUN pip install --no-deps . && python3 -c "import torch, worker.engine; print(torch.__version__)"
+USER 10001:10001
+CMD ["recalib", "worker"]
