@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv (Python >= 3.11) and install recalib with the given extras; safe to run again.
+#   bash scripts/setup.sh dev     # what scripts/test.sh uses
+#   bash scripts/setup.sh demo    # what scripts/demo.sh uses
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-dev}"
+python="${PYTHON:-python3}"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "recalib needs Python >= 3.11 (found $("$python" --version 2>&1)); set PYTHON=..." >&2; exit 2; }
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build (override with TORCH_SPEC).
+.venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+.venv/bin/python -m pip install -q -e ".[${extras}]"
