@@ -36,10 +36,12 @@ from recalib.errors import (
     InvalidDataError,
     InvalidOptionError,
     JobCancelledError,
+    NoBatchNormError,
     NotFoundError,
     RecalibError,
 )
 from worker import report as reporting
+from worker.bn_layers import find_bn_layers
 from worker.devices import resolve_device
 from worker.engine import RecalibrationResult, recalibrate
 from worker.evaluation import Evaluation, evaluate, infer_num_classes, max_output_diff
@@ -187,7 +189,7 @@ class _Job:
             self.model = self.loaded.module.to(self.device)
             if self.options.channels_last:
                 self.model.to(memory_format=torch.channels_last)
-            _check_labels(self.model, self.plan)
+            _check_model(self.model, self.plan)
         self.eval_loader = self._loader(
             self.plan.eval_set, self.plan.eval_indices, self.options.eval_batch_size
         )
@@ -315,19 +317,28 @@ def _load(spec: JobSpec) -> tuple[LoadedModel, DataPlan]:
     return loaded, plan_data(calibration, eval_set, spec.options)
 
 
-def _check_labels(model: torch.nn.Module, plan: DataPlan) -> None:
-    """Probe the model on two samples of each data set; labels must lie in [0, outputs)."""
+def _check_model(model: torch.nn.Module, plan: DataPlan) -> None:
+    """Fail before any evaluation: the model needs BN layers, must run on two samples of each
+    data set and give (N, classes) logits; labels must lie in [0, classes)."""
+    layers, skipped = find_bn_layers(model)
+    if not layers:
+        detail = f" ({len(skipped)} skipped: {skipped[0].reason})" if skipped else ""
+        raise NoBatchNormError(
+            "model has no BatchNorm layers whose statistics can be re-estimated" + detail
+        )
     num_classes = 0
     data_sets = [(plan.calibration, plan.calibration_indices)]
     if plan.eval_set is not plan.calibration:
         data_sets.append((plan.eval_set, plan.eval_indices))
     for samples, indices in data_sets:
+        if not indices:
+            raise InvalidDataError("the data file holds no samples", file=str(samples.path))
         probe = torch.stack([samples[i][0] for i in indices[:2]])
         try:
             num_classes = infer_num_classes(model, probe)
         except RecalibError:
             raise
-        except (RuntimeError, TypeError, ValueError) as exc:
+        except Exception as exc:  # the model is user code: any failure here is a bad input
             raise InvalidDataError(
                 f"the model fails on samples of shape {tuple(probe.shape[1:])} from "
                 f"{Path(samples.path).name}: {str(exc).splitlines()[0]}",

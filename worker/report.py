@@ -1,4 +1,4 @@
-"""Assembling and writing ``report.json``: timings, device description, the data split."""
+"""Assembling and writing ``report.json``: timings, the data split, the report itself."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from recalib.contract import (
     JobSpec,
     Report,
 )
+from worker.devices import describe_device
 from worker.evaluation import Evaluation, decide_verdict, prediction_change
 
 if TYPE_CHECKING:
@@ -51,14 +52,6 @@ class Timer:
 
     def finish(self) -> dict[str, float]:
         return {**self.timings_s, "total": round(time.perf_counter() - self._start, 4)}
-
-
-def describe_device(device: torch.device) -> str:
-    """``"cpu"``, or ``"cuda:0 (NVIDIA H100 80GB HBM3)"`` with the GPU's name."""
-    if device.type != "cuda":
-        return str(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def data_split(plan: DataPlan, spec: JobSpec) -> DataSplit:
