@@ -1,0 +1,212 @@
+"""Calibration and evaluation data: tensor files and image archives behind one ``SampleSet``.
+
+Formats, detected by content:
+
+- tensor files (:mod:`.tensors`): ``.npz``, ``.safetensors`` or ``.pt`` holding ``inputs``
+  (float, N×…) and optional ``labels`` (int, N).
+- image archives (:mod:`.images`): ``.zip``, ``.tar``, ``.tar.gz``/``.tgz`` (also bz2/xz tars),
+  in class-folder layout ``<class>/<image>`` (labeled) or flat (unlabeled).
+
+:func:`make_loader` batches a :class:`SampleSet` in exactly the order of the given indices, so
+runs are deterministic; a batch is fetched in one call (tensor files index their array once).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from recalib.contract import Preprocess
+from recalib.errors import InvalidDataError
+
+MAX_SKIPPED_EXAMPLES = 20
+
+
+@dataclass(frozen=True)
+class DataLimits:
+    """Safety limits for image archives (the operator's settings; defaults for the CLI).
+
+    Args:
+        max_archive_members: most entries (files, folders, links) an archive may list.
+        max_archive_bytes: most declared uncompressed bytes of all its members together.
+        max_image_pixels: largest image (width × height) decoded; larger ones are skipped.
+    """
+
+    max_archive_members: int = 100_000
+    max_archive_bytes: int = 8 * 1024**3
+    max_image_pixels: int = 50_000_000
+
+
+@dataclass
+class SampleSet(Dataset):
+    """An indexable data set of ``(input float32 tensor, label int)``; label -1 when unlabeled.
+
+    ``skipped_entries``/``skipped_examples`` count and name (≤ 20) archive entries left out.
+    """
+
+    path: Path
+    has_labels: bool
+    num_samples: int
+    sample_shape: tuple[int, ...]
+    skipped_entries: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range 0..{self.num_samples - 1}")
+        inputs, labels = self.get_batch([i])
+        return inputs[0], int(labels[0])
+
+    def get_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (float32, ``len(indices)×sample_shape``) and labels (int64, -1 if unlabeled)."""
+        raise NotImplementedError
+
+    def labels(self) -> torch.Tensor | None:
+        """All labels (int64) without decoding any input, or None when unlabeled."""
+        raise NotImplementedError
+
+
+def open_samples(
+    path: Path | str,
+    *,
+    preprocess: Preprocess | None = None,
+    limits: DataLimits = DataLimits(),  # frozen: a shared default is safe
+    work_dir: Path | None = None,
+) -> SampleSet:
+    """Open a data file of any supported format (see the module docstring).
+
+    Args:
+        path: the data file.
+        preprocess: image preprocessing (image archives only; default: RGB, no resize/crop).
+        limits: archive safety limits.
+        work_dir: where a compressed tar's image bytes are spooled (an anonymous temporary file,
+            default the system temp dir); nothing is ever extracted by member name.
+
+    Raises:
+        InvalidDataError: naming the file and the problem (missing/ill-shaped arrays, bad dtypes,
+            non-finite values, bad labels, no images, differing image sizes).
+        ArchiveRejectedError: an archive breaks a safety limit.
+        UnsafePickleError: a ``.pt`` data file that would need a full unpickle.
+    """
+    from worker.formats import images, tensors
+
+    path = Path(path)
+    kind = _detect(path)
+    if kind in ("npz", "safetensors", "pt"):
+        return tensors.open_tensor_file(path, kind)
+    preprocess = preprocess or images.DEFAULT_PREPROCESS
+    return images.open_image_archive(path, kind, preprocess, limits, work_dir)
+
+
+def _detect(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except OSError as exc:
+        raise InvalidDataError(f"{path.name}: cannot read: {exc}", file=str(path)) from exc
+    if size == 0:
+        raise InvalidDataError(f"{path.name}: the data file is empty", file=str(path))
+    if head.startswith(b"PK"):
+        return _zip_kind(path)
+    if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
+        return "safetensors"
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")) or head[257:262] == b"ustar":
+        return "tar"
+    if head[:1] == b"\x80":
+        return "pt"
+    raise InvalidDataError(
+        f"{path.name}: not a recognized data file; expected .npz, .safetensors or .pt with "
+        "'inputs' (and 'labels'), or an image archive (.zip, .tar, .tar.gz)",
+        file=str(path),
+    )
+
+
+def _zip_kind(path: Path) -> str:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise InvalidDataError(
+            f"{path.name}: corrupt or truncated zip archive ({exc})", file=str(path)
+        ) from exc
+    if names and all(name.endswith(".npy") for name in names):
+        return "npz"
+    roots = {name.split("/", 1)[0] for name in names}
+    if len(roots) == 1 and any(name.endswith("/data.pkl") for name in names):
+        return "pt"
+    return "zip"
+
+
+class _Batches(Dataset):
+    """Batch ``k`` of a loader: the ``k``-th chunk of the index list, fetched in one call."""
+
+    def __init__(self, samples: SampleSet, indices: Sequence[int], batch_size: int) -> None:
+        self.samples = samples
+        starts = range(0, len(indices), batch_size)
+        self.chunks = [list(indices[i : i + batch_size]) for i in starts]
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.samples.get_batch(self.chunks[k])
+
+
+def make_loader(
+    samples: SampleSet,
+    *,
+    indices: Sequence[int] | None,
+    batch_size: int,
+    pin_memory: bool = False,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A loader of ``(inputs float32, labels int64)`` batches in the order of ``indices``.
+
+    Args:
+        samples: the data set.
+        indices: sample indices in the wanted order (None: all, in file order).
+        batch_size: samples per batch; the last batch may be smaller.
+        pin_memory: pin batches for faster host-to-GPU copies.
+        num_workers: worker processes decoding batches (0: in this process).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    order = list(range(samples.num_samples)) if indices is None else [int(i) for i in indices]
+    return DataLoader(
+        _Batches(samples, order, batch_size),
+        batch_size=None,
+        shuffle=False,
+        pin_memory=pin_memory,
+        num_workers=num_workers,
+    )
+
+
+def check_labels(samples: SampleSet, num_classes: int) -> None:
+    """Check every label lies in ``[0, num_classes)``.
+
+    Raises:
+        InvalidDataError: naming the file, the first bad label and its sample index.
+    """
+    labels = samples.labels()
+    if labels is None or labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise InvalidDataError(
+            f"{Path(samples.path).name}: label {int(labels[i])} of sample {i} is outside the "
+            f"model's {num_classes} classes (0..{num_classes - 1}); "
+            f"{len(bad)} labels are out of range",
+            file=str(samples.path),
+        )

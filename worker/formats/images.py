@@ -1,0 +1,284 @@
+"""Image archives (``.zip``, ``.tar``, ``.tar.gz``) as a :class:`SampleSet`, decoded on demand.
+
+Layout: one optional wrapper folder shared by every image is stripped; then either every image
+sits at the top (flat: unlabeled) or in ``<class>/<image>`` (labeled; classes sorted by name as
+torchvision's ``ImageFolder`` does, label = index). Classes are the folders holding any file with
+an image extension, even if all of them turn out corrupt, so one bad folder never shifts the
+labels of the others. A single folder holding every image counts as the wrapper: a one-class
+labeled archive needs ``root/<class>/<image>``. Other depths are an error.
+
+Skipped and counted (``skipped_entries``, ≤ 20 ``skipped_examples`` with the reason): files
+without an image extension, hidden and ``__MACOSX`` files, links and devices, encrypted members,
+images Pillow cannot identify or verify (JPEGs are test-decoded at reduced scale), images over
+``max_image_pixels`` (decompression bombs; checked from the header, before decoding) and images
+smaller than ``center_crop`` after resizing. A decode failure that slips past these checks fails
+the batch with an :class:`InvalidDataError` naming the member.
+
+Each sample's final size is known at open time from the image headers: when images would differ
+in size (no ``center_crop``), opening fails with a message naming two of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from recalib.contract import Preprocess
+from recalib.errors import InvalidDataError
+from worker.formats.archives import ArchiveReader, Locator, Member, UnreadableMemberError
+from worker.formats.data import MAX_SKIPPED_EXAMPLES, DataLimits, SampleSet
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    Image.DecompressionBombError,
+)
+DEFAULT_PREPROCESS = Preprocess.model_validate({})  # RGB, no resize, no crop, no normalization
+_KIND_REASONS = {"link": "link, not followed", "encrypted": "encrypted"}
+
+
+@dataclass
+class ImageSamples(SampleSet):
+    """Images kept as archive locators; decoded and preprocessed a batch at a time."""
+
+    class_names: list[str] = field(default_factory=list)
+    reader: ArchiveReader | None = field(default=None, repr=False)
+    preprocess: Preprocess = field(default=DEFAULT_PREPROCESS, repr=False)
+    max_image_pixels: int = 50_000_000
+    names: list[str] = field(default_factory=list, repr=False)
+    locators: list[Locator] = field(default_factory=list, repr=False)
+    label_tensor: torch.Tensor | None = field(default=None, repr=False)
+
+    def get_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = [int(i) for i in indices]
+        if self.reader is None:
+            raise InvalidDataError(f"{self.path.name}: the archive is closed", file=str(self.path))
+        inputs = torch.stack([self._decode(i) for i in index])
+        if self.label_tensor is None:
+            return inputs, torch.full((len(index),), -1, dtype=torch.long)
+        return inputs, self.label_tensor[torch.as_tensor(index, dtype=torch.long)]
+
+    def labels(self) -> torch.Tensor | None:
+        return self.label_tensor
+
+    def _decode(self, i: int) -> torch.Tensor:
+        data = self.reader.fetch(self.locators[i])  # type: ignore[union-attr]
+        try:
+            with _quiet_bomb_warnings():
+                image = Image.open(io.BytesIO(data))
+                if image.width * image.height > self.max_image_pixels:
+                    raise ValueError("image grew past max_image_pixels")
+                tensor = to_tensor(image, self.preprocess)
+        except _DECODE_ERRORS as exc:
+            raise InvalidDataError(
+                f"{self.path.name}: cannot decode {self.names[i]}: {exc}", file=str(self.path)
+            ) from exc
+        if tuple(tensor.shape) != self.sample_shape:
+            raise InvalidDataError(
+                f"{self.path.name}: {self.names[i]} decodes to {tuple(tensor.shape)}, "
+                f"expected {self.sample_shape}",
+                file=str(self.path),
+            )
+        return tensor
+
+
+def to_tensor(image: Image.Image, preprocess: Preprocess) -> torch.Tensor:
+    """Apply ``preprocess`` (mode, resize shorter side, center crop, [0, 1], mean/std): C×H×W."""
+    image = image.convert(preprocess.mode)
+    if preprocess.resize is not None:
+        image = image.resize(resized_size(image.size, preprocess.resize), Image.Resampling.BILINEAR)
+    if preprocess.center_crop is not None:
+        crop = preprocess.center_crop
+        left = round((image.width - crop) / 2.0)
+        top = round((image.height - crop) / 2.0)
+        image = image.crop((left, top, left + crop, top + crop))
+    array = np.asarray(image, dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy()).to(torch.float32).div_(255.0)
+    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    if preprocess.mean is not None:
+        tensor -= torch.tensor(preprocess.mean).view(-1, 1, 1)
+    if preprocess.std is not None:
+        tensor /= torch.tensor(preprocess.std).view(-1, 1, 1)
+    return tensor.contiguous()
+
+
+def resized_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
+    """(width, height) with the shorter side ``shorter`` (torchvision's ``Resize(int)`` rule)."""
+    width, height = size
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def final_shape(size: tuple[int, int], preprocess: Preprocess) -> tuple[int, int, int] | None:
+    """C×H×W after ``preprocess`` for an image of ``size``; None if smaller than the crop."""
+    width, height = size
+    if preprocess.resize is not None:
+        width, height = resized_size(size, preprocess.resize)
+    channels = 3 if preprocess.mode == "RGB" else 1
+    crop = preprocess.center_crop
+    if crop is None:
+        return channels, height, width
+    return None if min(width, height) < crop else (channels, crop, crop)
+
+
+@dataclass
+class _Scan:
+    """What a pass over an archive found."""
+
+    images: list[tuple[tuple[str, ...], Locator, tuple[int, int, int]]] = field(
+        default_factory=list
+    )
+    candidates: list[tuple[str, ...]] = field(default_factory=list)
+    skipped: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped += 1
+        if len(self.examples) < MAX_SKIPPED_EXAMPLES:
+            self.examples.append(f"{name}: {reason}")
+
+
+def open_image_archive(
+    path: Path, kind: str, preprocess: Preprocess, limits: DataLimits, work_dir: Path | None
+) -> ImageSamples:
+    """Scan an archive (safety checks, image headers) and return its samples, nothing decoded."""
+    reader = ArchiveReader(path, kind, limits, work_dir)
+    try:
+        scan = _scan(reader, preprocess, limits)
+        return _samples(path, reader, scan, preprocess, limits)
+    except BaseException:
+        reader.close()
+        raise
+
+
+def _scan(reader: ArchiveReader, preprocess: Preprocess, limits: DataLimits) -> _Scan:
+    scan = _Scan()
+    for member in reader.members():
+        if member.kind == "dir":
+            continue
+        name = "/".join(member.parts)
+        if any(p.startswith(".") or p == "__MACOSX" for p in member.parts):
+            scan.skip(name, "hidden or metadata file")
+        elif member.kind != "file":
+            scan.skip(name, _KIND_REASONS.get(member.kind, "not a regular file"))
+        elif Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            scan.skip(name, "not an image (extension)")
+        else:
+            scan.candidates.append(member.parts)
+            _probe(reader, member, name, scan, preprocess, limits)
+    return scan
+
+
+def _probe(
+    reader: ArchiveReader,
+    member: Member,
+    name: str,
+    scan: _Scan,
+    preprocess: Preprocess,
+    limits: DataLimits,
+) -> None:
+    try:
+        data = reader.read(member)
+        with _quiet_bomb_warnings():
+            image = Image.open(io.BytesIO(data))
+            size = image.size
+            if size[0] * size[1] > limits.max_image_pixels:
+                scan.skip(name, f"{size[0]}×{size[1]} pixels, over max_image_pixels")
+                return
+            _check_integrity(image)
+    except Image.DecompressionBombError:
+        scan.skip(name, "over Pillow's decompression-bomb limit")
+        return
+    except (UnreadableMemberError, *_DECODE_ERRORS) as exc:
+        scan.skip(name, f"corrupt ({str(exc)[:80] or type(exc).__name__})")
+        return
+    shape = final_shape(size, preprocess)
+    if shape is None:
+        scan.skip(name, f"{size[0]}×{size[1]} is smaller than center_crop after resize")
+        return
+    scan.images.append((member.parts, reader.keep(member, data), shape))
+
+
+def _check_integrity(image: Image.Image) -> None:
+    if image.format == "JPEG":
+        image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+        image.load()
+    else:
+        image.verify()
+
+
+def _samples(
+    path: Path, reader: ArchiveReader, scan: _Scan, preprocess: Preprocess, limits: DataLimits
+) -> ImageSamples:
+    if not scan.images:
+        raise InvalidDataError(
+            f"{path.name}: no usable images (skipped {scan.skipped} entries, e.g. "
+            f"{scan.examples[:3]})",
+            file=str(path),
+        )
+    strip = _wrapper_depth(scan.candidates)
+    depths = {len(parts) - strip for parts in scan.candidates}
+    if depths not in ({1}, {2}):
+        raise InvalidDataError(
+            f"{path.name}: images must all sit at the top (unlabeled) or in <class>/<image> "
+            f"folders; found them {sorted(depths)} folders deep",
+            file=str(path),
+        )
+    labeled = depths == {2}
+    classes = sorted({parts[strip] for parts in scan.candidates}) if labeled else []
+    images = sorted(scan.images, key=lambda item: item[0])
+    shapes = {shape for _, _, shape in images}
+    if len(shapes) > 1:
+        first, other = images[0], next(i for i in images if i[2] != images[0][2])
+        raise InvalidDataError(
+            f"{path.name}: images differ in size after preprocessing ({'/'.join(first[0])} → "
+            f"{first[2]}, {'/'.join(other[0])} → {other[2]}); set preprocess.center_crop (and "
+            "resize) so every sample has the same shape",
+            file=str(path),
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    labels = torch.tensor([index[p[strip]] for p, _, _ in images]) if labeled else None
+    return ImageSamples(
+        path=path,
+        has_labels=labeled,
+        num_samples=len(images),
+        sample_shape=images[0][2],
+        skipped_entries=scan.skipped,
+        skipped_examples=scan.examples,
+        class_names=classes,
+        reader=reader,
+        preprocess=preprocess,
+        max_image_pixels=limits.max_image_pixels,
+        names=["/".join(p) for p, _, _ in images],
+        locators=[locator for _, locator, _ in images],
+        label_tensor=labels,
+    )
+
+
+def _wrapper_depth(candidates: list[tuple[str, ...]]) -> int:
+    """1 when every image lies under one shared top folder (stripped), else 0."""
+    tops = {parts[0] for parts in candidates}
+    return 1 if len(tops) == 1 and all(len(parts) > 1 for parts in candidates) else 0
+
+
+@contextlib.contextmanager
+def _quiet_bomb_warnings() -> Iterator[None]:
+    """Silence Pillow's DecompressionBombWarning: our own ``max_image_pixels`` check applies."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield

@@ -1,0 +1,189 @@
+"""state_dict files (``.safetensors``, ``.pt``) plus an allowlisted architecture.
+
+The architecture is ``"module:callable"`` called with JSON-able ``arch_kwargs``; ``module`` must
+lie under one of the operator's allowlisted prefixes, matched on dotted boundaries (``"timm"``
+allows ``timm.models`` but not ``timmy``), and is imported only after that check.
+
+Checkpoints are unwrapped: a dict holding the tensors under ``"state_dict"``,
+``"model_state_dict"`` or ``"model"`` (nested up to three levels) yields that dict, and a
+``"module."`` prefix on every key (``DataParallel``) is stripped when the model has none. A missing
+``num_batches_tracked`` is tolerated (BN fills it in). Saving writes the keys that were read (after
+unwrapping) in the same container; other entries of a wrapping checkpoint are not kept.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from recalib.errors import ArchitectureNotAllowedError, InvalidModelError, InvalidOptionError
+
+logger = logging.getLogger(__name__)
+
+Container = Literal["safetensors", "pt"]
+_ARCH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+_MAX_LISTED = 8
+
+
+def resolve_arch(arch: str, allowlist: Sequence[str]) -> Callable[..., Any]:
+    """The callable named by ``arch``, imported only when its module is allowlisted.
+
+    Raises:
+        InvalidOptionError: ``arch`` is malformed, cannot be imported or is not callable.
+        ArchitectureNotAllowedError: the module lies outside ``allowlist``.
+    """
+    if not _ARCH.match(arch):
+        raise InvalidOptionError(
+            f"arch {arch!r} must be 'module:callable', e.g. 'torchvision.models:resnet18'",
+            field="arch",
+        )
+    module_name, attr = arch.split(":")
+    if not any(module_name == p or module_name.startswith(f"{p}.") for p in allowlist):
+        raise ArchitectureNotAllowedError(
+            f"arch {arch!r}: module {module_name} is not under the allowed prefixes "
+            f"{list(allowlist)}; the operator can extend RECALIB_ARCH_ALLOWLIST",
+            field="arch",
+        )
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise InvalidOptionError(
+            f"arch {arch!r}: cannot import {module_name} ({exc}); is it installed on the worker?",
+            field="arch",
+        ) from exc
+    except AttributeError as exc:
+        raise InvalidOptionError(
+            f"arch {arch!r}: {module_name} has no {attr}", field="arch"
+        ) from exc
+    if not callable(target):
+        raise InvalidOptionError(f"arch {arch!r} is not callable", field="arch")
+    return target  # type: ignore[no-any-return]
+
+
+def build_model(
+    arch: str, arch_kwargs: Mapping[str, object], allowlist: Sequence[str]
+) -> nn.Module:
+    """Call the allowlisted ``arch`` with ``arch_kwargs``; the result must be an ``nn.Module``."""
+    try:
+        json.dumps(dict(arch_kwargs))
+    except (TypeError, ValueError) as exc:
+        raise InvalidOptionError(
+            f"arch_kwargs must be JSON values: {exc}", field="arch_kwargs"
+        ) from exc
+    factory = resolve_arch(arch, allowlist)
+    try:
+        model = factory(**arch_kwargs)
+    except TypeError as exc:
+        raise InvalidOptionError(
+            f"arch {arch!r} rejected arch_kwargs: {exc}", field="arch_kwargs"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise InvalidOptionError(
+            f"arch {arch!r} returned {type(model).__name__}, not an nn.Module", field="arch"
+        )
+    return model
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """The tensors and the header metadata of a ``.safetensors`` file."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InvalidModelError(
+            f"{path.name}: not a readable safetensors file (corrupt or truncated?): {exc}",
+            file=str(path),
+        ) from exc
+
+
+def unwrap_checkpoint(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The flat ``name → tensor`` dict inside a loaded checkpoint (see module docstring)."""
+    for _ in range(3):
+        if (
+            isinstance(obj, Mapping)
+            and obj
+            and all(isinstance(v, torch.Tensor) for v in obj.values())
+        ):
+            return {str(k): v for k, v in obj.items()}
+        key = next((k for k in _WRAPPER_KEYS if isinstance(obj, Mapping) and k in obj), None)
+        if key is None:
+            break
+        logger.info("%s: using the state_dict under %r", path.name, key)
+        obj = obj[key]  # type: ignore[index]
+    found = list(obj)[:_MAX_LISTED] if isinstance(obj, Mapping) else type(obj).__name__
+    raise InvalidModelError(
+        f"{path.name}: no state_dict found (a dict of tensors, possibly under one of "
+        f"{list(_WRAPPER_KEYS)}); found {found}",
+        file=str(path),
+    )
+
+
+def apply_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str
+) -> dict[str, torch.Tensor]:
+    """Load ``state`` into ``model`` strictly; return the state as applied (prefix stripped).
+
+    Raises:
+        InvalidModelError: naming missing and unexpected keys and shape mismatches.
+    """
+    expected = model.state_dict()
+    if all(k.startswith("module.") for k in state) and not any(
+        k.startswith("module.") for k in expected
+    ):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    problems = [
+        f"{label} {_listing(items)}"
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if items
+    ]
+    if problems:
+        raise InvalidModelError(
+            f"{path.name} does not fit arch {arch}: {'; '.join(problems)}", file=str(path)
+        )
+    model.load_state_dict(state, strict=False)
+    return state
+
+
+def save_state_dict(
+    model: nn.Module,
+    keys: Sequence[str],
+    container: Container,
+    out_path: Path,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``model``'s current values of ``keys`` as safetensors or ``torch.save``."""
+    current = model.state_dict()
+    state = {k: current[k].detach().to("cpu").contiguous().clone() for k in keys}
+    if container == "safetensors":
+        save_file(state, str(out_path), metadata=metadata)
+    else:
+        torch.save(state, out_path)
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = f", … ({len(items)} in all)" if len(items) > _MAX_LISTED else ""
+    return f"[{shown}{more}]"

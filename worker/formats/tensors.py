@@ -1,0 +1,198 @@
+"""Tensor data files: ``.npz``, ``.safetensors`` and ``.pt`` with ``inputs`` and ``labels``.
+
+``inputs``: a floating array (float16/bfloat16/float32/float64), N samples × at least one more
+dimension, all values finite; batches come out as float32. Integer inputs are refused rather than
+silently accepted: whether uint8 pixels mean [0, 255] or already-scaled values is a guess recalib
+will not make (convert them yourself, e.g. ``x.astype(np.float32) / 255``).
+
+``labels`` (optional): integers ≥ 0, one per sample. Other keys are ignored.
+
+Nothing is unpickled: ``.npz`` is read with ``allow_pickle=False`` (object arrays fail), ``.pt``
+with ``torch.load(weights_only=True)`` (memory-mapped when possible). The finiteness check walks
+the inputs in chunks, so it never holds a second full-size copy.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recalib.errors import InvalidDataError, UnsafePickleError
+from worker.formats.data import SampleSet
+from worker.formats.pickle_safety import refused_global
+
+_CHECK_CHUNK_ELEMENTS = 1 << 22
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class TensorSamples(SampleSet):
+    """Samples held as one ``inputs`` tensor (and ``labels``), indexed a batch at a time."""
+
+    inputs: torch.Tensor = field(default_factory=lambda: torch.empty(0), repr=False)
+    label_tensor: torch.Tensor | None = field(default=None, repr=False)
+
+    def get_batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        inputs = self.inputs[index].to(torch.float32)
+        if self.label_tensor is None:
+            return inputs, torch.full((len(index),), -1, dtype=torch.long)
+        return inputs, self.label_tensor[index]
+
+    def labels(self) -> torch.Tensor | None:
+        return self.label_tensor
+
+
+def open_tensor_file(path: Path, kind: str) -> TensorSamples:
+    """Read and validate a tensor file (``kind``: ``npz``, ``safetensors`` or ``pt``)."""
+    arrays = {"npz": _read_npz, "safetensors": _read_safetensors, "pt": _read_pt}[kind](path)
+    inputs = _check_inputs(arrays.get("inputs"), path, sorted(arrays))
+    labels = arrays.get("labels")
+    label_tensor = None if labels is None else _check_labels(labels, len(inputs), path)
+    return TensorSamples(
+        path=path,
+        has_labels=label_tensor is not None,
+        num_samples=len(inputs),
+        sample_shape=tuple(inputs.shape[1:]),
+        inputs=inputs,
+        label_tensor=label_tensor,
+    )
+
+
+def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+    arrays: dict[str, torch.Tensor] = {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            for key in npz.files:
+                if key in ("inputs", "labels"):
+                    arrays[key] = _from_numpy(npz[key], path, key)
+                else:
+                    arrays[key] = torch.empty(0)  # listed in messages only
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise InvalidDataError(
+                f"{path.name} holds object arrays (pickled Python objects), which recalib never "
+                "unpickles; save numeric arrays (np.savez(file, inputs=..., labels=...))",
+                file=str(path),
+            ) from exc
+        raise InvalidDataError(f"{path.name}: unreadable .npz: {exc}", file=str(path)) from exc
+    except (OSError, EOFError) as exc:
+        raise InvalidDataError(f"{path.name}: unreadable .npz: {exc}", file=str(path)) from exc
+    return arrays
+
+
+def _from_numpy(array: np.ndarray, path: Path, key: str) -> torch.Tensor:
+    try:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    except TypeError as exc:
+        raise InvalidDataError(
+            f"{path.name}: {key} has unsupported dtype {array.dtype}", file=str(path)
+        ) from exc
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = list(handle.keys())  # a safe_open handle is not iterable
+            wanted = ("inputs", "labels")
+            return {k: handle.get_tensor(k) if k in wanted else torch.empty(0) for k in names}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InvalidDataError(
+            f"{path.name}: not a readable safetensors file (corrupt or truncated?): {exc}",
+            file=str(path),
+        ) from exc
+
+
+def _read_pt(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+    except pickle.UnpicklingError as exc:
+        found = refused_global(exc)
+        raise UnsafePickleError(
+            f"{path.name} holds Python objects beyond tensors"
+            f"{f' (it references {found})' if found else ''}; data files are never unpickled: "
+            "save a dict of tensors, torch.save({'inputs': x, 'labels': y}, path)",
+            file=str(path),
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise InvalidDataError(
+            f"{path.name}: not a readable torch.save file (corrupt or truncated?)", file=str(path)
+        ) from exc
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InvalidDataError(
+            f"{path.name} must hold a dict of tensors {{'inputs': ..., 'labels': ...}}, "
+            f"found {type(obj).__name__}",
+            file=str(path),
+        )
+    return {str(k): v for k, v in obj.items()}
+
+
+def _check_inputs(inputs: torch.Tensor | None, path: Path, keys: list[str]) -> torch.Tensor:
+    name = path.name
+    if inputs is None:
+        raise InvalidDataError(f"{name} has no 'inputs' array (found: {keys})", file=str(path))
+    if inputs.ndim < 2:
+        raise InvalidDataError(
+            f"{name}: inputs must be N samples × features (at least 2 dimensions), got shape "
+            f"{tuple(inputs.shape)}",
+            file=str(path),
+        )
+    if len(inputs) == 0:
+        raise InvalidDataError(f"{name}: inputs hold zero samples", file=str(path))
+    if inputs.dtype not in _FLOATS:
+        raise InvalidDataError(
+            f"{name}: inputs are {str(inputs.dtype).removeprefix('torch.')}, not floating point; "
+            "convert and scale them yourself (e.g. uint8 pixels to float32 / 255)",
+            file=str(path),
+        )
+    bad = _first_non_finite(inputs)
+    if bad is not None:
+        raise InvalidDataError(
+            f"{name}: inputs hold NaN or infinite values (first in sample {bad})", file=str(path)
+        )
+    return inputs
+
+
+def _first_non_finite(inputs: torch.Tensor) -> int | None:
+    flat = inputs.reshape(len(inputs), -1)
+    step = max(1, _CHECK_CHUNK_ELEMENTS // max(1, flat.shape[1]))
+    for start in range(0, len(flat), step):
+        finite = torch.isfinite(flat[start : start + step]).all(dim=1)
+        if not bool(finite.all()):
+            return start + int((~finite).nonzero()[0])
+    return None
+
+
+def _check_labels(labels: torch.Tensor, n: int, path: Path) -> torch.Tensor:
+    name = path.name
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise InvalidDataError(
+            f"{name}: labels must be integers (class indices), got "
+            f"{str(labels.dtype).removeprefix('torch.')}",
+            file=str(path),
+        )
+    if labels.ndim != 1 or len(labels) != n:
+        raise InvalidDataError(
+            f"{name}: labels must be one integer per sample, shape ({n},); got "
+            f"{tuple(labels.shape)}",
+            file=str(path),
+        )
+    labels = labels.to(torch.long)
+    if bool((labels < 0).any()):
+        i = int((labels < 0).nonzero()[0])
+        raise InvalidDataError(
+            f"{name}: labels must be ≥ 0; sample {i} has label {int(labels[i])}", file=str(path)
+        )
+    return labels
