@@ -1,0 +1,232 @@
+"""A live stack for end-to-end tests: the real API (uvicorn) and real ``recalib worker`` processes.
+
+Each process runs in its own session, with its output in a log file under the test's tmp dir.
+Heartbeats and reaper passes are fast (``FAST_ENV``) so that fault tests finish in seconds.
+``Stack.close()`` stops everything it started (SIGTERM, then SIGKILL of the whole session) and
+checks that no process of those sessions is left.
+
+Fixtures: ``live_redis_url`` (a database of its own per test module, flushed) and ``live_stack``
+(module-scoped: API + one worker).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FAST_ENV = {
+    "RECALIB_WORKER_HEARTBEAT_S": "1",
+    "RECALIB_REAPER_INTERVAL_S": "0.5",
+    "RECALIB_WORKER_DEVICE": "cpu",
+    "RECALIB_LOG_LEVEL": "INFO",
+}
+_db_numbers = itertools.count(1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def with_db(url: str, db: int) -> str:
+    """``url`` pointing at database ``db``."""
+    base, _, last = url.rstrip("/").rpartition("/")
+    return f"{base}/{db}" if last.isdigit() else f"{url.rstrip('/')}/{db}"
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes (not zombies) whose session id is ``sid``."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def wait_until(predicate: Any, timeout_s: float, what: str, every_s: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(every_s)
+
+
+class Proc:
+    """A child process in a session of its own, output to ``log_path``."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.popen = subprocess.Popen(
+                cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL to every process of its session."""
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in session_pids(self.pid):
+            os.kill(pid, signal.SIGKILL)
+        if self.alive():
+            self.popen.wait(timeout=10)
+
+
+class Stack:
+    """An API process and worker processes over one Redis database and one data directory."""
+
+    def __init__(self, redis_url: str, tmp_dir: Path, **env: str) -> None:
+        self.redis_url = redis_url
+        self.data_dir = tmp_dir / "data"
+        self.log_dir = tmp_dir / "logs"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.env = os.environ | FAST_ENV | env
+        self.env |= {
+            "RECALIB_REDIS_URL": redis_url,
+            "RECALIB_DATA_DIR": str(self.data_dir),
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+        self.api: Proc | None = None
+        self.url = ""
+        self.workers: dict[str, Proc] = {}
+        self.conn = redis.Redis.from_url(redis_url)
+
+    def start_api(self, timeout_s: float = 60.0) -> Stack:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "service.main:create_app"]
+        cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        self.api = Proc(cmd, self.env, self.log_dir / "api.log")
+        wait_until(self._ready, timeout_s, "the API's /readyz")
+        return self
+
+    def start_worker(self, name: str, *, wait: bool = True, **env: str) -> Proc:
+        """``recalib worker --name name``; by default wait until /readyz lists it."""
+        cmd = [sys.executable, "-m", "recalib.cli", "worker", "--name", name]
+        proc = Proc(cmd, self.env | env, self.log_dir / f"worker-{name}.log")
+        self.workers[name] = proc
+        if wait:
+            wait_until(lambda: self._worker_listed(name, proc), 90, f"worker {name} to register")
+        return proc
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+    def close(self) -> None:
+        procs = [*self.workers.values(), *([self.api] if self.api else [])]
+        for proc in procs:
+            proc.signal(signal.SIGTERM)
+        for proc in procs:
+            proc.stop(timeout_s=5.0)  # a worker still in a job is killed with its session
+        leftovers = [pid for proc in procs for pid in session_pids(proc.pid)]
+        self.conn.close()
+        assert not leftovers, f"processes left behind: {leftovers}"
+
+    def _ready(self) -> bool:
+        if self.api is not None and not self.api.alive():
+            pytest.fail(f"the API exited:\n{self.api.log()[-3000:]}")
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def _worker_listed(self, name: str, proc: Proc) -> bool:
+        if not proc.alive():
+            pytest.fail(f"worker {name} exited:\n{proc.log()[-3000:]}")
+        workers = httpx.get(f"{self.url}/readyz", timeout=5).json().get("workers", [])
+        return any(w["name"] == name for w in workers)
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- client helpers -------------------------------------------------------------------------
+
+
+def upload(client: httpx.Client, path: Path, filename: str | None = None) -> str:
+    response = client.post(
+        "/v1/files", params={"filename": filename or path.name}, content=path.read_bytes()
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def create_job(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
+def wait_for_job(
+    client: httpx.Client, job_id: str, statuses: set[str], timeout_s: float = 60.0
+) -> dict[str, Any]:
+    """Poll the job until its status is one of ``statuses``; return it."""
+
+    def reached() -> dict[str, Any] | None:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in statuses else None
+
+    return dict(wait_until(reached, timeout_s, f"job {job_id} to reach {statuses}", 0.2))
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live_redis_url(redis_url: str) -> Iterator[str]:
+    """The shared test Redis, on a database of this module's own (flushed before and after)."""
+    url = with_db(redis_url, 1 + next(_db_numbers) % 15)
+    conn = redis.Redis.from_url(url)
+    conn.flushdb()
+    yield url
+    conn.flushdb()
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def live_stack(live_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The API and one worker (``w1``), shared by a test module."""
+    with Stack(live_redis_url, tmp_path_factory.mktemp("stack")) as stack:
+        stack.start_api()
+        stack.start_worker("w1")
+        yield stack
