@@ -11,6 +11,7 @@ Fixtures: ``live_redis_url`` (a database of its own per test module, flushed) an
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -61,6 +62,13 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid``."""
+    for pid in session_pids(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def wait_until(predicate: Any, timeout_s: float, what: str, every_s: float = 0.1) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -98,12 +106,9 @@ class Proc:
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM, then SIGKILL to every process of its session."""
         self.signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-        for pid in session_pids(self.pid):
-            os.kill(pid, signal.SIGKILL)
+        kill_session(self.pid)
         if self.alive():
             self.popen.wait(timeout=10)
 
