@@ -86,6 +86,9 @@ def fold_graph(gm: fx.GraphModule) -> tuple[int, list[SkippedLayer]]:
             skipped.append(
                 SkippedLayer(name=str(node.target), type=type(bn).__name__, reason=reason)
             )
+    for node in list(gm.graph.nodes):  # reads of the folded BNs' buffers, now unused
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
@@ -107,7 +110,7 @@ def _fold_one(
     if len(producer.users) > 1:
         return f"the {what} output also feeds {len(producer.users) - 1} other node(s)"
     if producer.op == "call_module":
-        reason = _fold_into_module(gm, producer, bn, modules)
+        reason = _fold_into_module(gm, producer, bn, modules, what)
     elif producer.op == "call_function" and producer.target in (
         *_CONV_OPS,
         _aten.convolution.default,
@@ -123,7 +126,7 @@ def _fold_one(
 
 
 def _fold_into_module(
-    gm: fx.GraphModule, producer: fx.Node, bn: _BatchNorm, modules: dict[str, nn.Module]
+    gm: fx.GraphModule, producer: fx.Node, bn: _BatchNorm, modules: dict[str, nn.Module], what: str
 ) -> str | None:
     target = str(producer.target)
     layer = modules[target]
@@ -137,7 +140,7 @@ def _fold_into_module(
     elif isinstance(layer, (*_CONV_MODULES, nn.Linear)):
         return f"channel count of {target} does not match"
     else:
-        return f"follows {type(layer).__name__}, not a conv/linear"
+        return f"follows {what}, not a conv/linear"
     parent, _, leaf = target.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, leaf, fused)
     modules[target] = fused
@@ -194,7 +197,7 @@ def _register(gm: fx.GraphModule, base: str, value: torch.Tensor) -> str:
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
-        return f"{type(modules[str(node.target)]).__name__} {node.target}"
+        return f"{node.target} ({type(modules[str(node.target)]).__name__})"
     if node.op == "placeholder":
         return "the model input"
     name = getattr(node.target, "__name__", str(node.target))
@@ -225,13 +228,17 @@ def _fold_scripted(module: torch.jit.ScriptModule) -> FoldResult:
         mean_input = node.inputsAt(3)
         is_constant = mean_input.node().kind() == "prim::Constant"
         mean = mean_input.toIValue() if is_constant else None
-        name = _scripted_name(module, mean) or f"batch_norm #{len(skipped) + 1}"
+        name, kind = _scripted_layer(module, mean) or (
+            f"batch_norm #{len(skipped) + 1}",
+            "BatchNorm",
+        )
         reason = "not directly after a conv/linear (torch.jit.freeze kept it)"
-        skipped.append(SkippedLayer(name=name, type="BatchNorm", reason=reason))
+        skipped.append(SkippedLayer(name=name, type=kind, reason=reason))
     return FoldResult(frozen, max(0, len(before) - len(remaining)), skipped)
 
 
-def _scripted_name(module: torch.jit.ScriptModule, mean: Any) -> str | None:
+def _scripted_layer(module: torch.jit.ScriptModule, mean: Any) -> tuple[str, str] | None:
+    """(name, type) of the BN submodule whose running mean equals a frozen constant."""
     if not isinstance(mean, torch.Tensor):
         return None
     for name, sub in module.named_modules():
@@ -241,7 +248,7 @@ def _scripted_name(module: torch.jit.ScriptModule, mean: Any) -> str | None:
             and running.shape == mean.shape
             and torch.equal(running, mean)
         ):
-            return name
+            return name, getattr(sub, "original_name", type(sub).__name__)
     return None
 
 

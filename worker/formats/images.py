@@ -57,7 +57,7 @@ class ImageSamples(SampleSet):
 
     class_names: list[str] = field(default_factory=list)
     reader: ArchiveReader | None = field(default=None, repr=False)
-    preprocess: Preprocess = field(default=DEFAULT_PREPROCESS, repr=False)
+    preprocess: Preprocess = field(default_factory=lambda: DEFAULT_PREPROCESS, repr=False)
     max_image_pixels: int = 50_000_000
     names: list[str] = field(default_factory=list, repr=False)
     locators: list[Locator] = field(default_factory=list, repr=False)
