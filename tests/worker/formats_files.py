@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import zipfile
@@ -74,6 +75,15 @@ def rewrite_zip(src: Path, dst: Path, change: Callable[[str, bytes], bytes | Non
             if data is not None:
                 zout.writestr(info, data)
     return dst
+
+
+@functools.cache
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Real data without training a model: the digits shifted to the target domain."""
+    from worker.digits import load_digits_arrays, shift_domain
+
+    inputs, labels = load_digits_arrays()
+    return shift_domain(inputs, seed=1), labels
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -8,12 +8,14 @@ import safetensors.torch
 import torch
 
 from recalib.errors import InvalidDataError
+from tests.worker.formats_files import digits_arrays
+from worker.digits import DigitsNet
 from worker.formats.data import check_labels, make_loader, open_samples
 
 
 @pytest.fixture(scope="module")
-def digits(digits_case) -> tuple[np.ndarray, np.ndarray]:
-    x, y = digits_case.shifted_calibration
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    x, y = digits_arrays()
     return x[:200], y[:200]
 
 
@@ -134,3 +136,10 @@ def test_unrecognized_and_empty_data_files(tmp_path):
     (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(InvalidDataError, match=r"cut\.npz: corrupt or truncated zip"):
         open_samples(tmp_path / "cut.npz")
+
+
+def test_a_model_given_as_data_is_named(tmp_path):
+    model = torch.jit.script(DigitsNet().eval())
+    torch.jit.save(model, str(tmp_path / "model.pt"))
+    with pytest.raises(InvalidDataError, match=r"model\.pt is a model .*not data"):
+        open_samples(tmp_path / "model.pt")

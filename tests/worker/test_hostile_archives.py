@@ -18,12 +18,13 @@ import pytest
 
 from recalib.errors import ArchiveRejectedError
 from tests.worker.formats_files import digit_pngs
+from worker.digits import load_digits_arrays
 from worker.formats.data import DataLimits, open_samples
 
 
 @pytest.fixture(scope="module")
-def pngs(digits_case) -> list[bytes]:
-    return digit_pngs(digits_case.calibration[0], 4)
+def pngs() -> list[bytes]:
+    return digit_pngs(load_digits_arrays()[0], 4)
 
 
 def _zip(path, members, compression=zipfile.ZIP_DEFLATED):

@@ -22,9 +22,11 @@ from tests.worker.formats_files import (
     DIGITS_ALLOWLIST,
     DIGITS_ARCH,
     Payload,
+    digits_arrays,
     export_program,
     rewrite_zip,
 )
+from worker.digits import DigitsNet
 from worker.formats.data import open_samples
 from worker.formats.models import load_model
 from worker.formats.pt2_checks import check_expr, check_guard
@@ -33,11 +35,13 @@ ARCH = {"arch": DIGITS_ARCH, "arch_allowlist": DIGITS_ALLOWLIST}
 
 
 @pytest.fixture(scope="module")
-def clean_files(digits_case, tmp_path_factory):
+def clean_files(tmp_path_factory):
+    """An untrained DigitsNet is enough: these tests are about what loading runs, not accuracy."""
     out = tmp_path_factory.mktemp("clean")
-    example = torch.from_numpy(digits_case.shifted_calibration[0][:4])
-    torch.export.save(export_program(digits_case.model, example), out / "digits.pt2")
-    torch.jit.save(torch.jit.script(digits_case.model), str(out / "scripted.pt"))
+    model = DigitsNet().eval()
+    example = torch.from_numpy(digits_arrays()[0][:4])
+    torch.export.save(export_program(model, example), out / "digits.pt2")
+    torch.jit.save(torch.jit.script(model), str(out / "scripted.pt"))
     return {"pt2": out / "digits.pt2", "torchscript": out / "scripted.pt"}
 
 

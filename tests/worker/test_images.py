@@ -14,14 +14,15 @@ from PIL import Image
 from recalib.contract import Preprocess
 from recalib.errors import InvalidDataError
 from tests.worker.formats_files import digit_pngs, png_bytes
+from worker.digits import load_digits_arrays
 from worker.formats.data import make_loader, open_samples
 
 GRAY = Preprocess(mode="L")
 
 
 @pytest.fixture(scope="module")
-def digits(digits_case) -> tuple[np.ndarray, np.ndarray]:
-    x, y = digits_case.calibration
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    x, y = load_digits_arrays()
     return x[:60], y[:60]
 
 

@@ -73,6 +73,9 @@ class SampleSet(Dataset):
         """All labels (int64) without decoding any input, or None when unlabeled."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release open files (image archives); the set is unusable afterwards."""
+
 
 def open_samples(
     path: Path | str,
@@ -143,6 +146,13 @@ def _zip_kind(path: Path) -> str:
     if names and all(name.endswith(".npy") for name in names):
         return "npz"
     roots = {name.split("/", 1)[0] for name in names}
+    records = {name.split("/", 1)[-1] for name in names} if len(roots) == 1 else set()
+    if records & {"archive_format", "constants.pkl"} or any(r.startswith("code/") for r in records):
+        raise InvalidDataError(
+            f"{path.name} is a model (torch.export or TorchScript archive), not data; pass it as "
+            "the model and give .npz/.safetensors/.pt tensors or an image archive as data",
+            file=str(path),
+        )
     if len(roots) == 1 and any(name.endswith("/data.pkl") for name in names):
         return "pt"
     return "zip"

@@ -75,6 +75,11 @@ class ImageSamples(SampleSet):
     def labels(self) -> torch.Tensor | None:
         return self.label_tensor
 
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
     def _decode(self, i: int) -> torch.Tensor:
         data = self.reader.fetch(self.locators[i])  # type: ignore[union-attr]
         try:
