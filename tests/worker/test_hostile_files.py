@@ -268,3 +268,24 @@ def test_graph_target_check_allows_operators_only(clean_files):
         check_graph_targets(
             SimpleNamespace(graph_module=fx.GraphModule({}, graph)), clean_files["pt2"]
         )
+
+
+def test_every_program_in_the_archive_is_vetted(clean_files, marker, tmp_path):
+    """torch.export.load deserializes *all* models/* members, not only "model"."""
+    evil_json = _evil_expr(marker)
+    path = rewrite_zip(clean_files["pt2"], tmp_path / "two.pt2", lambda n, d: d)
+    with zipfile.ZipFile(clean_files["pt2"]) as clean, zipfile.ZipFile(path, "a") as archive:
+        for suffix, extra in (
+            ("models/model.json", "models/second.json"),
+            ("data/sample_inputs/model.pt", "data/sample_inputs/second.pt"),
+            ("data/weights/model_weights_config.json", "data/weights/second_weights_config.json"),
+            (
+                "data/constants/model_constants_config.json",
+                "data/constants/second_constants_config.json",
+            ),
+        ):
+            data = clean.read(f"digits/{suffix}")
+            archive.writestr(f"digits/{extra}", evil_json(suffix, data))
+    with pytest.raises(InvalidModelError, match=r"models/second\.json has an unsafe symbolic"):
+        load_model(path)
+    assert not marker.exists()

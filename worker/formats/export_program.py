@@ -117,12 +117,11 @@ def _bn_args(node: fx.Node) -> tuple[Any, ...] | None:
     if node.op != "call_function":
         return None
     args = list(node.args)
-    if node.target is torch.ops.aten.batch_norm.default:
-        if len(args) < 9 or args[5] is not False:
-            if len(args) >= 6 and args[5] is not False:
-                logger.info("batch_norm %s runs in training form; left as it is", node.name)
+    if node.target is torch.ops.aten.batch_norm.default and len(args) >= 9:
+        x, weight, bias, mean, var, training, momentum, eps, _ = args[:9]
+        if training is not False:
+            logger.info("batch_norm %s runs in training form; left as it is", node.name)
             return None
-        x, weight, bias, mean, var, _, momentum, eps, _ = args[:9]
     elif node.target is torch.ops.aten._native_batch_norm_legit_no_training.default:
         if len(args) < 7 or not all(
             user.target is operator.getitem and user.args[1] == 0 for user in node.users
