@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 _aten = torch.ops.aten
 _CONV_OPS = {_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default}
+_FOLDABLE_CALLS = {*_CONV_OPS, _aten.convolution.default, _aten.linear.default}
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -111,11 +112,7 @@ def _fold_one(
         return f"the {what} output also feeds {len(producer.users) - 1} other node(s)"
     if producer.op == "call_module":
         reason = _fold_into_module(gm, producer, bn, modules, what)
-    elif producer.op == "call_function" and producer.target in (
-        *_CONV_OPS,
-        _aten.convolution.default,
-        _aten.linear.default,
-    ):
+    elif producer.op == "call_function" and producer.target in _FOLDABLE_CALLS:
         reason = _fold_into_call(gm, producer, bn)
     else:
         return f"follows {what}, not a conv/linear"

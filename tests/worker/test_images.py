@@ -167,7 +167,8 @@ def test_archive_without_images_and_mixed_depths(digits, tmp_path):
 
 def test_images_decode_in_worker_processes(digits, tmp_path):
     members = _class_members(digits)
-    for suffix, write in (("zip", _zip), ("tar.gz", lambda p, m: _tar(p, m, "w:gz"))):
+    writers = (("zip", _zip), ("tar", _tar), ("tar.gz", lambda p, m: _tar(p, m, "w:gz")))
+    for suffix, write in writers:
         samples = open_samples(write(tmp_path / f"d.{suffix}", members), preprocess=GRAY)
         single = torch.cat([b[0] for b in make_loader(samples, indices=None, batch_size=16)])
         multi = torch.cat(

@@ -132,11 +132,11 @@ class ArchiveReader:
         if name:
             with self._zip_here().open(name) as handle:
                 return handle.read(size)
-        if self._spool is not None:
-            return os.pread(self._spool.fileno(), size, offset)
-        with open(self.path, "rb") as handle:
-            handle.seek(offset)
-            return handle.read(size)
+        # pread leaves the shared file position alone (safe in forked DataLoader workers).
+        source = self._spool if self._spool is not None else getattr(self._tar, "fileobj", None)
+        if source is None:
+            raise UnreadableMemberError(f"{self.path.name} is closed")
+        return os.pread(source.fileno(), size, offset)
 
     def close(self) -> None:
         for handle in (self._zip, self._tar, self._spool):
