@@ -279,7 +279,7 @@ class _Job:
         finally:
             loaded.module.to("cpu")
             result.module.to("cpu")
-        example = torch.stack([plan.calibration[i][0] for i in plan.calibration_indices[:2]])
+        example = plan.calibration.get_batch(plan.calibration_indices[:2])[0]
         artifact = save_folded(result, loaded, (example,), self.out_dir)
         return FoldReport(
             artifact=artifact,
@@ -333,7 +333,7 @@ def _check_model(model: torch.nn.Module, plan: DataPlan) -> None:
     for samples, indices in data_sets:
         if not indices:
             raise InvalidDataError("the data file holds no samples", file=str(samples.path))
-        probe = torch.stack([samples[i][0] for i in indices[:2]])
+        probe = samples.get_batch(indices[:2])[0]
         try:
             num_classes = infer_num_classes(model, probe)
         except RecalibError:

@@ -52,6 +52,14 @@ _PREPROCESS = {
 }
 
 
+_EVALUATED_ON = {
+    "eval_file": "the eval file",
+    "holdout": "held-out calibration data",
+    "calibration": "the calibration data (unlabeled)",
+    None: "the data",
+}
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -168,11 +176,18 @@ def summary(report: Report, out_dir: Path) -> str:
     change = report.prediction_change
     lines.append(
         f"verdict: {report.verdict.value}"
-        + (f" ({evaluated} samples evaluated on {report.data.evaluated_on})" if evaluated else "")
+        + f" on {evaluated} samples of {_EVALUATED_ON[report.data.evaluated_on]}"
         + (f", predictions changed: {change:.1%}" if change is not None else "")
     )
-    if report.verdict is Verdict.worse:
-        lines.append("warning: top-1 accuracy is LOWER after recalibration")
+    if report.verdict is Verdict.worse and report.before and report.after:
+        lines.append(
+            f"warning: top-1 accuracy is LOWER after recalibration ({report.before.top1:.4f} → "
+            f"{report.after.top1:.4f}); keep the original model for this data"
+        )
+    if report.skipped_layers:
+        lines.append(f"skipped BN layers: {', '.join(s.name for s in report.skipped_layers)}")
+    if report.data.skipped_entries:
+        lines.append(f"skipped archive entries: {report.data.skipped_entries} (see report.json)")
     calib = report.calibration
     lines.append(
         f"calibration: {calib.samples} samples, {calib.batches} batches, {report.bn_layers} BN "
@@ -221,10 +236,11 @@ class _ProgressBar:
             if self.tty:
                 from tqdm import tqdm
 
-                self.bar = tqdm(desc=phase, total=progress.total, unit="batch", file=sys.stderr)
+                self.bar = tqdm(
+                    desc=phase, total=progress.total, unit="batch", file=sys.stderr, leave=False
+                )
             elif time.monotonic() - self.started > self.QUIET_S:
                 total = f" ({progress.total} batches)" if progress.total else ""
                 sys.stderr.write(f"recalib: {phase}{total}\n")
-        if self.bar is not None and progress.done:
-            self.bar.n = progress.done
-            self.bar.refresh()
+        if self.bar is not None and progress.done > self.bar.n:
+            self.bar.update(progress.done - self.bar.n)  # redraws at most every 0.1 s
