@@ -28,10 +28,10 @@ trap cleanup EXIT
 start=$(date +%s)
 echo "== building images (BASE_IMAGE=$BASE_IMAGE, TORCH_SPEC=torch==2.13.0+cpu)"
 # shellcheck disable=SC2086
-podman build -q $BUILD_FLAGS --build-arg BASE_IMAGE="$BASE_IMAGE" --target api \
+podman build -q --format docker $BUILD_FLAGS --build-arg BASE_IMAGE="$BASE_IMAGE" --target api \
   -t localhost/recalib-api:$tag . >/dev/null
 # shellcheck disable=SC2086
-podman build -q $BUILD_FLAGS --build-arg BASE_IMAGE="$BASE_IMAGE" \
+podman build -q --format docker $BUILD_FLAGS --build-arg BASE_IMAGE="$BASE_IMAGE" \
   --build-arg TORCH_SPEC=torch==2.13.0+cpu --target worker -t localhost/recalib-worker:$tag . >/dev/null
 built=$(date +%s)
 podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep ":$tag" | sed 's/^/   image /'
