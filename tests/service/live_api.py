@@ -117,38 +117,3 @@ class ApiProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-class WorkerProcess:
-    """``recalib worker`` in a child process, on the same Redis and data directory as the API."""
-
-    def __init__(self, settings: Settings, api_url: str) -> None:
-        self.api_url = api_url
-        self.env = os.environ | {
-            "RECALIB_REDIS_URL": str(settings.redis_url),
-            "RECALIB_DATA_DIR": str(settings.data_dir),
-            "RECALIB_WORKER_DEVICE": "cpu",
-            "PYTHONPATH": str(REPO_ROOT),
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> WorkerProcess:
-        cmd = [sys.executable, "-m", "recalib.cli", "worker"]
-        self.proc = subprocess.Popen(cmd, env=self.env, cwd=REPO_ROOT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the worker exited with {self.proc.returncode}")
-            if httpx.get(f"{self.api_url}/readyz", timeout=5).json().get("workers"):
-                return self
-            time.sleep(0.2)
-        raise RuntimeError("the worker did not register within 60 s")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from recalib import layout
-from recalib.contract import JobRecord, JobStatus
+from recalib.contract import JobRecord, JobStatus, Report
 from recalib.errors import ConflictError, NotFoundError
 from service.api.deps import FileStoreDep, JobStoreDep, SettingsDep, TenantDep
 from service.file_store import FileStore
@@ -144,12 +144,15 @@ async def _serve(
     )
 
 
-def _doc(media_type: str) -> dict[int | str, dict[str, Any]]:
+def _doc(which: Which) -> dict[int | str, dict[str, Any]]:
+    ok: dict[str, Any] = {"description": "The artifact (its sha256 in `ETag`)."}
+    if which == "report":
+        ok["model"] = Report  # report.json is the job's Report
+    else:
+        binary = {"schema": {"type": "string", "format": "binary"}}
+        ok["content"] = {"application/octet-stream": binary}
     return {
-        200: {
-            "description": "The artifact (its sha256 in `ETag`).",
-            "content": {media_type: {"schema": {"type": "string", "format": "binary"}}},
-        },
+        200: ok,
         206: {"description": "Part of the artifact (HTTP Range)."},
         304: {"description": "Unchanged (`If-None-Match` matched the ETag)."},
         **problem_responses(400, 401, 404, 409, 416, 422, 503),
@@ -185,7 +188,7 @@ def _route(which: Which, summary: str) -> None:
         download,
         methods=["GET"],
         response_class=Response,
-        responses=_doc("application/json" if which == "report" else "application/octet-stream"),
+        responses=_doc(which),
         summary=summary,
     )
 
