@@ -277,3 +277,13 @@ def test_unknown_and_empty_files(tmp_path):
     (tmp_path / "notes.pt").write_text(json.dumps({"hello": "world"}))
     with pytest.raises(InvalidModelError, match=r"notes\.pt: not a recognized model file"):
         load_model(tmp_path / "notes.pt")
+
+
+def test_state_dict_dtypes_survive_the_round_trip(model_files, tmp_path):
+    state = safetensors.torch.load_file(str(model_files["safetensors"]))
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    safetensors.torch.save_file(half, str(tmp_path / "half.safetensors"))
+    loaded = load_model(tmp_path / "half.safetensors", **ARCH)
+    assert loaded.module.get_submodule("features.0").weight.dtype == torch.float32  # arch's dtype
+    saved = safetensors.torch.load_file(str(tmp_path / "out" / loaded.save(tmp_path / "out").file))
+    assert {k: v.dtype for k, v in saved.items()} == {k: v.dtype for k, v in half.items()}

@@ -49,7 +49,7 @@ class LoadedModel:
     format: ModelFormat
     source_path: Path
     program: torch.export.ExportedProgram | None = field(default=None, repr=False)
-    state_keys: list[str] = field(default_factory=list, repr=False)
+    state_dtypes: dict[str, torch.dtype] = field(default_factory=dict, repr=False)
     metadata: dict[str, str] | None = field(default=None, repr=False)
 
     def save(self, out_dir: Path) -> Artifact:
@@ -67,7 +67,7 @@ class LoadedModel:
         elif self.format in ("safetensors", "pt"):
             container: state_dict.Container = "pt" if self.format == "pt" else "safetensors"
             state_dict.save_state_dict(
-                self.module, self.state_keys, container, partial, self.metadata
+                self.module, self.state_dtypes, container, partial, self.metadata
             )
         else:
             torch.save(self.module, partial)
@@ -170,7 +170,11 @@ def _from_state_dict(
     model = state_dict.build_model(arch, arch_kwargs or {}, allowlist)
     applied = state_dict.apply_state_dict(model, tensors, path, arch)
     return LoadedModel(
-        model.to("cpu").eval(), format, path, state_keys=list(applied), metadata=metadata
+        model.to("cpu").eval(),
+        format,
+        path,
+        state_dtypes={k: v.dtype for k, v in applied.items()},
+        metadata=metadata,
     )
 
 

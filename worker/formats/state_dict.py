@@ -8,7 +8,8 @@ Checkpoints are unwrapped: a dict holding the tensors under ``"state_dict"``,
 ``"model_state_dict"`` or ``"model"`` (nested up to three levels) yields that dict, and a
 ``"module."`` prefix on every key (``DataParallel``) is stripped when the model has none. A missing
 ``num_batches_tracked`` is tolerated (BN fills it in). Saving writes the keys that were read (after
-unwrapping) in the same container; other entries of a wrapping checkpoint are not kept.
+unwrapping) in their original dtypes and the same container; other entries of a wrapping checkpoint
+are not kept.
 """
 
 from __future__ import annotations
@@ -169,14 +170,16 @@ def apply_state_dict(
 
 def save_state_dict(
     model: nn.Module,
-    keys: Sequence[str],
+    dtypes: Mapping[str, torch.dtype],
     container: Container,
     out_path: Path,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write ``model``'s current values of ``keys`` as safetensors or ``torch.save``."""
+    """Write ``model``'s current values of the keys of ``dtypes`` (in those dtypes, as read)."""
     current = model.state_dict()
-    state = {k: current[k].detach().to("cpu").contiguous().clone() for k in keys}
+    state = {
+        k: current[k].detach().to("cpu", dtype).contiguous().clone() for k, dtype in dtypes.items()
+    }
     if container == "safetensors":
         save_file(state, str(out_path), metadata=metadata)
     else:
