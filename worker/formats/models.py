@@ -58,21 +58,26 @@ class LoadedModel:
         out_dir.mkdir(parents=True, exist_ok=True)
         ext = self.source_path.suffix or _DEFAULT_EXT.get(self.format, ".pt")
         out_path = out_dir / f"{self.source_path.stem}.recalibrated{ext}"
-        partial = out_dir / f".partial-{out_path.name}"
+        partial = out_dir / f".partial-{out_path.stem}{ext}"  # torch.export wants the suffix
+        try:
+            self._write(partial)
+            os.replace(partial, out_path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return artifact(out_path, "pt" if self.format == "module" else self.format)
+
+    def _write(self, path: Path) -> None:
         if self.format == "pt2" and self.program is not None:
-            partial = partial.with_suffix(".pt2")  # torch.export wants the suffix
-            export_program.save_program(self.program, self.module, partial)
+            export_program.save_program(self.program, self.module, path)
         elif self.format == "torchscript":
-            torchscript.save_torchscript(self.module, partial)  # type: ignore[arg-type]
+            torchscript.save_torchscript(self.module, path)  # type: ignore[arg-type]
         elif self.format in ("safetensors", "pt"):
             container: state_dict.Container = "pt" if self.format == "pt" else "safetensors"
             state_dict.save_state_dict(
-                self.module, self.state_dtypes, container, partial, self.metadata
+                self.module, self.state_dtypes, container, path, self.metadata
             )
         else:
-            torch.save(self.module, partial)
-        os.replace(partial, out_path)
-        return artifact(out_path, "pt" if self.format == "module" else self.format)
+            torch.save(self.module, path)
 
 
 def artifact(path: Path, format: Literal["pt2", "torchscript", "safetensors", "pt"]) -> Artifact:
@@ -83,7 +88,7 @@ def artifact(path: Path, format: Literal["pt2", "torchscript", "safetensors", "p
             digest.update(chunk)
     return Artifact(
         file=path.name, format=format, sha256=digest.hexdigest(), bytes=path.stat().st_size
-    )  # type: ignore[arg-type]
+    )
 
 
 def load_model(
