@@ -217,10 +217,15 @@ def wait_for_job(
 # -- fixtures -------------------------------------------------------------------------------
 
 
+def fresh_db_url(redis_url: str) -> str:
+    """The shared test Redis on the next database number (1..15; 0 is the fixtures' own)."""
+    return with_db(redis_url, 1 + next(_db_numbers) % 15)
+
+
 @pytest.fixture(scope="module")
 def live_redis_url(redis_url: str) -> Iterator[str]:
     """The shared test Redis, on a database of this module's own (flushed before and after)."""
-    url = with_db(redis_url, 1 + next(_db_numbers) % 15)
+    url = fresh_db_url(redis_url)
     conn = redis.Redis.from_url(url)
     conn.flushdb()
     yield url

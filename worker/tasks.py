@@ -174,17 +174,24 @@ class _Run:
             report = run_job(spec, on_progress=self.progress, should_stop=self.progress.should_stop)
             self._publish()
             self._finish(JobStatus.succeeded, result=report)
-        except JobCancelledError:
-            self._finish(JobStatus.cancelled)
-        except JobTimeoutException:
+        except Exception as exc:
+            self._end_with(exc)
+
+    def _end_with(self, exc: Exception) -> None:
+        """Failed, or cancelled, by ``exc`` (whose chain may hold the real reason: the pipeline
+        wraps whatever user code raises, RQ's timeout alarm included, in a UserError)."""
+        chain = _chain(exc)
+        if any(isinstance(e, JobTimeoutException) for e in chain):
             self._finish(JobStatus.failed, error=timeout_error(self.settings))
-        except (UserError, ServiceUnavailableError) as exc:
+        elif any(isinstance(e, JobCancelledError) for e in chain):
+            self._finish(JobStatus.cancelled)
+        elif isinstance(exc, UserError | ServiceUnavailableError):
             self._finish(
                 JobStatus.failed, error=JobError(type=error_type_name(exc), message=str(exc))
             )
-        except OSError as exc:
+        elif isinstance(exc, OSError):
             self._fail_os(exc)
-        except Exception as exc:
+        else:
             logger.exception("job %s: internal error", self.record.id)
             self._fail_internal(exc)
 
@@ -298,6 +305,16 @@ class _Run:
             self.attempt,
             record.status.value if record else "superseded",
         )
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
 
 
 def _final_message(record: JobRecord) -> str:
