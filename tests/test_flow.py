@@ -152,7 +152,8 @@ def _bad_inputs(tmp: Path, digits_case) -> dict[str, tuple[dict[str, Path], str]
     corrupt.write_bytes(os.urandom(4096))
     np.savez(tmp / "rgb.npz", inputs=np.repeat(x, 3, axis=1), labels=y)
     np.savez(tmp / "labels.npz", inputs=x, labels=y + 10)
-    no_bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    no_bn = _export(linear, tmp / "no-bn.pt2")
     good_model = tmp / "good.pt2"
     _export(digits_case.model, good_model)
     good_data = tmp / "good.npz"
@@ -161,7 +162,7 @@ def _bad_inputs(tmp: Path, digits_case) -> dict[str, tuple[dict[str, Path], str]
         "corrupt model": ({"model": corrupt, "calibration": good_data}, "corrupt.pt2"),
         "wrong shape": ({"model": good_model, "calibration": tmp / "rgb.npz"}, "rgb.npz"),
         "labels out of range": ({"model": good_model, "calibration": tmp / "labels.npz"}, "label"),
-        "no BN": ({"model": _export(no_bn, tmp / "nobn.pt2"), "calibration": good_data}, "BatchNorm"),
+        "no BN": ({"model": no_bn, "calibration": good_data}, "BatchNorm"),
     }  # fmt: skip
 
 
