@@ -5,36 +5,21 @@ reported through ``on_progress`` as :class:`~recalib.contract.Progress`, ``done`
 batches): ``loading`` → ``evaluating`` (original statistics) → ``recalibrating`` → ``evaluating``
 (new statistics) → ``saving`` (checkpoint, then the folded copy when ``options.fold``).
 
-Which samples serve what (:func:`plan_data`, recorded in ``report.data``):
-
-- an eval file is given: it is evaluated in full; every calibration sample may calibrate.
-  ``options.holdout`` is then an :class:`InvalidOptionError` (two eval sets would be ambiguous).
-- no eval file, labeled calibration data: a seeded random ``holdout`` fraction (default 0.5) of it
-  is held out for evaluation, the rest calibrates (``evaluated_on = "holdout"``).
-- no eval file, unlabeled calibration data: the model is evaluated before and after on the
-  calibration samples themselves (``evaluated_on = "calibration"``): the label-free metrics
-  (entropy, confidence, prediction change) only, top-1/top-5/loss are null, the verdict is
-  ``unknown``. ``options.holdout`` is an :class:`InvalidOptionError` here.
-
-``options.max_samples`` then keeps a seeded random subset of the calibration part. The seed fixes
-the split, the subset and the calibration order, so a job is deterministic for a seed.
+Which samples calibrate and which evaluate: :mod:`worker.splits` (recorded in ``report.data``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from recalib.contract import FoldReport, JobOptions, JobSpec, Phase, Progress, Report
+from recalib.contract import FoldReport, JobSpec, Phase, Progress, Report
 from recalib.errors import (
     InvalidDataError,
-    InvalidOptionError,
     JobCancelledError,
     NoBatchNormError,
     NotFoundError,
@@ -48,74 +33,11 @@ from worker.evaluation import Evaluation, evaluate, infer_num_classes, max_outpu
 from worker.folding import fold_batchnorm, save_folded
 from worker.formats.data import DataLimits, SampleSet, check_labels, make_loader, open_samples
 from worker.formats.models import LoadedModel, load_model
+from worker.splits import DataPlan, plan_data
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOLDOUT = 0.5
 AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class DataPlan:
-    """Which samples calibrate and which evaluate (indices into their files)."""
-
-    calibration: SampleSet
-    calibration_indices: list[int]  # in calibration order (seeded shuffle)
-    available_samples: int
-    eval_set: SampleSet
-    eval_indices: list[int]  # in file order
-    labeled: bool
-    evaluated_on: str  # "eval_file" | "holdout" | "calibration"
-    holdout_fraction: float | None = None
-
-
-def plan_data(calibration: SampleSet, eval_set: SampleSet | None, options: JobOptions) -> DataPlan:
-    """Split and subsample the data as described in the module docstring (seeded)."""
-    rng = np.random.default_rng(options.seed)
-    n = calibration.num_samples
-    holdout: float | None = None
-    if eval_set is not None:
-        if options.holdout is not None:
-            raise InvalidOptionError(
-                "holdout splits the calibration data for evaluation, but an eval file is given; "
-                "drop one of them",
-                field="options.holdout",
-            )
-        pool, evaluated_on = np.arange(n), "eval_file"
-        eval_indices, labeled = list(range(eval_set.num_samples)), eval_set.has_labels
-    elif calibration.has_labels:
-        holdout = options.holdout if options.holdout is not None else DEFAULT_HOLDOUT
-        order = rng.permutation(n)
-        n_eval = round(holdout * n)
-        if n_eval < 1 or n - n_eval < 2:
-            raise InvalidDataError(
-                f"holdout {holdout} of {n} calibration samples leaves {n_eval} to evaluate and "
-                f"{n - n_eval} to calibrate; need ≥ 1 and ≥ 2: give more data or an eval file",
-                file=str(calibration.path),
-            )
-        pool, evaluated_on, labeled = order[n_eval:], "holdout", True
-        eval_indices = sorted(int(i) for i in order[:n_eval])
-    else:
-        if options.holdout is not None:
-            raise InvalidOptionError(
-                "holdout needs labeled calibration data, and this calibration file has no "
-                "labels; give a labeled eval file or drop holdout",
-                field="options.holdout",
-            )
-        pool, evaluated_on, labeled, eval_indices = np.arange(n), "calibration", False, []
-    chosen = [int(i) for i in pool[rng.permutation(len(pool))][: options.max_samples]]
-    if evaluated_on == "calibration":
-        eval_indices = sorted(chosen)
-    return DataPlan(
-        calibration=calibration,
-        calibration_indices=chosen,
-        available_samples=len(pool),
-        eval_set=eval_set if eval_set is not None else calibration,
-        eval_indices=eval_indices,
-        labeled=labeled,
-        evaluated_on=evaluated_on,
-        holdout_fraction=holdout,
-    )
 
 
 class _Reporter:
@@ -187,8 +109,8 @@ class _Job:
             self.loaded, self.plan = _load(self.spec)
             self.device = resolve_device(self.options.device)
             self.model = self.loaded.module.to(self.device)
-            if self.options.channels_last:
-                self.model.to(memory_format=torch.channels_last)
+            if self.options.channels_last:  # Module.to takes memory_format; the stubs lack it
+                self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             _check_model(self.model, self.plan)
         self.eval_loader = self._loader(
             self.plan.eval_set, self.plan.eval_indices, self.options.eval_batch_size
@@ -200,7 +122,8 @@ class _Job:
         self.progress.start(Phase.saving)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with self.timer("save"):
-            self.model.to("cpu", memory_format=torch.contiguous_format)
+            # safetensors and torch.export want contiguous tensors
+            self.model.to("cpu", memory_format=torch.contiguous_format)  # type: ignore[call-overload]
             checkpoint = self.loaded.save(self.out_dir)
         folded = None
         if self.options.fold:

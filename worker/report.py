@@ -27,7 +27,7 @@ from worker.evaluation import Evaluation, decide_verdict, prediction_change
 if TYPE_CHECKING:
     from worker.engine import RecalibrationResult
     from worker.formats.models import LoadedModel
-    from worker.pipeline import DataPlan
+    from worker.splits import DataPlan
 
 REPORT_FILE = "report.json"
 MAX_SKIPPED_EXAMPLES = 20

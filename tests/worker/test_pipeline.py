@@ -211,6 +211,15 @@ def test_labels_out_of_range(digits_case, digits_files, tmp_path) -> None:
         run_job(_spec(files, tmp_path / "out"))
 
 
+def test_eval_data_the_model_cannot_take(digits_files, tmp_path) -> None:
+    rgb = np.random.default_rng(0).random((10, 3, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "rgb.npz", inputs=rgb, labels=np.zeros(10, dtype=np.int64))
+    files = {**digits_files, "evaluation": tmp_path / "rgb.npz"}
+    with pytest.raises(InvalidDataError, match=r"shape \(3, 8, 8\) from rgb\.npz") as info:
+        run_job(_spec(files, tmp_path / "out"))
+    assert info.value.file == str(tmp_path / "rgb.npz")
+
+
 class _PerPixel(nn.Module):
     """BN model whose output is (N, 10, 1): not classifier logits."""
 
