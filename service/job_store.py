@@ -22,6 +22,7 @@ This module is torch-free: the API imports it.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import re
@@ -29,6 +30,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
 import redis
 from redis.client import Pipeline
@@ -135,18 +137,22 @@ def update_record(
         if new is None:
             return None
         seq = int(pipe.llen(events_key(job_id))) + 1  # type: ignore[arg-type]
-        fields = set_fields(new) if callable(set_fields) else set_fields or {}
+        fields = dict(set_fields(new) if callable(set_fields) else set_fields or {})
         text = message(new) if callable(message) else message
         pipe.multi()
-        pipe.hset(job_key(job_id), mapping={"record": new.model_dump_json(), **fields})
+        pipe.hset(job_key(job_id), mapping={"record": new.model_dump_json(), **fields})  # type: ignore[dict-item]
         if event:
             pipe.rpush(events_key(job_id), _event(seq, new, text).model_dump_json())
         _account(pipe, old, new)
         return new
 
-    return conn.transaction(  # type: ignore[no-any-return]
-        transaction, job_key(job_id), events_key(job_id), value_from_callable=True
+    result = conn.transaction(
+        transaction,  # type: ignore[arg-type]
+        job_key(job_id),
+        events_key(job_id),
+        value_from_callable=True,
     )
+    return cast(JobRecord | None, result)
 
 
 def _event(seq: int, record: JobRecord, message: str | None) -> JobEvent:
@@ -236,7 +242,10 @@ class JobStore:
             return None
 
         watches = [idem] if idem is not None else []
-        earlier = self.conn.transaction(transaction, *watches, value_from_callable=True)
+        earlier = cast(
+            Stored | None,
+            self.conn.transaction(transaction, *watches, value_from_callable=True),  # type: ignore[arg-type]
+        )
         if earlier is not None:
             if earlier.record.request_sha256 != record.request_sha256:
                 raise IdempotencyKeyReusedError(
@@ -256,6 +265,8 @@ class JobStore:
           ``cancelled`` (a run that does not stop is killed via RQ's stop-job command by the
           reaper, see :class:`service.reaper.Reaper`);
         - cancelling or final → returned unchanged (cancelling twice is not an error).
+
+        A run that completes before it sees the cancel ends ``succeeded``: the work was done.
         """
         stored = self._load_for(tenant, job_id)
         if stored.record.status == JobStatus.queued:
@@ -293,7 +304,7 @@ class JobStore:
         if cursor is not None and not _CURSOR_RE.match(cursor):
             raise InvalidOptionError("cursor is not one this API returned", field="cursor")
         high = "(" + cursor if cursor else "+"
-        items: list[JobRecord] = []
+        items: builtins.list[JobRecord] = []
         last_member: str | None = None
         while True:
             members = [
@@ -321,7 +332,7 @@ class JobStore:
                 return Page[JobRecord](items=items, next_cursor=None)
             high = "(" + members[-1]
 
-    def events(self, tenant: str, job_id: str, *, after: int = 0) -> list[JobEvent]:
+    def events(self, tenant: str, job_id: str, *, after: int = 0) -> builtins.list[JobEvent]:
         """Events of a job with ``seq > after``, in order."""
         self._load_for(tenant, job_id)
         raws = self.conn.lrange(events_key(job_id), max(0, after), -1)
@@ -337,11 +348,11 @@ class JobStore:
         """RQ jobs waiting in the queue (not yet taken by a worker)."""
         return queue.queue_depth(self.conn, self.settings)
 
-    def duration_histogram(self) -> tuple[list[tuple[float, int]], float, int]:
+    def duration_histogram(self) -> tuple[builtins.list[tuple[float, int]], float, int]:
         """Run time of finished jobs (start of their last run → end): cumulative ``(le, count)``
         buckets ending with ``+inf``, the sum in seconds, the count."""
         raw = {_text(k): _text(v) for k, v in self.conn.hgetall(DURATION_KEY).items()}  # type: ignore[union-attr]
-        buckets: list[tuple[float, int]] = []
+        buckets: builtins.list[tuple[float, int]] = []
         total = 0
         for bound in (*DURATION_BUCKETS_S, float("inf")):
             total += int(raw.get(f"le:{bound!r}", 0))

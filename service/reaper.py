@@ -31,6 +31,7 @@ import logging
 import shutil
 import threading
 import time
+from typing import cast
 
 import redis
 from redis.exceptions import LockError
@@ -240,7 +241,8 @@ class Reaper:
             return 0, 0
         cutoff = time.time() - self.settings.retention_s
         jobs = 0
-        for raw_id in self.conn.zrangebyscore(job_store.FINISHED_KEY, "-inf", cutoff):  # type: ignore[union-attr]
+        old_ids = cast(list[bytes], self.conn.zrangebyscore(job_store.FINISHED_KEY, "-inf", cutoff))
+        for raw_id in old_ids:
             job_id = job_store._text(raw_id)
             stored = job_store.load(self.conn, job_id)
             if stored is not None and not stored.record.status.is_final:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -201,7 +202,9 @@ def fail_unstarted(conn: redis.Redis, stored: job_store.Stored, reason: str) -> 
 
 
 def default_worker_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """``<hostname>-<pid>-<random>``: a restarted container (same hostname, pid 1) must not
+    collide with its previous life, whose RQ worker key outlives it for a while."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 def run_worker(

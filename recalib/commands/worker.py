@@ -25,7 +25,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         "options.device is auto run here.",
     )
     parser.add_argument("--burst", action="store_true", help="Exit once the queue is empty.")
-    parser.add_argument("--name", help="Worker name, unique per Redis (default: <hostname>-<pid>).")
+    parser.add_argument(
+        "--name", help="Worker name, unique per Redis (default: <hostname>-<pid>-<random>)."
+    )
 
 
 def main(args: argparse.Namespace) -> int:
