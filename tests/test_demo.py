@@ -2,40 +2,93 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
-from worker.digits import accuracy, make_digits_case
+from worker.digits import accuracy
+
+
+def _processes_of(data_dir: Path) -> list[str]:
+    """Command lines of live processes started for ``data_dir``: ``RECALIB_DATA_DIR`` in their
+    environment, or their working directory under it (Valkey, which rewrites its environ area)."""
+    entry = f"RECALIB_DATA_DIR={data_dir}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cwd = Path(os.readlink(proc / "cwd"))
+            if entry in environ or cwd.is_relative_to(data_dir):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return found
+
+
+def _read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> str:
+    """The demo's stdout up to and including the first line containing ``marker``."""
+    out = []
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        out.append(line)
+        if marker in line or time.monotonic() > deadline:
+            break
+    return "".join(out)
 
 
 @pytest.mark.slow
-def test_demo_recovers_accuracy_and_leaves_a_usable_checkpoint(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "recalib.cli", "demo", "--data-dir", str(tmp_path)],
-        capture_output=True,
+def test_demo_recovers_accuracy_serves_until_interrupted_and_stops_everything(
+    tmp_path: Path, digits_case
+) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "recalib.cli",
+        "demo",
+        "--data-dir",
+        str(tmp_path),
+        "--keep-running",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=240,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    numbers = {
-        key: float(re.search(rf"{key}\s*: ([0-9.]+)", result.stdout).group(1))
-        for key in ("original stats", "before recalibration", "after recalibration")
-    }
+    try:
+        out = _read_until(proc, "stays up on", timeout_s=240)
+        assert "stays up on" in out, out
+        numbers = {
+            key: float(re.search(rf"{key}\s*: ([0-9.]+)", out).group(1))
+            for key in ("original stats", "before recalibration", "after recalibration")
+        }
+        # while it stays up, the API answers and knows the demo's job
+        url = re.search(r"stays up on (http://\S+) ", out).group(1)
+        jobs = httpx.get(f"{url}/v1/jobs", timeout=10).json()["items"]
+        assert [job["status"] for job in jobs] == ["succeeded"]
+        proc.send_signal(signal.SIGINT)  # the user's Ctrl-C
+        assert proc.wait(timeout=60) == 0, out + proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert numbers["original stats"] > 0.95
     assert numbers["before recalibration"] < 0.2
     assert numbers["after recalibration"] > 0.8
-    checkpoint = Path(re.search(r"recalibrated checkpoint: (\S+)", result.stdout).group(1))
+    checkpoint = Path(re.search(r"recalibrated checkpoint: (\S+)", out).group(1))
+    assert checkpoint.parent == tmp_path / "out"
     program = torch.export.load(checkpoint)
-    case = make_digits_case()
-    x, y = case.shifted_evaluation
-    assert accuracy(program.module(), x, y) == pytest.approx(
-        numbers["after recalibration"], abs=0.01
-    )
-    # serve was stopped: no process of this demo's data directory is left
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert str(tmp_path) not in ps
+    after_top1 = accuracy(program.module(), *digits_case.shifted_evaluation)
+    assert after_top1 == pytest.approx(numbers["after recalibration"], abs=0.01)
+    assert Path(re.search(r"report: (\S+)", out).group(1)).is_file()
+    # serve, its worker and Valkey were all stopped: no process of this demo is left
+    assert _processes_of(tmp_path / "service") == []
