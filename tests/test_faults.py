@@ -73,6 +73,15 @@ def longer_calibration_id(client: httpx.Client, digits_case, tmp_path_factory) -
 
 
 @pytest.fixture(scope="module")
+def long_calibration_id(client: httpx.Client, digits_case, tmp_path_factory) -> str:
+    """40,000 unlabeled shifted digits: at batch_size 2 a job recalibrates for minutes."""
+    inputs = np.tile(digits_case.shifted_calibration[0], (112, 1, 1, 1))[:40_000]
+    path = tmp_path_factory.mktemp("long") / "long.npz"
+    np.savez(path, inputs=inputs)
+    return upload(client, path)
+
+
+@pytest.fixture(scope="module")
 def stuck_ids(client: httpx.Client, tmp_path_factory) -> dict[str, str]:
     """Wide 3×3 convolutions and 4,000 samples in ONE batch (~4·10¹² FLOPs): the run sits in a
     single forward pass for many seconds, where the cooperative cancel check (between batches)
@@ -247,6 +256,42 @@ def test_unwritable_data_directory_fails_jobs_clearly(
     assert job["error"]["type"] == "service-unavailable"
     assert "cannot write" in job["error"]["message"]
     assert "RECALIB_DATA_DIR" in job["error"]["message"]
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_job_and_a_second_sigterm_hands_it_back(
+    client: httpx.Client, stack: Stack, digits_ids, longer_calibration_id, long_calibration_id
+) -> None:
+    """Warm shutdown (docker stop) finishes the running job; a cold one re-queues it."""
+    ids = digits_ids | {"calibration": longer_calibration_id}
+    finishing = create_job(client, _body(ids, batch_size=4, seed=2))["id"]
+    _running_in(client, finishing, "recalibrating")
+    warm = _worker_of(stack, finishing)
+    stack.workers[warm].signal(signal.SIGTERM)
+    done = wait_for_job(client, finishing, FINAL, timeout_s=120)
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    assert stack.workers.pop(warm).popen.wait(timeout=30) == 0
+
+    long_ids = digits_ids | {"calibration": long_calibration_id}
+    handed_back = create_job(client, _body(long_ids, batch_size=2))["id"]
+    _running_in(client, handed_back, "recalibrating")  # on the one worker left
+    cold = _worker_of(stack, handed_back)
+    stack.workers[cold].signal(signal.SIGTERM)
+    time.sleep(1.5)  # RQ ignores a second signal within 1 s
+    stack.workers[cold].signal(signal.SIGTERM)
+    stack.workers.pop(cold).popen.wait(timeout=30)
+    assert client.get(f"/v1/jobs/{handed_back}").json()["status"] == "queued"
+    stack.start_worker("w4")
+    _running_in(client, handed_back, "recalibrating")
+    assert _worker_of(stack, handed_back) == "w4"
+    assert client.post(f"/v1/jobs/{handed_back}/cancel").status_code == 202
+    done = wait_for_job(client, handed_back, FINAL, timeout_s=30)
+    assert done["status"] == "cancelled" and done["attempts"] == 2
+    messages = [e["message"] for e in client.get(f"/v1/jobs/{handed_back}/events").json()]
+    assert (
+        "the worker was shut down while running the job (attempt 1 of 2); queued to run again"
+        in messages
+    )
 
 
 @pytest.mark.slow
