@@ -98,3 +98,12 @@ def test_api_keys_parsing_and_matching() -> None:
     with pytest.raises(InvalidOptionError) as excinfo:
         ApiKeys(["no-colon-secret"])
     assert "no-colon-secret" not in str(excinfo.value)
+
+
+def test_open_api_warns_at_start(
+    tmp_path: Path, redis_conn, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with ApiThread(make_settings(tmp_path / "data", redis_url)) as server, server.client() as c:
+        assert c.get("/v1/files").status_code == 200  # no key needed
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("OPEN" in r.getMessage() for r in warnings)

@@ -123,3 +123,17 @@ def test_artifacts_of_unfinished_job_are_409(client: httpx.Client, file_ids) -> 
         response = client.get(f"/v1/jobs/{job_id}/{which}")
         assert response.status_code == 409
         assert response.json()["type"].endswith("/conflict")
+
+
+def test_metrics_report_jobs_queue_and_upload_bytes(client: httpx.Client, file_ids) -> None:
+    client.post("/v1/jobs", json=_body(file_ids))
+    cancelled = client.post("/v1/jobs", json=_body(file_ids, seed=1)).json()["id"]
+    client.post(f"/v1/jobs/{cancelled}/cancel")
+    text = client.get("/metrics").text
+    assert 'recalib_jobs{status="queued"} 1.0' in text
+    assert 'recalib_jobs{status="cancelled"} 1.0' in text
+    assert "recalib_queue_depth 1.0" in text
+    assert "recalib_upload_bytes_total 10.0" in text  # b"model" + b"calib"
+    assert "recalib_workers_live 0.0" in text
+    assert 'recalib_job_duration_seconds_bucket{le="+Inf"}' in text
+    assert "recalib_redis_up 1.0" in text
