@@ -40,18 +40,23 @@ ENV RECALIB_DATA_DIR=/data
 VOLUME ["/data"]
 WORKDIR /app
 
+# The API enqueues work by dotted path and never imports worker/: the image has neither torch nor
+# the worker package (the build fails if importing the app pulls torch in).
 FROM runtime AS api
 COPY --from=api-deps /opt/venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY recalib ./recalib
 COPY service ./service
-COPY worker ./worker
-RUN pip install --no-deps . && python3 -c "import service.main, sys; assert 'torch' not in sys.modules"
+RUN pip install --no-deps . \
+    && python3 -c "import sys, service.main; sys.exit('torch imported' if 'torch' in sys.modules else 0)"
 USER 10001:10001
+# uvicorn reads UVICORN_HOST/UVICORN_PORT; the healthcheck follows the same port.
+ENV UVICORN_HOST=0.0.0.0 \
+    UVICORN_PORT=8000
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
-CMD ["uvicorn", "--factory", "service.main:create_app", "--host", "0.0.0.0", "--port", "8000"]
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ['UVICORN_PORT']}/healthz\", timeout=4)"]
+CMD ["uvicorn", "--factory", "service.main:create_app"]
 
 FROM runtime AS worker
 COPY --from=worker-deps /opt/venv /opt/venv

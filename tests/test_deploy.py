@@ -55,6 +55,7 @@ def test_dockerfile_passes_hadolint() -> None:
 def test_api_image_has_no_torch_and_worker_image_has() -> None:
     assert "torch" not in _stage("api-deps").lower()
     assert "COPY --from=api-deps" in _stage("api")
+    assert "COPY worker" not in _stage("api")  # the API never imports the worker package
     assert "TORCH_SPEC" in _stage("worker-deps")
     assert "COPY --from=worker-deps" in _stage("worker")
 
@@ -93,6 +94,8 @@ def test_compose_services_wiring(compose: dict) -> None:
     assert "gpu" not in str(services["worker-cpu"].get("deploy", {}))
     for name in ("api", "worker", "worker-cpu"):
         assert "recalib-data:/data" in services[name]["volumes"]
+        assert services[name]["init"] is True
+    assert services["worker"]["stop_grace_period"] == "2m"
 
 
 def test_compose_passes_every_setting(compose: dict) -> None:
