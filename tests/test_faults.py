@@ -44,8 +44,8 @@ REAPER_BOUND_S = 3 * HEARTBEAT_S + REAPER_S
 
 @pytest.fixture(scope="module")
 def stack(live_redis_url: str, tmp_path_factory: pytest.TempPathFactory):
-    """The API and two workers."""
-    with Stack(live_redis_url, tmp_path_factory.mktemp("faults")) as stack:
+    """The API and two workers, one torch thread each (the stuck batch stays stuck on any CPU)."""
+    with Stack(live_redis_url, tmp_path_factory.mktemp("faults"), OMP_NUM_THREADS="1") as stack:
         stack.start_api()
         stack.start_worker("w1")
         stack.start_worker("w2")
@@ -309,7 +309,7 @@ def test_job_timeout_fails_the_job_naming_the_setting(
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
         ids[role] = file_id
-    with Stack(url, tmp_path, RECALIB_JOB_TIMEOUT_S="3") as own:
+    with Stack(url, tmp_path, RECALIB_JOB_TIMEOUT_S="3", OMP_NUM_THREADS="1") as own:
         own.start_api()
         own.start_worker("t1")
         with own.client() as client:

@@ -126,7 +126,7 @@ def test_cancel_running_and_queued_jobs(
     ended = wait_for_job(client, running["id"], FINAL, timeout_s=15)
     took_s = time.monotonic() - asked_at
     assert ended["status"] == "cancelled" and ended["error"] is None
-    assert took_s < 5, f"cancelling a running job took {took_s:.1f} s"
+    assert took_s < 10, f"cancelling a running job took {took_s:.1f} s"
     assert client.get(f"/v1/jobs/{running['id']}/checkpoint").status_code == 409
     assert not layout.job_dir(live_stack.data_dir, running["id"]).joinpath("out").exists()
 

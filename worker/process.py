@@ -133,8 +133,12 @@ class RecalibWorker(Worker):
             reason += f" ({self._horse_exit}; out of memory?)"
         self._reconcile(job_id, job.id, reason)
 
-    def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
-        if os.WIFSIGNALED(ret_val):
+    def handle_work_horse_killed(
+        self, job: Job, retpid: int | None, ret_val: int | None, rusage: Any
+    ) -> None:
+        if ret_val is None:  # RQ killed it itself: 60 s past the job timeout
+            self._horse_exit = "killed by its worker after the job timeout"
+        elif os.WIFSIGNALED(ret_val):
             self._horse_exit = f"killed by {signal.Signals(os.WTERMSIG(ret_val)).name}"
         else:
             self._horse_exit = f"exit status {os.WEXITSTATUS(ret_val)}"
@@ -160,7 +164,8 @@ class RecalibWorker(Worker):
             elif handing_back:
                 requeue_lost(self.connection, self.settings, stored, reason)
             else:
-                fail_unstarted(self.connection, stored, reason)
+                detail = self._horse_exit or "its task failed before it began"
+                fail_unstarted(self.connection, stored, detail)
         except redis.RedisError:
             logger.exception("job %s: run not reconciled; the reaper will", job_id)
 
