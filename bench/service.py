@@ -83,49 +83,50 @@ def _spec(files: dict[str, Path], out_dir: Path) -> Any:
     )
 
 
+def _cold_engine(files: dict[str, Path], out_dir: Path) -> float:
+    spec = _spec(files, out_dir).model_dump_json()
+    env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-c", _COLD_ENGINE, spec]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def bench_job(work: Path, samples: int, repeats: int) -> dict[str, Any]:
     """Service create→succeeded vs run_job in-process, warm (after one run) and cold (fresh
-    process with torch imported, as an RQ work horse forked from an idle worker is)."""
+    process with torch imported, as an RQ work horse forked from an idle worker is).
+
+    The three are interleaved round by round, so that load from other processes on the machine
+    hits them alike; medians and best-of are reported.
+    """
     from recalib.client import RecalibClient
     from worker.pipeline import run_job
 
     files = make_job_files(work / "inputs", samples)
-    cold_s = []
-    for i in range(repeats):
-        spec = _spec(files, work / f"cold-{i}").model_dump_json()
-        cmd = [sys.executable, "-c", _COLD_ENGINE, spec]
-        env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-        cold_s.append(float(done.stdout.strip().splitlines()[-1]))
-    warm_s = []
-    for i in range(repeats + 1):  # the first run warms up (lazy imports, caches): not counted
-        start = time.perf_counter()
-        run_job(_spec(files, work / f"warm-{i}"))
-        warm_s.append(time.perf_counter() - start)
-    service_s = []
+    run_job(_spec(files, work / "warm-up"))  # lazy imports and caches of this process
+    times: dict[str, list[float]] = {"engine_warm": [], "engine_cold": [], "service": []}
     with ServiceStack(work / "stack", workers=1) as stack, RecalibClient(stack.url) as client:
         ids = {role: client.upload_file(path).id for role, path in files.items()}
-        for _ in range(repeats):
+        for i in range(repeats):
+            start = time.perf_counter()
+            run_job(_spec(files, work / f"warm-{i}"))
+            times["engine_warm"].append(time.perf_counter() - start)
+            times["engine_cold"].append(_cold_engine(files, work / f"cold-{i}"))
             start = time.perf_counter()
             job = client.create_job(ids["model"], ids["calibration"], ids["evaluation"])
             job = client.wait(job.id, poll_s=0.01)
-            service_s.append(time.perf_counter() - start)
+            times["service"].append(time.perf_counter() - start)
             if job.status != "succeeded":
                 raise RuntimeError(f"job {job.id} {job.status}: {job.error}")
-    warm, cold = statistics.median(warm_s[1:]), statistics.median(cold_s)
-    service = statistics.median(service_s)
-    return {
-        "samples": samples,
-        "repeats": repeats,
-        "engine_warm_s": warm_s[1:],
-        "engine_cold_s": cold_s,
-        "service_s": service_s,
-        "engine_warm_median_s": warm,
-        "engine_cold_median_s": cold,
-        "service_median_s": service,
-        "ratio_vs_warm_engine": service / warm,
-        "ratio_vs_cold_engine": service / cold,
-    }
+    result: dict[str, Any] = {"samples": samples, "repeats": repeats}
+    for name, values in times.items():
+        result[f"{name}_s"] = values
+        result[f"{name}_median_s"] = statistics.median(values)
+        result[f"{name}_best_s"] = min(values)
+    for peer in ("engine_warm", "engine_cold"):
+        for stat in ("median", "best"):
+            ratio = result[f"service_{stat}_s"] / result[f"{peer}_{stat}_s"]
+            result[f"ratio_{stat}_vs_{peer}"] = ratio
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
