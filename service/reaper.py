@@ -2,7 +2,7 @@
 
 It runs in the API process (a thread started by the app's lifespan), every
 ``RECALIB_REAPER_INTERVAL_S`` seconds, under a Redis lock so several API replicas take turns.
-Every change it makes is conditional (:func:`service.job_store.update_record`), so running it
+Every change it makes is conditional (:func:`service.job_records.update_record`), so running it
 twice, or beside a worker that is finishing the same job, changes nothing twice.
 
 Bounds, with ``H = RECALIB_WORKER_HEARTBEAT_S`` (10) and ``R = RECALIB_REAPER_INTERVAL_S`` (5):
@@ -40,8 +40,8 @@ from rq.job import JobStatus as RqStatus
 from recalib import layout
 from recalib.contract import FileRecord, JobError, JobEvent, JobRecord, JobStatus, Progress
 from recalib.settings import Settings
-from service import job_store, queue
-from service.job_store import Stored, update_record, utcnow
+from service import job_records, queue
+from service.job_records import Stored, update_record, utcnow
 from service.workers import read_worker
 
 logger = logging.getLogger(__name__)
@@ -187,12 +187,12 @@ class Reaper:
     # -- dead workers, lost runs, cancels ---------------------------------------------------
 
     def _active_ids(self) -> list[str]:
-        return sorted(job_store._text(m) for m in self.conn.smembers(job_store.ACTIVE_KEY))  # type: ignore[union-attr]
+        return sorted(job_records.text(m) for m in self.conn.smembers(job_records.ACTIVE_KEY))  # type: ignore[union-attr]
 
     def _check(self, job_id: str) -> bool:
-        stored = job_store.load(self.conn, job_id)
+        stored = job_records.load(self.conn, job_id)
         if stored is None or stored.record.status.is_final:
-            self.conn.srem(job_store.ACTIVE_KEY, job_id)
+            self.conn.srem(job_records.ACTIVE_KEY, job_id)
             return False
         if stored.record.status == JobStatus.queued:
             return self._check_queued(stored)
@@ -217,7 +217,7 @@ class Reaper:
         return False
 
     def _check_queued(self, stored: Stored) -> bool:
-        last = self.conn.lindex(job_store.events_key(stored.record.id), -1)
+        last = self.conn.lindex(job_records.events_key(stored.record.id), -1)
         queued_at = JobEvent.model_validate_json(last).at if last else None  # type: ignore[arg-type]
         if queued_at is None or (utcnow() - queued_at).total_seconds() < QUEUED_GRACE_S:
             return False
@@ -241,17 +241,19 @@ class Reaper:
             return 0, 0
         cutoff = time.time() - self.settings.retention_s
         jobs = 0
-        old_ids = cast(list[bytes], self.conn.zrangebyscore(job_store.FINISHED_KEY, "-inf", cutoff))
+        old_ids = cast(
+            list[bytes], self.conn.zrangebyscore(job_records.FINISHED_KEY, "-inf", cutoff)
+        )
         for raw_id in old_ids:
-            job_id = job_store._text(raw_id)
-            stored = job_store.load(self.conn, job_id)
+            job_id = job_records.text(raw_id)
+            stored = job_records.load(self.conn, job_id)
             if stored is not None and not stored.record.status.is_final:
-                self.conn.zrem(job_store.FINISHED_KEY, job_id)
+                self.conn.zrem(job_records.FINISHED_KEY, job_id)
                 continue
             if stored is not None:
-                job_store.delete_job(self.conn, stored.record)
+                job_records.delete_job(self.conn, stored.record)
             else:
-                self.conn.zrem(job_store.FINISHED_KEY, job_id)
+                self.conn.zrem(job_records.FINISHED_KEY, job_id)
             shutil.rmtree(layout.job_dir(self.settings.data_dir, job_id), ignore_errors=True)
             jobs += 1
         return jobs, self._delete_old_files(cutoff)
@@ -259,7 +261,7 @@ class Reaper:
     def _delete_old_files(self, cutoff: float) -> int:
         in_use: set[str] = set()
         for job_id in self._active_ids():
-            stored = job_store.load(self.conn, job_id)
+            stored = job_records.load(self.conn, job_id)
             if stored is not None:
                 request = stored.record.request
                 in_use.update({request.model_file, request.calibration_file})

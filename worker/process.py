@@ -41,7 +41,7 @@ from rq.queue import Queue
 
 from recalib.contract import JobError, JobRecord, JobStatus
 from recalib.settings import Settings, get_settings
-from service import job_store, workers
+from service import job_records, workers
 from service.reaper import recover_run, requeue_lost
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class RecalibWorker(Worker):
         failed, since a horse that cannot start a job would fail the next run the same way.
         """
         try:
-            stored = job_store.load(self.connection, job_id)
+            stored = job_records.load(self.connection, job_id)
             if stored is None or stored.rq_job_id != rq_job_id or stored.record.status.is_final:
                 return
             if stored.record.status != JobStatus.queued:
@@ -189,19 +189,19 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def fail_unstarted(conn: redis.Redis, stored: job_store.Stored, reason: str) -> None:
+def fail_unstarted(conn: redis.Redis, stored: job_records.Stored, reason: str) -> None:
     """Fail a queued job whose run ended before the task could start it."""
 
-    def mutate(current: job_store.Stored) -> JobRecord | None:
+    def mutate(current: job_records.Stored) -> JobRecord | None:
         record = current.record
         if record.status != JobStatus.queued or current.rq_job_id != stored.rq_job_id:
             return None
-        record.status, record.finished_at = JobStatus.failed, job_store.utcnow()
+        record.status, record.finished_at = JobStatus.failed, job_records.utcnow()
         message = f"the worker could not start the job ({reason}); the worker log has the details"
         record.error = JobError(type="internal-error", message=message)
         return record
 
-    job_store.update_record(
+    job_records.update_record(
         conn, stored.record.id, mutate, message=lambda r: r.error.message if r.error else None
     )
 

@@ -50,7 +50,7 @@ from recalib.errors import (
     error_type_name,
 )
 from recalib.settings import Settings, get_settings
-from service.job_store import Stored, job_key, update_record, utcnow
+from service.job_records import Stored, job_key, update_record, utcnow
 from service.reaper import timeout_error
 
 logger = logging.getLogger(__name__)

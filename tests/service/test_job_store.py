@@ -11,7 +11,8 @@ from rq.job import JobStatus as RqStatus
 from recalib.contract import JobCreate, JobOptions, JobRecord, JobStatus, Phase, Progress
 from recalib.errors import IdempotencyKeyReusedError, InvalidOptionError, NotFoundError
 from recalib.settings import Settings
-from service.job_store import JobStore, Stored, load, update_record, utcnow
+from service.job_records import Stored, load, update_record, utcnow
+from service.job_store import JobStore
 
 MODEL = "f_" + "m" * 22
 CALIB = "f_" + "c" * 22

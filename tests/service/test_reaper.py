@@ -18,7 +18,8 @@ from recalib.errors import NotFoundError
 from recalib.settings import Settings
 from service import reaper as reaper_module
 from service import workers
-from service.job_store import JobStore, Stored, job_key, load, update_record, utcnow
+from service.job_records import Stored, job_key, load, update_record, utcnow
+from service.job_store import JobStore
 from service.reaper import LOCK_KEY, Reaper
 
 MODEL = "f_" + "m" * 22

@@ -1,0 +1,186 @@
+"""Job records in Redis: our own status, progress, events and indexes (not RQ's job status).
+
+Keys, all under ``recalib:``::
+
+    job:<id>                      hash: ``record`` (JobRecord JSON), ``rq`` (the RQ job of the
+                                  current run), ``cancel_at`` (epoch s a running job's cancel came)
+    job:<id>:events               list of JobEvent JSON; an event's seq is its index + 1
+    jobs:seq                      counter: each job's place in the listings
+    jobs:index:<tenant>           zset (lexicographic) of ``<seq:012d>:<id>``; newest = greatest
+    jobs:active                   ids of jobs not final (what the reaper watches)
+    jobs:finished                 zset id → finished_at, epoch s (what retention deletes)
+    jobs:idem:<tenant>:<sha256>   Idempotency-Key → job id
+    stats:status, stats:duration  counts by status; run-time histogram of finished jobs
+
+Every change of a record goes through :func:`update_record` (WATCH/MULTI/EXEC), so the API
+(cancel), the worker (progress, result) and the reaper never lose each other's writes, and each
+change appends its event and keeps the counters in the same transaction. A mutation returns
+``None`` to leave the record alone: that is how a stale writer (an earlier run) is turned away.
+
+This module is torch-free: the API imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import cast
+
+import redis
+from redis.client import Pipeline
+
+from recalib.contract import JobCreate, JobEvent, JobRecord
+
+PREFIX = "recalib:"
+SEQ_KEY = PREFIX + "jobs:seq"
+ACTIVE_KEY = PREFIX + "jobs:active"
+FINISHED_KEY = PREFIX + "jobs:finished"
+STATUS_COUNTS_KEY = PREFIX + "stats:status"
+DURATION_KEY = PREFIX + "stats:duration"
+DURATION_BUCKETS_S = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0)
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:events"
+
+
+def index_key(tenant: str) -> str:
+    return f"{PREFIX}jobs:index:{tenant}"
+
+
+def idem_key(tenant: str, key: str) -> str:
+    return f"{PREFIX}jobs:idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def new_job_id() -> str:
+    return "j_" + secrets.token_urlsafe(16)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def request_sha256(request: JobCreate) -> str:
+    """sha256 of the request's canonical JSON (sorted keys, no spaces, defaults filled in)."""
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass
+class Stored:
+    """A job as stored: the record and the bookkeeping fields beside it."""
+
+    record: JobRecord
+    rq_job_id: str | None
+    cancel_at: float | None
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _parse(fields: Mapping[bytes, bytes]) -> Stored | None:
+    if b"record" not in fields:
+        return None
+    cancel_at = fields.get(b"cancel_at")
+    rq_job_id = fields.get(b"rq")
+    return Stored(
+        record=JobRecord.model_validate_json(fields[b"record"]),
+        rq_job_id=text(rq_job_id) if rq_job_id else None,
+        cancel_at=float(cancel_at) if cancel_at else None,
+    )
+
+
+def load(conn: redis.Redis | Pipeline, job_id: str) -> Stored | None:
+    """The stored job, or None if there is none (no tenant check: for the worker and reaper)."""
+    return _parse(conn.hgetall(job_key(job_id)))  # type: ignore[arg-type]
+
+
+def update_record(
+    conn: redis.Redis,
+    job_id: str,
+    mutate: Callable[[Stored], JobRecord | None],
+    *,
+    message: str | Callable[[JobRecord], str | None] | None = None,
+    event: bool = True,
+    set_fields: Mapping[str, str] | Callable[[JobRecord], Mapping[str, str]] | None = None,
+) -> JobRecord | None:
+    """Apply ``mutate`` to a job atomically; return the new record, or None if nothing changed.
+
+    ``mutate`` gets a copy of the stored job and returns the new record or None (no change; also
+    when the job does not exist). An event (status, progress, ``message``) is appended unless
+    ``event`` is False; ``set_fields`` are written into the job's hash alongside. ``message`` and
+    ``set_fields`` may be functions of the new record.
+    """
+
+    def transaction(pipe: Pipeline) -> JobRecord | None:
+        stored = _parse(pipe.hgetall(job_key(job_id)))  # type: ignore[arg-type]
+        if stored is None:
+            return None
+        old = stored.record.model_copy(deep=True)
+        new = mutate(stored)
+        if new is None:
+            return None
+        seq = int(pipe.llen(events_key(job_id))) + 1  # type: ignore[arg-type]
+        fields = dict(set_fields(new) if callable(set_fields) else set_fields or {})
+        text = message(new) if callable(message) else message
+        pipe.multi()
+        pipe.hset(job_key(job_id), mapping={"record": new.model_dump_json(), **fields})  # type: ignore[dict-item]
+        if event:
+            pipe.rpush(events_key(job_id), event_of(seq, new, text).model_dump_json())
+        _account(pipe, old, new)
+        return new
+
+    result = conn.transaction(
+        transaction,  # type: ignore[arg-type]
+        job_key(job_id),
+        events_key(job_id),
+        value_from_callable=True,
+    )
+    return cast(JobRecord | None, result)
+
+
+def event_of(seq: int, record: JobRecord, message: str | None) -> JobEvent:
+    return JobEvent(
+        seq=seq, at=utcnow(), status=record.status, progress=record.progress, message=message
+    )
+
+
+def _account(pipe: Pipeline, old: JobRecord, new: JobRecord) -> None:
+    """Counters, the active set and the finished index follow a status change."""
+    if old.status == new.status:
+        return
+    pipe.hincrby(STATUS_COUNTS_KEY, old.status.value, -1)
+    pipe.hincrby(STATUS_COUNTS_KEY, new.status.value, 1)
+    if not new.status.is_final:
+        pipe.sadd(ACTIVE_KEY, new.id)
+        return
+    pipe.srem(ACTIVE_KEY, new.id)
+    finished_at = new.finished_at or utcnow()
+    pipe.zadd(FINISHED_KEY, {new.id: finished_at.timestamp()})
+    if new.started_at is not None:
+        duration_s = max(0.0, (finished_at - new.started_at).total_seconds())
+        bucket = next((b for b in DURATION_BUCKETS_S if duration_s <= b), float("inf"))
+        pipe.hincrby(DURATION_KEY, f"le:{bucket!r}", 1)
+        pipe.hincrbyfloat(DURATION_KEY, "sum", duration_s)
+
+
+def delete_job(conn: redis.Redis, record: JobRecord) -> None:
+    """Forget a job entirely (retention): record, events, indexes, counters."""
+    with conn.pipeline() as pipe:
+        pipe.delete(job_key(record.id), events_key(record.id))
+        pipe.srem(ACTIVE_KEY, record.id)
+        pipe.zrem(FINISHED_KEY, record.id)
+        pipe.hincrby(STATUS_COUNTS_KEY, record.status.value, -1)
+        if record.idempotency_key is not None:
+            pipe.delete(idem_key(record.tenant, record.idempotency_key))
+        pipe.execute()
+    # The index entry is dropped lazily by JobStore.list (its member holds a sequence number).
