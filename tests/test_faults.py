@@ -317,6 +317,7 @@ def test_job_timeout_fails_the_job_naming_the_setting(
             job_id = create_job(client, _body(ids, batch_size=4_000))["id"]
             done = wait_for_job(client, job_id, FINAL, timeout_s=90)
             record_property("timeout_job_s", round(time.monotonic() - started, 2))
+    redis.Redis.from_url(url).flushdb()
     assert done["status"] == "failed"
     assert done["error"]["type"] == "job-timeout"
     assert "RECALIB_JOB_TIMEOUT_S (3 s)" in done["error"]["message"]
