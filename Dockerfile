@@ -25,9 +25,12 @@ RUN python3 -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); 
 
 FROM api-deps AS worker-deps
 ARG TORCH_SPEC=torch==2.13.0
+# +cpu builds live on PyTorch's own index, not on PyPI: with TORCH_SPEC=torch==X+cpu pass
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu (compose's CPU profile does).
+ARG TORCH_INDEX_URL=""
 # TORCH_SPEC is a pinned requirement (torch==X or torch==X+cpu); hadolint cannot see through the ARG.
 # hadolint ignore=DL3013
-RUN pip install "${TORCH_SPEC}" \
+RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "${TORCH_SPEC}" \
     && python3 -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); print('\n'.join(x for x in d['project']['optional-dependencies']['worker'] if not x.startswith('torch')))" > worker-requirements.txt \
     && pip install -r worker-requirements.txt
 

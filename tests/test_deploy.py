@@ -91,6 +91,9 @@ def test_compose_services_wiring(compose: dict) -> None:
     assert gpu["driver"] == "nvidia"
     assert gpu["capabilities"] == ["gpu"]
     assert services["worker-cpu"]["profiles"] == ["cpu"]
+    cpu_build = services["worker-cpu"]["build"]["args"]
+    assert cpu_build["TORCH_SPEC"].endswith("+cpu")  # +cpu wheels are not on PyPI:
+    assert "download.pytorch.org/whl/cpu" in cpu_build["TORCH_INDEX_URL"]
     assert "gpu" not in str(services["worker-cpu"].get("deploy", {}))
     for name in ("api", "worker", "worker-cpu"):
         assert "recalib-data:/data" in services[name]["volumes"]
