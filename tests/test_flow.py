@@ -106,7 +106,7 @@ def test_digits_job_end_to_end(
 
 @pytest.mark.slow
 def test_cancel_running_and_queued_jobs(
-    client: httpx.Client, live_stack: Stack, digits_ids, long_calibration_id
+    client: httpx.Client, live_stack: Stack, digits_ids, long_calibration_id, record_property
 ) -> None:
     ids = digits_ids | {"calibration": long_calibration_id}
     running = create_job(client, _body(ids, batch_size=2))
@@ -125,6 +125,7 @@ def test_cancel_running_and_queued_jobs(
     assert cancel.status_code == 202 and cancel.json()["status"] == "cancelling"
     ended = wait_for_job(client, running["id"], FINAL, timeout_s=15)
     took_s = time.monotonic() - asked_at
+    record_property("running_cancel_s", round(took_s, 2))
     assert ended["status"] == "cancelled" and ended["error"] is None
     assert took_s < 10, f"cancelling a running job took {took_s:.1f} s"
     assert client.get(f"/v1/jobs/{running['id']}/checkpoint").status_code == 409
