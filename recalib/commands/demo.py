@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 SERVE_LOG = "serve.log"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +138,12 @@ def _serve(data_dir: Path, port: int) -> Iterator[tuple[str, subprocess.Popen[by
     with log_path.open("ab") as log:
         # Its own session: a terminal's Ctrl-C reaches only the demo, which stops serve in order.
         proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_term_with_parent,
         )
     try:
         yield f"http://127.0.0.1:{port}", proc
@@ -172,6 +179,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _term_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the demo dies without stopping it
+    (SIGKILL, out of memory), so serve still shuts its worker and Valkey down."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _free_port() -> int:
