@@ -52,7 +52,9 @@ class Settings(BaseSettings):
     )
     worker_device: str = Field("auto", description="Device of `recalib worker`: auto, cpu, cuda:N.")
     retention_s: int = Field(
-        7 * 24 * 3600, ge=0, description="Files and finished jobs older than this are deleted."
+        7 * 24 * 3600,
+        ge=0,
+        description="Files and finished jobs older than this are deleted; 0 keeps them forever.",
     )
     arch_allowlist: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["torchvision.models", "timm"],
