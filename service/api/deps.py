@@ -1,6 +1,8 @@
 """Route dependencies as ``Annotated`` aliases, so route signatures read like prose.
 
 Everything is built once per app by :func:`service.main.create_app` and kept on ``app.state``.
+The dependencies are ``async def`` although they do no I/O: FastAPI runs a plain ``def``
+dependency in the thread pool, one thread hop per dependency per request.
 """
 
 from __future__ import annotations
@@ -23,23 +25,23 @@ _bearer = HTTPBearer(
 )
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _redis(request: Request) -> redis.Redis:
+async def _redis(request: Request) -> redis.Redis:
     return request.app.state.redis
 
 
-def _job_store(request: Request) -> JobStore:
+async def _job_store(request: Request) -> JobStore:
     return request.app.state.job_store
 
 
-def _file_store(request: Request) -> FileStore:
+async def _file_store(request: Request) -> FileStore:
     return request.app.state.file_store
 
 
-def _tenant(
+async def _tenant(
     request: Request,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> str:
