@@ -132,3 +132,25 @@ def test_redis_down_is_503_problem_and_readyz_says_why(tmp_path: Path) -> None:
     finally:
         if valkey.is_running():
             valkey.stop()
+
+
+def test_unwritable_data_directory_makes_readyz_not_ready(redis_url: str, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", redis_url)
+    with ApiThread(settings) as api, api.client() as client:
+        assert client.get("/readyz").json()["storage_writable"] is True
+        # As root, chmod does not stop writes; a file where the probe goes does.
+        probe_dir = settings.data_dir
+        moved = tmp_path / "data.moved"
+        probe_dir.rename(moved)
+        probe_dir.write_text("not a directory")
+        try:
+            ready = client.get("/readyz")
+        finally:
+            probe_dir.unlink()
+            moved.rename(probe_dir)
+        assert ready.status_code == 503
+        body = ready.json()
+        assert body["ready"] is False
+        assert body["storage_writable"] is False
+        assert "not writable" in body["detail"]
+        assert client.get("/readyz").json()["ready"] is True
