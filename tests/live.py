@@ -240,3 +240,9 @@ def live_stack(live_redis_url: str, tmp_path_factory: pytest.TempPathFactory) ->
         stack.start_api()
         stack.start_worker("w1")
         yield stack
+
+
+@pytest.fixture(scope="module")
+def digits_ids(client: httpx.Client, digits_files: dict[str, Path]) -> dict[str, str]:
+    """The digits case (``digits_files``) uploaded through the module's ``client``: ids by name."""
+    return {name: upload(client, path) for name, path in digits_files.items()}

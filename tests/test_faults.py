@@ -26,6 +26,7 @@ from service.job_records import load
 from tests.live import (
     Stack,
     create_job,
+    digits_ids,
     fresh_db_url,
     kill_session,
     live_redis_url,
@@ -35,7 +36,7 @@ from tests.live import (
     wait_until,
 )
 
-__all__ = ["live_redis_url"]  # a fixture used by this module
+__all__ = ["digits_ids", "live_redis_url"]  # fixtures used by this module
 
 FINAL = {"succeeded", "failed", "cancelled"}
 HEARTBEAT_S, REAPER_S = 1, 0.5
@@ -56,11 +57,6 @@ def stack(live_redis_url: str, tmp_path_factory: pytest.TempPathFactory):
 def client(stack: Stack):
     with stack.client() as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def digits_ids(client: httpx.Client, digits_files: dict[str, Path]) -> dict[str, str]:
-    return {name: upload(client, path) for name, path in digits_files.items()}
 
 
 @pytest.fixture(scope="module")

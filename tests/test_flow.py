@@ -24,6 +24,7 @@ from tests.live import (
     REPO_ROOT,
     Stack,
     create_job,
+    digits_ids,
     free_port,
     live_redis_url,
     live_stack,
@@ -33,7 +34,7 @@ from tests.live import (
 )
 from worker.digits import accuracy
 
-__all__ = ["live_redis_url", "live_stack"]  # fixtures used by this module
+__all__ = ["digits_ids", "live_redis_url", "live_stack"]  # fixtures used by this module
 
 FINAL = {"succeeded", "failed", "cancelled"}
 
@@ -42,11 +43,6 @@ FINAL = {"succeeded", "failed", "cancelled"}
 def client(live_stack: Stack):
     with live_stack.client() as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def digits_ids(client: httpx.Client, digits_files: dict[str, Path]) -> dict[str, str]:
-    return {name: upload(client, path) for name, path in digits_files.items()}
 
 
 @pytest.fixture(scope="module")
