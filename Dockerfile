@@ -16,14 +16,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python3 -m venv /opt/venv
 
 # Dependencies first (they change rarely), keyed only on pyproject.toml: a code change does not
-# reinstall them.
-FROM base AS api-deps
+# reinstall them. The shared requirements, then each image's extra (api: FastAPI; worker: torch).
+FROM base AS core-deps
 WORKDIR /build
 COPY pyproject.toml README.md ./
 RUN python3 -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); print('\n'.join(d['project']['dependencies']))" > requirements.txt \
     && pip install -r requirements.txt
 
-FROM api-deps AS worker-deps
+FROM core-deps AS api-deps
+RUN python3 -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); print('\n'.join(d['project']['optional-dependencies']['api']))" > api-requirements.txt \
+    && pip install -r api-requirements.txt
+
+FROM core-deps AS worker-deps
 ARG TORCH_SPEC=torch==2.13.0
 # +cpu builds live on PyTorch's own index, not on PyPI: with TORCH_SPEC=torch==X+cpu pass
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu (compose's CPU profile does).
@@ -61,12 +65,14 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ['UVICORN_PORT']}/healthz\", timeout=4)"]
 CMD ["uvicorn", "--factory", "service.main:create_app"]
 
+# The worker imports the job layer, never service/: the image has neither FastAPI nor service/
+# (the build fails if either is there).
 FROM runtime AS worker
 COPY --from=worker-deps /opt/venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY recalib ./recalib
-COPY service ./service
 COPY worker ./worker
-RUN pip install --no-deps . && python3 -c "import torch, worker.engine; print(torch.__version__)"
+RUN pip install --no-deps . \
+    && python3 -c "import importlib.util as u, sys, torch, worker.runner.process; sys.exit([m for m in ('fastapi', 'uvicorn', 'service') if u.find_spec(m)] or 0)"
 USER 10001:10001
 CMD ["recalib", "worker"]

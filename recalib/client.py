@@ -32,6 +32,7 @@ from urllib.parse import unquote
 
 import httpx
 
+from recalib import defaults
 from recalib.contract import FilePublic, JobCreate, JobEvent, JobOptions, JobPublic, JobStatus, Page
 from recalib.errors import (
     InternalError,
@@ -43,7 +44,6 @@ from recalib.errors import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SERVER = "http://127.0.0.1:8000"
 CHUNK_BYTES = 1024 * 1024
 Artifact = Literal["checkpoint", "report", "folded"]
 
@@ -60,7 +60,9 @@ class RecalibClient:
     def __init__(
         self, base_url: str | None = None, api_key: str | None = None, timeout_s: float = 60.0
     ) -> None:
-        self.base_url = (base_url or os.environ.get("RECALIB_SERVER") or DEFAULT_SERVER).rstrip("/")
+        self.base_url = (
+            base_url or os.environ.get("RECALIB_SERVER") or defaults.SERVER_URL
+        ).rstrip("/")
         api_key = api_key or os.environ.get("RECALIB_API_KEY")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)

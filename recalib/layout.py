@@ -1,13 +1,11 @@
 """Where things lie in the data directory shared by the API and the workers.
 
-    <data_dir>/files/<file_id>            uploaded file content (committed by atomic rename)
-    <data_dir>/files/<file_id>.json       its FileRecord
-    <data_dir>/tmp/                       uploads in flight (same filesystem, so rename is atomic)
-    <data_dir>/jobs/<job_id>/attempt-<n>/ a run's working directory (never served)
-    <data_dir>/jobs/<job_id>/out/         artifacts of the succeeded run, renamed from its attempt
-    <data_dir>/valkey/                    the embedded server's data (``recalib serve`` only)
-
-This module is torch-free: the API imports it.
+<data_dir>/files/<file_id>            uploaded file content (committed by atomic rename)
+<data_dir>/files/<file_id>.json       its FileRecord
+<data_dir>/tmp/                       uploads in flight (same filesystem, so rename is atomic)
+<data_dir>/jobs/<job_id>/attempt-<n>/ a run's working directory; served only once the job's
+                                      record names it (``output_attempt``)
+<data_dir>/valkey/                    the embedded server's data (``recalib serve`` only)
 """
 
 from __future__ import annotations
@@ -37,13 +35,8 @@ def job_dir(data_dir: Path, job_id: str) -> Path:
 
 
 def attempt_dir(data_dir: Path, job_id: str, attempt: int) -> Path:
-    """Working directory of one run of a job; partial artifacts stay here and are never served."""
+    """Working directory of one run of a job (see :mod:`recalib.jobs.artifact_store`)."""
     return job_dir(data_dir, job_id) / f"attempt-{attempt}"
-
-
-def output_dir(data_dir: Path, job_id: str) -> Path:
-    """Artifacts of the run that succeeded (the only ones served)."""
-    return job_dir(data_dir, job_id) / "out"
 
 
 def valkey_dir(data_dir: Path) -> Path:

@@ -1,6 +1,6 @@
 """All configuration, from environment variables prefixed ``RECALIB_`` (one table in the README).
 
-This module is torch-free: the API imports it.
+Defaults come from :mod:`recalib.defaults`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from recalib import defaults
 
 
 def _split_csv(value: object) -> object:
@@ -27,12 +29,18 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None,
         description=(
-            "Redis URL. Unset: `recalib serve` starts an embedded Valkey under the data directory."
+            "Redis URL. Unset: `recalib serve` starts an embedded Valkey under the data "
+            "directory; the API and `recalib worker` alone use redis://127.0.0.1:6379/0 (logged) "
+            "and a worker exits at once, with one line, when it does not answer."
         ),
     )
-    data_dir: Path = Field(Path("recalib-data"), description="Uploads, job artifacts, embedded DB.")
-    queue_name: str = Field("recalib", description="RQ queue name.")
-    max_upload_bytes: int = Field(4 * 1024**3, ge=1, description="Largest accepted upload.")
+    data_dir: Path = Field(
+        Path(defaults.DATA_DIR), description="Uploads, job artifacts, embedded DB."
+    )
+    queue_name: str = Field(defaults.QUEUE_NAME, description="RQ queue name.")
+    max_upload_bytes: int = Field(
+        defaults.MAX_UPLOAD_BYTES, ge=1, description="Largest accepted upload."
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description=(
@@ -40,37 +48,52 @@ class Settings(BaseSettings):
             "is open (a warning is logged at start)."
         ),
     )
-    job_timeout_s: int = Field(3600, ge=1, description="A running job is failed after this.")
+    job_timeout_s: int = Field(
+        defaults.JOB_TIMEOUT_S, ge=1, description="A running job is failed after this."
+    )
     job_max_attempts: int = Field(
-        2, ge=1, le=10, description="Runs of a job whose worker died (1 = no retry)."
+        defaults.JOB_MAX_ATTEMPTS,
+        ge=1,
+        le=10,
+        description="Runs of a job whose worker died (1 = no retry).",
     )
     reaper_interval_s: float = Field(
-        5.0, gt=0, description="How often the API looks for jobs of dead workers."
+        defaults.REAPER_INTERVAL_S,
+        gt=0,
+        description="How often the API looks for jobs of dead workers.",
     )
     worker_heartbeat_s: int = Field(
-        10, ge=1, description="Worker heartbeat period; a worker is dead after 3 missed beats."
+        defaults.WORKER_HEARTBEAT_S,
+        ge=1,
+        description="Worker heartbeat period; a worker is dead after 3 missed beats.",
     )
     worker_device: str = Field("auto", description="Device of `recalib worker`: auto, cpu, cuda:N.")
     retention_s: int = Field(
-        7 * 24 * 3600,
+        defaults.RETENTION_S,
         ge=0,
         description="Files and finished jobs older than this are deleted; 0 keeps them forever.",
     )
     arch_allowlist: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["torchvision.models", "timm"],
+        default_factory=lambda: list(defaults.ARCH_ALLOWLIST),
         description="Module prefixes an `arch` (`module:callable`) may be imported from.",
     )
     allow_unsafe_pickle: bool = Field(
         False,
         description="Operator opt-in to unpickle whole-module `.pt` files (runs arbitrary code).",
     )
-    max_archive_members: int = Field(100_000, ge=1, description="Most entries in an image archive.")
-    max_archive_bytes: int = Field(
-        8 * 1024**3, ge=1, description="Most uncompressed bytes read from an image archive."
+    max_archive_members: int = Field(
+        defaults.MAX_ARCHIVE_MEMBERS, ge=1, description="Most entries in an image archive."
     )
-    max_image_pixels: int = Field(50_000_000, ge=1, description="Largest decoded image, pixels.")
-    host: str = Field("127.0.0.1", description="`recalib serve` bind address.")
-    port: int = Field(8000, ge=1, le=65535, description="`recalib serve` port.")
+    max_archive_bytes: int = Field(
+        defaults.MAX_ARCHIVE_BYTES,
+        ge=1,
+        description="Most uncompressed bytes read from an image archive.",
+    )
+    max_image_pixels: int = Field(
+        defaults.MAX_IMAGE_PIXELS, ge=1, description="Largest decoded image, pixels."
+    )
+    host: str = Field(defaults.HOST, description="`recalib serve` bind address.")
+    port: int = Field(defaults.PORT, ge=1, le=65535, description="`recalib serve` port.")
     log_level: str = Field("INFO", description="Python logging level.")
 
     @field_validator("api_keys", "arch_allowlist", mode="before")

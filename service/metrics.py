@@ -21,10 +21,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from recalib.contract import JobStatus
+from recalib.jobs.file_store import FileStore
+from recalib.jobs.job_store import JobStore
+from recalib.jobs.workers import live_workers
 from recalib.settings import Settings
-from service.file_store import FileStore
-from service.job_store import JobStore
-from service.workers import live_workers
 
 logger = logging.getLogger(__name__)
 

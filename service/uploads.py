@@ -1,4 +1,4 @@
-"""Streaming uploads: the request body goes to disk chunk by chunk, hashed on the way.
+"""Streaming uploads: the request body goes to the file store chunk by chunk, hashed on the way.
 
 Not Starlette's ``UploadFile``, which spools the whole body to a temporary file before the handler
 runs (twice the disk work, and the size cap would only apply afterwards). Here the body is read
@@ -6,24 +6,14 @@ from ``request.stream()``, gathered into ~1 MiB slices and written + hashed in a
 (hashlib and file writes release the GIL), so the event loop keeps serving other requests and the
 API's memory stays flat whatever the upload size.
 
-Uploads in flight lie in ``<data_dir>/tmp/<process token>/``, a directory whose ``.lock`` file this
-process holds with ``flock``. At start-up every directory whose lock is free belongs to a process
-that is gone (killed mid-upload), and is removed; the kernel drops the lock of a killed process, so
-this is safe with several API processes sharing the data directory.
+The part file and its area are the job layer's (:mod:`recalib.jobs.upload_area`); this module only
+reads the HTTP body into it.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
-import os
-import secrets
-import shutil
-import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import IO
 
 import anyio
 from fastapi import Request
@@ -32,119 +22,15 @@ from streaming_form_data import StreamingFormDataParser
 from streaming_form_data.parser import ParseFailedException
 from streaming_form_data.targets import BaseTarget
 
-from recalib import layout
+from recalib.contract import FileRecord
 from recalib.errors import InvalidDataError, PayloadTooLargeError, UserError
+from recalib.jobs.file_store import FileStore
+from recalib.jobs.upload_area import PartFile
 
 logger = logging.getLogger(__name__)
 
 SLICE_BYTES = 1024 * 1024
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # part headers and boundaries around the file
-STALE_LOOSE_FILE_S = 3600.0
-_LOCK_NAME = ".lock"
-
-
-class PartFile:
-    """A file being uploaded: writes, hashes and counts bytes; over ``max_bytes`` it refuses."""
-
-    def __init__(self, path: Path, max_bytes: int) -> None:
-        self.path = path
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._hash = hashlib.sha256()
-        self._fh: IO[bytes] | None = path.open("xb")
-
-    def write(self, chunk: bytes) -> None:
-        if self._fh is None:
-            raise ValueError("write to a closed upload")
-        if self.bytes + len(chunk) > self.max_bytes:
-            raise PayloadTooLargeError(
-                f"upload is larger than the limit of {self.max_bytes} bytes "
-                "(RECALIB_MAX_UPLOAD_BYTES)",
-                field="body",
-            )
-        self._hash.update(chunk)
-        self._fh.write(chunk)
-        self.bytes += len(chunk)
-
-    @property
-    def sha256(self) -> str:
-        return self._hash.hexdigest()
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-    def discard(self) -> None:
-        """Close and delete: nothing of an aborted or refused upload stays behind."""
-        self.close()
-        self.path.unlink(missing_ok=True)
-
-
-class UploadArea:
-    """This process's directory for uploads in flight, under ``layout.tmp_dir``."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.tmp_dir = layout.tmp_dir(data_dir)
-        self._own_dir: Path | None = None
-        self._lock_fd: int | None = None
-
-    def open(self) -> None:
-        """Remove what dead processes left, then create and lock this process's directory."""
-        if self._own_dir is not None:
-            return
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        removed = clean_stale_uploads(self.tmp_dir)
-        if removed:
-            logger.info("removed %d unfinished upload area(s) of stopped processes", removed)
-        own = self.tmp_dir / f"up-{os.getpid()}-{secrets.token_hex(6)}"
-        own.mkdir()
-        fd = os.open(own / _LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._own_dir, self._lock_fd = own, fd
-
-    def close(self) -> None:
-        """Delete this process's directory (uploads still in flight are lost) and unlock it."""
-        if self._own_dir is None:
-            return
-        shutil.rmtree(self._own_dir, ignore_errors=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-        self._own_dir = self._lock_fd = None
-
-    def new_part(self, file_id: str, max_bytes: int) -> PartFile:
-        self.open()
-        if self._own_dir is None:
-            raise RuntimeError("upload area is not open")
-        return PartFile(self._own_dir / f"{file_id}.part", max_bytes)
-
-
-def clean_stale_uploads(tmp_dir: Path) -> int:
-    """Remove upload directories whose lock is free (their process is gone); return how many.
-
-    Loose files (none are written by this module) are removed once an hour old.
-    """
-    removed = 0
-    for entry in tmp_dir.iterdir():
-        if entry.is_dir() and (entry / _LOCK_NAME).exists():
-            if _lock_is_free(entry / _LOCK_NAME):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed += 1
-        elif time.time() - entry.stat().st_mtime > STALE_LOOSE_FILE_S:
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(True)
-            removed += 1
-    return removed
-
-
-def _lock_is_free(lock_path: Path) -> bool:
-    fd = os.open(lock_path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)  # closing also releases the lock if we got it
-    return True
 
 
 class _PartTarget(BaseTarget):
@@ -245,3 +131,24 @@ async def receive_into(request: Request, part: PartFile) -> str | None:
         part.discard()
         raise UserError("the upload is empty: send the file's bytes as the body", field="body")
     return filename
+
+
+async def receive_file(
+    request: Request, files: FileStore, tenant: str, filename: str | None
+) -> FileRecord:
+    """Stream the request body into the file store as a new file of ``tenant``.
+
+    ``filename`` (header or query) wins over a multipart part's own filename; one of them is
+    needed because the worker reads the file format from the extension.
+    """
+    file_id, part = files.new_part()
+    part_filename = await receive_into(request, part)
+    name = filename or part_filename
+    if not name:
+        part.discard()
+        raise UserError(
+            "the upload needs a filename (its extension tells the format): send the "
+            "`X-Filename` header or `?filename=`, or a multipart part with a filename",
+            field="filename",
+        )
+    return await anyio.to_thread.run_sync(files.commit, tenant, file_id, part, name)

@@ -60,6 +60,13 @@ def test_api_image_has_no_torch_and_worker_image_has() -> None:
     assert "COPY --from=worker-deps" in _stage("worker")
 
 
+def test_worker_image_has_no_fastapi_and_no_service() -> None:
+    assert "fastapi" not in _stage("worker-deps").lower()
+    assert "FROM core-deps AS worker-deps" in DOCKERFILE  # not on top of the API's dependencies
+    assert "COPY service" not in _stage("worker")
+    assert "find_spec" in _stage("worker")  # the build itself fails if FastAPI or service/ is there
+
+
 def test_images_run_as_non_root_with_api_healthcheck() -> None:
     assert re.search(r"^USER 10001", _stage("api"), re.M)
     assert re.search(r"^USER 10001", _stage("worker"), re.M)

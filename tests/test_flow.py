@@ -97,7 +97,8 @@ def test_digits_job_end_to_end(
     assert not torch.allclose(old_mean, new_mean)
     assert client.get(f"/v1/jobs/{job['id']}/report").json()["after"] == report["after"]
     job_dir = layout.job_dir(live_stack.data_dir, job["id"])
-    assert sorted(p.name for p in job_dir.iterdir()) == ["out"]  # no attempt dir left
+    assert sorted(p.name for p in job_dir.iterdir()) == ["attempt-1"]  # served; inputs gone
+    assert not (job_dir / "attempt-1" / "inputs").exists()
 
 
 @pytest.mark.slow
@@ -125,7 +126,7 @@ def test_cancel_running_and_queued_jobs(
     assert ended["status"] == "cancelled" and ended["error"] is None
     assert took_s < 10, f"cancelling a running job took {took_s:.1f} s"
     assert client.get(f"/v1/jobs/{running['id']}/checkpoint").status_code == 409
-    assert not layout.job_dir(live_stack.data_dir, running["id"]).joinpath("out").exists()
+    assert not any(layout.job_dir(live_stack.data_dir, running["id"]).glob("attempt-*"))
 
     time.sleep(1.0)  # the worker is free now: the cancelled queued job must still never run
     never_ran = client.get(f"/v1/jobs/{queued['id']}").json()

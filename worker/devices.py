@@ -6,9 +6,10 @@ import re
 
 import torch
 
+from recalib import defaults
 from recalib.errors import InvalidOptionError
 
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_DEVICE_PATTERN = re.compile(defaults.DEVICE_PATTERN)
 
 
 def resolve_device(option: str) -> torch.device:

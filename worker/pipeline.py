@@ -26,9 +26,8 @@ from recalib.errors import (
     RecalibError,
 )
 from worker import report as reporting
-from worker.bn_layers import find_bn_layers
 from worker.devices import resolve_device
-from worker.engine import RecalibrationResult, recalibrate
+from worker.engine import RecalibrationResult, find_bn_layers, recalibrate
 from worker.evaluation import Evaluation, evaluate, infer_num_classes, max_output_diff
 from worker.folding import fold_batchnorm, save_folded
 from worker.formats.data import DataLimits, SampleSet, check_labels, make_loader, open_samples

@@ -7,6 +7,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,9 @@ from recalib.contract import (
     DataSplit,
     FoldReport,
     JobSpec,
+    LayerChange,
     Report,
+    SkippedLayer,
 )
 from worker.devices import describe_device
 from worker.evaluation import Evaluation, decide_verdict, prediction_change
@@ -96,7 +99,7 @@ def build_report(
         recalib_version=recalib.__version__,
         model_format=loaded.format,
         bn_layers=len(result.layers),
-        skipped_layers=result.skipped,
+        skipped_layers=[SkippedLayer(**asdict(layer)) for layer in result.skipped],
         calibration=CalibrationSummary(
             samples=result.samples,
             batches=result.batches,
@@ -109,7 +112,7 @@ def build_report(
         after=after.metrics,
         prediction_change=prediction_change(before.predictions, after.predictions),
         verdict=decide_verdict(before.metrics, after.metrics),
-        layers=result.changes,
+        layers=[LayerChange(**asdict(change)) for change in result.changes],
         checkpoint=checkpoint,
         folded=folded,
         data=data_split(plan, spec),

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recalib import defaults
 from recalib.contract import JobOptions
 from recalib.errors import InvalidDataError, InvalidOptionError
 from worker.formats.data import SampleSet
-
-DEFAULT_HOLDOUT = 0.5
 
 
 @dataclass
@@ -57,7 +56,7 @@ def plan_data(calibration: SampleSet, eval_set: SampleSet | None, options: JobOp
         pool, evaluated_on = np.arange(n), "eval_file"
         eval_indices, labeled = list(range(eval_set.num_samples)), eval_set.has_labels
     elif calibration.has_labels:
-        holdout = options.holdout if options.holdout is not None else DEFAULT_HOLDOUT
+        holdout = options.holdout if options.holdout is not None else defaults.HOLDOUT
         order = rng.permutation(n)
         n_eval = round(holdout * n)
         if n_eval < 1 or n - n_eval < 2:

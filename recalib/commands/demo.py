@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from recalib.commands import require
 from recalib.commands.serve import _exit_on_signal, _signals_ignored
 from recalib.errors import EXIT_JOB_FAILED, ServiceUnavailableError
 
@@ -52,6 +53,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    require("worker", "demo")
+    require("service", "demo")
     from worker.digits import accuracy, make_digits_case, write_demo_files
 
     signal.signal(signal.SIGTERM, _exit_on_signal)  # so the server below is stopped on SIGTERM

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from recalib.commands import require
 from recalib.contract import JobOptions, JobSpec, Preprocess, Progress, Report, Verdict
 from recalib.errors import EXIT_OK, EXIT_WORSE, InvalidOptionError, NotFoundError
 from recalib.settings import get_settings
@@ -145,6 +146,7 @@ def _option_error(exc: ValidationError) -> InvalidOptionError:
 
 def main(args: argparse.Namespace) -> int:
     spec = build_spec(args)
+    require("worker", "run")
     from worker.pipeline import run_job  # torch is imported only here
 
     with _ProgressBar() as bar:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
+from recalib.commands import require
 from recalib.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    require("service", "serve")
     settings = get_settings()
     host = args.host or settings.host
     port = args.port or settings.port
@@ -81,7 +83,7 @@ def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def _embedded_redis(data_dir: Path) -> Iterator[str]:
-    from service.embedded import EmbeddedRedis
+    from recalib.jobs.embedded_redis import EmbeddedRedis
 
     # Start Valkey with SIGINT blocked: it inherits the mask, so a Ctrl-C in the terminal (sent
     # to the whole process group) does not stop it before the workers are done with it.

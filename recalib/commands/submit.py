@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from recalib.client import DEFAULT_SERVER, RecalibClient
+from recalib import defaults
+from recalib.client import RecalibClient
 from recalib.contract import JobPublic, JobStatus, Verdict
 from recalib.errors import (
     EXIT_CANCELLED,
@@ -52,7 +53,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", type=Path, help="Evaluation data file (labeled).")
     parser.add_argument(
         "--server",
-        default=os.environ.get("RECALIB_SERVER", DEFAULT_SERVER),
+        default=os.environ.get("RECALIB_SERVER", defaults.SERVER_URL),
         help="Server URL (env RECALIB_SERVER; default %(default)s).",
     )
     parser.add_argument(

@@ -11,11 +11,10 @@ import argparse
 import logging
 import re
 
+from recalib import defaults
+from recalib.commands import require
 from recalib.errors import InvalidOptionError
 from recalib.settings import get_settings
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -33,18 +32,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     settings = get_settings()
     device = args.device or settings.worker_device
-    if not _DEVICE_RE.match(device):
+    if not re.match(defaults.DEVICE_PATTERN, device):
         raise InvalidOptionError(
             f"device {device!r} is not one of auto, cpu, mps, cuda, cuda:N", field="--device"
         )
-    if settings.redis_url is None:
-        logging.getLogger(__name__).warning(
-            "RECALIB_REDIS_URL is not set; using %s", DEFAULT_REDIS_URL
-        )
-        settings = settings.model_copy(update={"redis_url": DEFAULT_REDIS_URL})
     if not args.verbose:
         logging.getLogger().setLevel(settings.log_level.upper())
-    from worker.process import run_worker  # imports torch (never CUDA) for the work horses
+    require("worker", "worker")
+    from worker.runner.process import run_worker  # imports torch (never CUDA) for the horses
 
     run_worker(settings, device=device, name=args.name, burst=args.burst)
     return 0

@@ -10,13 +10,15 @@ from __future__ import annotations
 from typing import Annotated
 
 import redis
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from recalib.ids import FILE_ID_PATTERN, JOB_ID_PATTERN
+from recalib.jobs.artifact_store import ArtifactStore
+from recalib.jobs.file_store import FileStore
+from recalib.jobs.job_store import JobStore
 from recalib.settings import Settings
 from service.auth import ApiKeys
-from service.file_store import FileStore
-from service.job_store import JobStore
 
 # Declared for the OpenAPI document; the header is checked by ApiKeys (auto_error off).
 _bearer = HTTPBearer(
@@ -41,6 +43,10 @@ async def _file_store(request: Request) -> FileStore:
     return request.app.state.file_store
 
 
+async def _artifact_store(request: Request) -> ArtifactStore:
+    return request.app.state.artifact_store
+
+
 async def _tenant(
     request: Request,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
@@ -54,3 +60,7 @@ RedisDep = Annotated[redis.Redis, Depends(_redis)]
 JobStoreDep = Annotated[JobStore, Depends(_job_store)]
 FileStoreDep = Annotated[FileStore, Depends(_file_store)]
 TenantDep = Annotated[str, Depends(_tenant)]
+ArtifactStoreDep = Annotated[ArtifactStore, Depends(_artifact_store)]
+
+JobIdPath = Annotated[str, Path(pattern=JOB_ID_PATTERN, examples=["j_Zx81bQe0LsP3mNaa"])]
+FileIdPath = Annotated[str, Path(pattern=FILE_ID_PATTERN, examples=["f_3kq0cV2m9xLr8tQw"])]

@@ -7,8 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from worker.bn_layers import find_bn_layers
-from worker.engine import recalibrate
+from worker.engine import find_bn_layers, recalibrate
 
 
 class BatchNormAct2d(nn.BatchNorm2d):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from recalib import defaults
 from recalib.contract import Preprocess
 from recalib.errors import InvalidDataError
 
@@ -37,9 +38,9 @@ class DataLimits:
         max_image_pixels: largest image (width × height) decoded; larger ones are skipped.
     """
 
-    max_archive_members: int = 100_000
-    max_archive_bytes: int = 8 * 1024**3
-    max_image_pixels: int = 50_000_000
+    max_archive_members: int = defaults.MAX_ARCHIVE_MEMBERS
+    max_archive_bytes: int = defaults.MAX_ARCHIVE_BYTES
+    max_image_pixels: int = defaults.MAX_IMAGE_PIXELS
 
 
 @dataclass

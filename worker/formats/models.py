@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from recalib import defaults
 from recalib.contract import Artifact
 from recalib.errors import InvalidModelError, InvalidOptionError, UnsafePickleError
 from worker.formats import export_program, state_dict, torchscript
@@ -97,7 +98,7 @@ def load_model(
     arch: str | None = None,
     arch_kwargs: Mapping[str, object] | None = None,
     allow_unsafe_pickle: bool = False,
-    arch_allowlist: Sequence[str] = ("torchvision.models", "timm"),
+    arch_allowlist: Sequence[str] = defaults.ARCH_ALLOWLIST,
 ) -> LoadedModel:
     """Load a model file of any supported format (see the module docstring).
 

@@ -14,25 +14,22 @@ from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Header, Path, Response
+from fastapi import APIRouter, Header, Response
 from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
-from recalib import layout
 from recalib.contract import JobRecord, JobStatus, Report
 from recalib.errors import ConflictError, NotFoundError
-from service.api.deps import FileStoreDep, JobStoreDep, SettingsDep, TenantDep
-from service.file_store import FileStore
+from recalib.jobs.artifact_store import ArtifactStore
+from recalib.jobs.file_store import FileStore
+from service.api.deps import ArtifactStoreDep, FileStoreDep, JobIdPath, JobStoreDep, TenantDep
 from service.problems import problem_responses
 
-router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
+router = APIRouter(prefix="/jobs", tags=["artifacts"])
 
 REPORT_FILE = "report.json"
 Which = Literal["checkpoint", "report", "folded"]
-JobIdPath = Annotated[
-    str, Path(pattern=r"^j_[A-Za-z0-9_-]{16,64}$", examples=["j_Zx81bQe0LsP3mNaa"])
-]
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class ArtifactFile:
 
 
 def resolve_artifact(
-    record: JobRecord, which: Which, data_dir: FsPath, files: FileStore, tenant: str
+    record: JobRecord, which: Which, artifacts: ArtifactStore, files: FileStore, tenant: str
 ) -> ArtifactFile:
     """The file behind an artifact of a succeeded job, or a 409/404 error saying why not."""
     if record.status != JobStatus.succeeded or record.result is None:
@@ -56,7 +53,9 @@ def resolve_artifact(
             f"job {record.id} is {record.status.value}: artifacts exist only once it succeeded",
             field=which,
         )
-    out_dir = layout.output_dir(data_dir, record.id)
+    out_dir = artifacts.output_dir(record)
+    if out_dir is None:
+        raise NotFoundError(f"the artifacts of job {record.id} are not stored", field=which)
     stem = _model_stem(record, files, tenant)
     report = record.result
     if which == "report":
@@ -124,13 +123,13 @@ async def _serve(
     tenant: str,
     jobs: JobStoreDep,
     files: FileStoreDep,
-    data_dir: FsPath,
+    artifacts: ArtifactStore,
     if_none_match: str | None,
     range_header: str | None,
     if_range: str | None,
 ) -> Response:
     record = await anyio.to_thread.run_sync(jobs.get, tenant, job_id)
-    art = await anyio.to_thread.run_sync(resolve_artifact, record, which, data_dir, files, tenant)
+    art = await anyio.to_thread.run_sync(resolve_artifact, record, which, artifacts, files, tenant)
     if not art.path.is_file():
         raise NotFoundError(f"the {which} of job {job_id} is no longer stored", field=which)
     if if_none_match and _etag_matches(if_none_match, art.etag):
@@ -165,7 +164,7 @@ def _route(which: Which, summary: str) -> None:
         tenant: TenantDep,
         jobs: JobStoreDep,
         files: FileStoreDep,
-        settings: SettingsDep,
+        artifacts: ArtifactStoreDep,
         if_none_match: Annotated[str | None, Header(max_length=1024)] = None,
         range_header: Annotated[str | None, Header(alias="Range", max_length=1024)] = None,
         if_range: Annotated[str | None, Header(max_length=1024)] = None,
@@ -176,7 +175,7 @@ def _route(which: Which, summary: str) -> None:
             tenant,
             jobs,
             files,
-            settings.data_dir,
+            artifacts,
             if_none_match,
             range_header,
             if_range,

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from recalib.contract import FilePublic, Page
-from service.api.deps import FileStoreDep, TenantDep
+from service.api.deps import FileIdPath, FileStoreDep, TenantDep
 from service.problems import problem_responses
+from service.uploads import receive_file
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/files", tags=["files"])
 
-FileIdPath = Annotated[
-    str, Path(pattern=r"^f_[A-Za-z0-9_-]{16,64}$", examples=["f_3kq0cV2m9xLr8tQw"])
-]
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -55,9 +53,9 @@ async def upload_file(
     filename: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> FilePublic:
     """Store the body as a new file; the response has its id, size and sha256."""
-    record = await files.receive(request, tenant, filename or x_filename)
+    record = await receive_file(request, files, tenant, filename or x_filename)
     response.headers["Location"] = f"/v1/files/{record.id}"
-    return FilePublic.model_validate(record.model_dump())
+    return record
 
 
 @router.get(

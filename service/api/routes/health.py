@@ -11,9 +11,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from recalib.contract import Readiness, WorkerInfo
+from recalib.jobs.workers import live_workers
 from recalib.settings import Settings
 from service.api.deps import RedisDep, SettingsDep
-from service.workers import live_workers
 
 logger = logging.getLogger(__name__)
 

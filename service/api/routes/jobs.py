@@ -7,27 +7,19 @@ from functools import partial
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Header, Path, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from recalib.contract import JobCreate, JobEvent, JobPublic, JobRecord, JobStatus, Page
-from service.api.deps import FileStoreDep, JobStoreDep, TenantDep
-from service.job_store import JobStore
+from recalib.jobs.job_store import JobStore
+from service.api.deps import FileStoreDep, JobIdPath, JobStoreDep, TenantDep
 from service.problems import problem_responses
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-JobIdPath = Annotated[
-    str, Path(pattern=r"^j_[A-Za-z0-9_-]{16,64}$", examples=["j_Zx81bQe0LsP3mNaa"])
-]
 
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
-
-
-def to_public(record: JobRecord) -> JobPublic:
-    """What a client may see of a stored job (no tenant, key or worker)."""
-    return JobPublic.model_validate(record.model_dump())
 
 
 @router.post(
@@ -53,7 +45,7 @@ def create_job(
     record, created = jobs.create(tenant, body, idempotency_key=idempotency_key)
     response.status_code = status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK
     response.headers["Location"] = f"/v1/jobs/{record.id}"
-    return to_public(record)
+    return record
 
 
 @router.get(
@@ -68,9 +60,8 @@ def list_jobs(
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=128)] = None,
-) -> Page[JobPublic]:
-    page = jobs.list(tenant, status=status_filter, cursor=cursor, limit=limit)
-    return Page[JobPublic](items=[to_public(r) for r in page.items], next_cursor=page.next_cursor)
+) -> Page[JobRecord]:
+    return jobs.list(tenant, status=status_filter, cursor=cursor, limit=limit)
 
 
 @router.get(
@@ -80,7 +71,7 @@ def list_jobs(
     summary="Get a job: status, progress, report or error",
 )
 def get_job(job_id: JobIdPath, tenant: TenantDep, jobs: JobStoreDep) -> JobPublic:
-    return to_public(jobs.get(tenant, job_id))
+    return jobs.get(tenant, job_id)
 
 
 @router.get(
@@ -146,4 +137,4 @@ async def _event_stream(
     summary="Cancel a job (queued: at once; running: the worker stops at the next batch)",
 )
 def cancel_job(job_id: JobIdPath, tenant: TenantDep, jobs: JobStoreDep) -> JobPublic:
-    return to_public(jobs.cancel(tenant, job_id))
+    return jobs.cancel(tenant, job_id)

@@ -14,7 +14,7 @@ On top of RQ, :class:`RecalibWorker`
 - keeps the worker's hash in ``recalib:worker:<name>`` (device, state, current job) fresh at
   every RQ heartbeat, so ``live_workers()`` lists it and the reaper can tell it died;
 - ends the record of a run whose horse died (killed, out of memory, stopped by a cancel) as
-  soon as the horse exits: cancelled, re-queued or failed (:func:`service.reaper.recover_run`);
+  soon as the horse exits: cancelled, re-queued or failed (:func:`recalib.jobs.states.recover_run`);
 - makes a horse die with its worker (``PR_SET_PDEATHSIG``), so no orphan keeps running a job
   that the reaper will give to another worker.
 
@@ -39,10 +39,11 @@ from rq import Worker
 from rq.job import Job
 from rq.queue import Queue
 
-from recalib.contract import JobError, JobRecord, JobStatus
+from recalib.contract import JobStatus
+from recalib.jobs import records, workers
+from recalib.jobs.connection import connect_redis, redis_url, require_redis
+from recalib.jobs.states import fail_unstarted, recover_run, requeue_lost
 from recalib.settings import Settings, get_settings
-from service import job_records, workers
-from service.reaper import recover_run, requeue_lost
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class RecalibWorker(Worker):
         failed, since a horse that cannot start a job would fail the next run the same way.
         """
         try:
-            stored = job_records.load(self.connection, job_id)
+            stored = records.load(self.connection, job_id)
             if stored is None or stored.rq_job_id != rq_job_id or stored.record.status.is_final:
                 return
             if stored.record.status != JobStatus.queued:
@@ -189,23 +190,6 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def fail_unstarted(conn: redis.Redis, stored: job_records.Stored, reason: str) -> None:
-    """Fail a queued job whose run ended before the task could start it."""
-
-    def mutate(current: job_records.Stored) -> JobRecord | None:
-        record = current.record
-        if record.status != JobStatus.queued or current.rq_job_id != stored.rq_job_id:
-            return None
-        record.status, record.finished_at = JobStatus.failed, job_records.utcnow()
-        message = f"the worker could not start the job ({reason}); the worker log has the details"
-        record.error = JobError(type="internal-error", message=message)
-        return record
-
-    job_records.update_record(
-        conn, stored.record.id, mutate, message=lambda r: r.error.message if r.error else None
-    )
-
-
 def default_worker_name() -> str:
     """``<hostname>-<pid>-<random>``: a restarted container (same hostname, pid 1) must not
     collide with its previous life, whose RQ worker key outlives it for a while."""
@@ -226,6 +210,11 @@ def run_worker(
     becomes this device. Heartbeats every ``worker_heartbeat_s`` seconds, idle or busy.
     Returns whether any job was processed.
     """
+    probe = connect_redis(settings)  # logs which Redis, and whether the URL was the default
+    try:
+        require_redis(probe, settings)  # one line and a non-zero exit, not a silent retry loop
+    finally:
+        probe.close()
     device = device or settings.worker_device
     if device == "auto":
         device = detect_device()
@@ -237,7 +226,7 @@ def run_worker(
     worker = RecalibWorker(
         [settings.queue_name],
         name=name or default_worker_name(),
-        connection=redis.Redis.from_url(str(settings.redis_url)),
+        connection=redis.Redis.from_url(redis_url(settings)),
         worker_ttl=beat_s + 15,  # RQ blocks on the queue for worker_ttl - 15 s between beats
         job_monitoring_interval=beat_s,  # beats while a horse runs
         settings=settings,
@@ -252,6 +241,6 @@ def _preload() -> None:
     with them loaded. Importing torch does not initialise CUDA; nothing here may call it."""
     try:
         import worker.pipeline
-        import worker.tasks  # noqa: F401
+        import worker.runner.task  # noqa: F401
     except ImportError:
         logger.exception("the pipeline cannot be imported; jobs will fail until it can")

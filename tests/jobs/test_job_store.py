@@ -1,4 +1,4 @@
-"""service.job_store on a real Valkey: records, listing, events, cancel, idempotency, tenants."""
+"""recalib.jobs.job_store on a real Valkey: records, listing, events, cancel, idempotency."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from rq.job import JobStatus as RqStatus
 
 from recalib.contract import JobCreate, JobOptions, JobRecord, JobStatus, Phase, Progress
 from recalib.errors import IdempotencyKeyReusedError, InvalidOptionError, NotFoundError
+from recalib.jobs.job_store import JobStore
+from recalib.jobs.records import Stored, load, update_record, utcnow
 from recalib.settings import Settings
-from service.job_records import Stored, load, update_record, utcnow
-from service.job_store import JobStore
 
 MODEL = "f_" + "m" * 22
 CALIB = "f_" + "c" * 22
@@ -52,7 +52,7 @@ def test_create_stores_a_queued_record_and_enqueues_its_run(store: JobStore) -> 
     stored = load(store.conn, record.id)
     assert stored is not None and stored.rq_job_id is not None
     rq_job = Job.fetch(stored.rq_job_id, connection=store.conn)
-    assert rq_job.func_name == "worker.tasks.run_recalibration"
+    assert rq_job.func_name == "worker.runner.task.run_recalibration"
     assert rq_job.args == (record.id,)
     assert rq_job.timeout == store.settings.job_timeout_s
     assert store.counts_by_status()[JobStatus.queued] == 1

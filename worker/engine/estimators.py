@@ -11,7 +11,10 @@ from typing import Protocol
 
 import torch
 
-from recalib.contract import Estimator
+from recalib.errors import InvalidOptionError
+
+ESTIMATORS = ("population", "batch_mean", "ema")
+"""The estimator names :func:`make_estimator` knows (the contract's ``Estimator`` values)."""
 
 
 class LayerEstimator(Protocol):
@@ -92,15 +95,19 @@ class EmaEstimator:
 
 
 def make_estimator(
-    kind: Estimator | str, source_mean: torch.Tensor, source_var: torch.Tensor, momentum: float
+    kind: str, source_mean: torch.Tensor, source_var: torch.Tensor, momentum: float
 ) -> LayerEstimator:
-    """The estimator for one layer whose statistics before calibration are ``source_*``."""
-    kind = Estimator(kind)
-    if kind is Estimator.population:
+    """The estimator ``kind`` (one of :data:`ESTIMATORS`) for one layer whose statistics before
+    calibration are ``source_*``."""
+    if kind == "population":
         return PopulationEstimator(source_mean)
-    if kind is Estimator.batch_mean:
+    if kind == "batch_mean":
         return BatchMeanEstimator(source_mean)
-    return EmaEstimator(source_mean, source_var, momentum)
+    if kind == "ema":
+        return EmaEstimator(source_mean, source_var, momentum)
+    raise InvalidOptionError(
+        f"unknown estimator {kind!r}; use one of {', '.join(ESTIMATORS)}", field="estimator"
+    )
 
 
 def mix_with_prior(

@@ -1,67 +1,44 @@
-"""Job records in Redis: our own status, progress, events and indexes (not RQ's job status).
-
-Keys, all under ``recalib:``::
-
-    job:<id>                      hash: ``record`` (JobRecord JSON), ``rq`` (the RQ job of the
-                                  current run), ``cancel_at`` (epoch s a running job's cancel came)
-    job:<id>:events               list of JobEvent JSON; an event's seq is its index + 1
-    jobs:seq                      counter: each job's place in the listings
-    jobs:index:<tenant>           zset (lexicographic) of ``<seq:012d>:<id>``; newest = greatest
-    jobs:active                   ids of jobs not final (what the reaper watches)
-    jobs:finished                 zset id → finished_at, epoch s (what retention deletes)
-    jobs:idem:<tenant>:<sha256>   Idempotency-Key → job id
-    stats:status, stats:duration  counts by status; run-time histogram of finished jobs
+"""Job records in Redis: load one, change one atomically, forget one (keys in :mod:`.keys`).
 
 Every change of a record goes through :func:`update_record` (WATCH/MULTI/EXEC), so the API
 (cancel), the worker (progress, result) and the reaper never lose each other's writes, and each
 change appends its event and keeps the counters in the same transaction. A mutation returns
 ``None`` to leave the record alone: that is how a stale writer (an earlier run) is turned away.
+Which changes exist is decided in :mod:`recalib.jobs.states`, the only caller.
 
-This module is torch-free: the API imports it.
+A record that cannot be parsed (written by another version, or corrupted) is :class:`Unreadable`,
+never an exception: one bad record must not break a listing, a worker or the reaper.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import secrets
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
 
 import redis
+from pydantic import ValidationError
 from redis.client import Pipeline
 
 from recalib.contract import JobCreate, JobEvent, JobRecord
+from recalib.jobs.keys import (
+    ACTIVE_KEY,
+    DURATION_KEY,
+    FINISHED_KEY,
+    STATUS_COUNTS_KEY,
+    as_text,
+    events_key,
+    idem_key,
+    job_key,
+)
 
-PREFIX = "recalib:"
-SEQ_KEY = PREFIX + "jobs:seq"
-ACTIVE_KEY = PREFIX + "jobs:active"
-FINISHED_KEY = PREFIX + "jobs:finished"
-STATUS_COUNTS_KEY = PREFIX + "stats:status"
-DURATION_KEY = PREFIX + "stats:duration"
+logger = logging.getLogger(__name__)
+
 DURATION_BUCKETS_S = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0)
-
-
-def job_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
-
-
-def events_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}:events"
-
-
-def index_key(tenant: str) -> str:
-    return f"{PREFIX}jobs:index:{tenant}"
-
-
-def idem_key(tenant: str, key: str) -> str:
-    return f"{PREFIX}jobs:idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
-
-
-def new_job_id() -> str:
-    return "j_" + secrets.token_urlsafe(16)
 
 
 def utcnow() -> datetime:
@@ -83,25 +60,41 @@ class Stored:
     cancel_at: float | None
 
 
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+@dataclass
+class Unreadable:
+    """A job hash whose record does not parse; ``reason`` says why (for the log)."""
+
+    job_id: str
+    reason: str
 
 
-def _parse(fields: Mapping[bytes, bytes]) -> Stored | None:
+def parse(job_id: str, fields: Mapping[bytes, bytes]) -> Stored | Unreadable | None:
+    """The stored job from its hash; None when there is none."""
     if b"record" not in fields:
         return None
+    try:
+        record = JobRecord.model_validate_json(fields[b"record"])
+    except ValidationError as exc:
+        return Unreadable(job_id, f"{exc.error_count()} validation error(s): {exc.errors()[0]}")
     cancel_at = fields.get(b"cancel_at")
     rq_job_id = fields.get(b"rq")
     return Stored(
-        record=JobRecord.model_validate_json(fields[b"record"]),
-        rq_job_id=text(rq_job_id) if rq_job_id else None,
+        record=record,
+        rq_job_id=as_text(rq_job_id) if rq_job_id else None,
         cancel_at=float(cancel_at) if cancel_at else None,
     )
 
 
 def load(conn: redis.Redis | Pipeline, job_id: str) -> Stored | None:
-    """The stored job, or None if there is none (no tenant check: for the worker and reaper)."""
-    return _parse(conn.hgetall(job_key(job_id)))  # type: ignore[arg-type]
+    """The stored job, or None if there is none or it is unreadable (logged).
+
+    No tenant check: for the worker and the reaper.
+    """
+    stored = parse(job_id, conn.hgetall(job_key(job_id)))  # type: ignore[arg-type]
+    if isinstance(stored, Unreadable):
+        logger.error("job %s: record unreadable, left alone (%s)", job_id, stored.reason)
+        return None
+    return stored
 
 
 def update_record(
@@ -116,14 +109,14 @@ def update_record(
     """Apply ``mutate`` to a job atomically; return the new record, or None if nothing changed.
 
     ``mutate`` gets a copy of the stored job and returns the new record or None (no change; also
-    when the job does not exist). An event (status, progress, ``message``) is appended unless
-    ``event`` is False; ``set_fields`` are written into the job's hash alongside. ``message`` and
-    ``set_fields`` may be functions of the new record.
+    when the job does not exist or is unreadable). An event (status, progress, ``message``) is
+    appended unless ``event`` is False; ``set_fields`` are written into the job's hash alongside.
+    ``message`` and ``set_fields`` may be functions of the new record.
     """
 
     def transaction(pipe: Pipeline) -> JobRecord | None:
-        stored = _parse(pipe.hgetall(job_key(job_id)))  # type: ignore[arg-type]
-        if stored is None:
+        stored = parse(job_id, pipe.hgetall(job_key(job_id)))  # type: ignore[arg-type]
+        if not isinstance(stored, Stored):
             return None
         old = stored.record.model_copy(deep=True)
         new = mutate(stored)

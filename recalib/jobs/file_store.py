@@ -1,38 +1,35 @@
 """Uploaded files: content and metadata on disk (``recalib.layout``), a per-tenant index in Redis.
 
-The disk is the truth: ``files/<id>`` is the content, ``files/<id>.json`` its :class:`FileRecord`
-(the worker reads both). Both are committed by atomic rename, content first, so a file whose
-metadata exists is complete. Redis holds only the listing order and a sha256 → id lookup per tenant;
-entries whose metadata has gone (retention, a crash) are dropped when a listing meets them.
+The disk is the truth: ``files/<id>`` is the content, ``files/<id>.json`` its :class:`FileRecord`.
+Both are committed by atomic rename, content first, so a file whose metadata exists is complete.
+Redis holds only the listing order and a sha256 → id lookup per tenant; entries whose metadata has
+gone (a crash) are dropped when a listing meets them. The API (upload, list, delete), the worker
+(:meth:`FileStore.materialize`) and retention (:meth:`FileStore.remove`) all go through this class.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import secrets
+import shutil
 import unicodedata
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import anyio
 import redis
-from fastapi import Request
 
 from recalib import layout
 from recalib.contract import FilePublic, FileRecord, JobCreate, Page
-from recalib.errors import InvalidOptionError, NotFoundError, UserError
-from service.uploads import PartFile, UploadArea, receive_into
+from recalib.errors import InvalidOptionError, NotFoundError
+from recalib.ids import FILE_ID_RE, new_file_id
+from recalib.jobs.keys import as_text, file_index_key, file_sha_key
+from recalib.jobs.upload_area import PartFile, UploadArea
 
-FILE_ID_RE = re.compile(r"^f_[A-Za-z0-9_-]{16,64}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CURSOR_RE = re.compile(r"^\d{17}:f_[A-Za-z0-9_-]{16,64}$")
 _UNSAFE_CHARS_RE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_FILENAME_CHARS = 128
-
-
-def new_file_id() -> str:
-    return "f_" + secrets.token_urlsafe(16)
 
 
 def sanitize_filename(name: str | None) -> str:
@@ -63,26 +60,13 @@ class FileStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    async def receive(self, request: Request, tenant: str, filename: str | None) -> FileRecord:
-        """Stream the request body to disk and commit it as a new file of ``tenant``.
-
-        ``filename`` (header or query) wins over a multipart part's own filename; one of them is
-        needed because the worker reads the file format from the extension.
-        """
+    def new_part(self) -> tuple[str, PartFile]:
+        """A new file id and the part file its upload is written to (capped in size)."""
         file_id = new_file_id()
-        part = self.uploads.new_part(file_id, self.max_upload_bytes)
-        part_filename = await receive_into(request, part)
-        name = filename or part_filename
-        if not name:
-            part.discard()
-            raise UserError(
-                "the upload needs a filename (its extension tells the format): send the "
-                "`X-Filename` header or `?filename=`, or a multipart part with a filename",
-                field="filename",
-            )
-        return await anyio.to_thread.run_sync(self._commit, tenant, file_id, part, name)
+        return file_id, self.uploads.new_part(file_id, self.max_upload_bytes)
 
-    def _commit(self, tenant: str, file_id: str, part: PartFile, filename: str) -> FileRecord:
+    def commit(self, tenant: str, file_id: str, part: PartFile, filename: str) -> FileRecord:
+        """Make a finished part the file ``file_id`` of ``tenant``; nothing is left on failure."""
         record = FileRecord(
             id=file_id,
             filename=sanitize_filename(filename),
@@ -99,8 +83,8 @@ class FileStore:
             meta_part.write_text(record.model_dump_json())
             os.replace(meta_part, meta)
             with self.conn.pipeline() as pipe:
-                pipe.zadd(_index_key(tenant), {_index_member(record): 0})
-                pipe.hset(_sha_key(tenant), record.sha256, file_id)
+                pipe.zadd(file_index_key(tenant), {_index_member(record): 0})
+                pipe.hset(file_sha_key(tenant), record.sha256, file_id)
                 pipe.execute()
         except BaseException:
             for path in (meta, meta_part, content, part.path):
@@ -110,12 +94,45 @@ class FileStore:
         return record
 
     def delete(self, tenant: str, file_id: str) -> None:
-        """Delete a file of ``tenant``: its metadata first (it stops being usable), then content."""
-        record = self.get(tenant, file_id)
-        content, meta = self._paths(file_id)
+        """Delete a file of ``tenant`` (:class:`NotFoundError` if it has none such)."""
+        self.remove(self.get(tenant, file_id))
+
+    def remove(self, record: FileRecord) -> None:
+        """Forget a file: the index entries first (Redis down → nothing is deleted), then the
+        metadata (the file stops being usable), then the content."""
+        self._unindex(record)
+        content, meta = self._paths(record.id)
         meta.unlink(missing_ok=True)
         content.unlink(missing_ok=True)
-        self._unindex(record)
+
+    def records(self) -> Iterator[FileRecord]:
+        """Every stored file's record, of all tenants (for retention)."""
+        for meta in layout.files_dir(self.data_dir).glob("f_*.json"):
+            try:
+                yield FileRecord.model_validate_json(meta.read_bytes())
+            except (OSError, ValueError):
+                continue
+
+    def materialize(self, file_id: str, target_dir: Path, role: str) -> Path:
+        """The content of ``file_id`` at ``target_dir/<its filename>`` (a hard link when it can).
+
+        Raises :class:`NotFoundError` naming ``role`` when the file is gone.
+        """
+        record = self._read(file_id)
+        if record is None:
+            raise NotFoundError(
+                f"the {role} file {file_id} no longer exists (uploads are deleted after "
+                "RECALIB_RETENTION_S); upload it again and submit a new job",
+                file=file_id,
+            )
+        target = target_dir / Path(record.filename).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        content = self._paths(file_id)[0]
+        try:
+            os.link(content, target)  # same filesystem: no copy
+        except OSError:
+            shutil.copyfile(content, target)
+        return target
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -139,15 +156,17 @@ class FileStore:
         if cursor is not None and not _CURSOR_RE.match(cursor):
             raise InvalidOptionError("cursor is not one this API returned", field="cursor")
         high = b"(" + cursor.encode() if cursor else b"+"
-        members = self.conn.zrevrangebylex(_index_key(tenant), high, b"-", start=0, num=limit + 1)
+        members = self.conn.zrevrangebylex(
+            file_index_key(tenant), high, b"-", start=0, num=limit + 1
+        )
         items: list[FilePublic] = []
         for member in members[:limit]:
-            record = self._read(_text(member).partition(":")[2])
+            record = self._read(as_text(member).partition(":")[2])
             if record is None:
-                self.conn.zrem(_index_key(tenant), member)
+                self.conn.zrem(file_index_key(tenant), member)
                 continue
-            items.append(FilePublic.model_validate(record.model_dump()))
-        next_cursor = _text(members[limit - 1]) if len(members) > limit else None
+            items.append(record)
+        next_cursor = as_text(members[limit - 1]) if len(members) > limit else None
         return Page[FilePublic](items=items, next_cursor=next_cursor)
 
     def require_job_inputs(self, tenant: str, request: JobCreate) -> None:
@@ -165,11 +184,11 @@ class FileStore:
     def _by_sha256(self, tenant: str, sha256: str) -> Page[FilePublic]:
         if not SHA256_RE.match(sha256):
             raise InvalidOptionError("sha256 must be 64 hex digits", field="sha256")
-        file_id = self.conn.hget(_sha_key(tenant), sha256)
-        record = self._read(_text(file_id)) if file_id else None
+        file_id = self.conn.hget(file_sha_key(tenant), sha256)
+        record = self._read(as_text(file_id)) if file_id else None
         if record is None or record.tenant != tenant or record.sha256 != sha256:
             return Page[FilePublic](items=[])
-        return Page[FilePublic](items=[FilePublic.model_validate(record.model_dump())])
+        return Page[FilePublic](items=[record])
 
     def _read(self, file_id: str) -> FileRecord | None:
         content, meta = self._paths(file_id)
@@ -180,28 +199,16 @@ class FileStore:
         return record if content.exists() else None
 
     def _unindex(self, record: FileRecord) -> None:
-        self.conn.zrem(_index_key(record.tenant), _index_member(record))
-        sha_key = _sha_key(record.tenant)
+        self.conn.zrem(file_index_key(record.tenant), _index_member(record))
+        sha_key = file_sha_key(record.tenant)
         current = self.conn.hget(sha_key, record.sha256)
-        if current is not None and _text(current) == record.id:
+        if current is not None and as_text(current) == record.id:
             self.conn.hdel(sha_key, record.sha256)
 
     def _paths(self, file_id: str) -> tuple[Path, Path]:
         return layout.file_path(self.data_dir, file_id), layout.file_meta_path(
             self.data_dir, file_id
         )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _index_key(tenant: str) -> str:
-    return f"recalib:files:index:{tenant}"
-
-
-def _sha_key(tenant: str) -> str:
-    return f"recalib:files:sha256:{tenant}"
 
 
 def _index_member(record: FileRecord) -> str:

@@ -2,15 +2,14 @@
 
 Each run of a job is one RQ job whose id is ``<job id>_r<random>``; the job record keeps the id of
 its current run (``rq`` in its hash), so a stale run can tell it is stale. RQ's own statuses and
-registries are bookkeeping only: our record in Redis (:mod:`service.job_store`) is the truth.
+registries are bookkeeping only: our record in Redis (:mod:`recalib.jobs.records`) is the truth.
 
-This module is torch-free: the API imports it (the task is named by its dotted path).
+The task is named by its dotted path, so the API never imports the worker.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 
 import redis
 from rq import Queue
@@ -23,17 +22,13 @@ from recalib.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-TASK = "worker.tasks.run_recalibration"
+TASK = "worker.runner.task.run_recalibration"
 RESULT_TTL_S = 600  # the result lives in our record; RQ's copy is only for debugging
 FAILURE_TTL_S = 24 * 3600
 
 
 def rq_queue(conn: redis.Redis, settings: Settings) -> Queue:
     return Queue(settings.queue_name, connection=conn)
-
-
-def new_rq_job_id(job_id: str) -> str:
-    return f"{job_id}_r{secrets.token_hex(4)}"
 
 
 def enqueue_run(conn: redis.Redis, settings: Settings, job_id: str, rq_job_id: str) -> None:

@@ -17,16 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from recalib.contract import Estimator, LayerChange, SkippedLayer
 from recalib.errors import (
     InvalidDataError,
     JobCancelledError,
     NoBatchNormError,
     StatisticsUnchangedError,
 )
-from worker.bn_layers import BNLayer, find_bn_layers
 from worker.devices import move_batch
-from worker.estimators import LayerEstimator, make_estimator, mix_with_prior
+from worker.engine.bn_layers import BNLayer, find_bn_layers
+from worker.engine.estimators import LayerEstimator, make_estimator, mix_with_prior
+from worker.engine.results import LayerChange, RecalibrationResult, SkippedLayer
 
 logger = logging.getLogger(__name__)
 
@@ -34,24 +34,11 @@ ProgressCallback = Callable[[int, int | None], None]
 """Called after each batch with (batches done, batches in total or None)."""
 
 
-@dataclass
-class RecalibrationResult:
-    """What :func:`recalibrate` did. ``samples`` counts calibration samples actually forwarded."""
-
-    layers: list[str]
-    skipped: list[SkippedLayer]
-    changes: list[LayerChange]
-    samples: int
-    batches: int
-    merged_batches: int
-    stopped_early: bool
-
-
 def recalibrate(
     model: nn.Module,
     batches: Iterable[Any],
     *,
-    estimator: Estimator | str = Estimator.population,
+    estimator: str = "population",
     momentum: float = 0.1,
     prior_strength: float = 0.0,
     tolerance: float | None = None,
@@ -78,7 +65,8 @@ def recalibrate(
             or dicts with an ``"inputs"`` key. A batch of one sample is merged into a neighbour,
             since train-mode BN cannot normalize a single value per channel.
         estimator: ``population`` (pooled, element-weighted), ``batch_mean`` (= ``update_bn``)
-            or ``ema`` (BN's own rule with ``momentum``, no reset); see :mod:`worker.estimators`.
+            or ``ema`` (BN's own rule with ``momentum``, no reset); see
+            :mod:`worker.engine.estimators`.
         momentum: EMA momentum, for ``ema`` only.
         prior_strength: N of Schneider et al. 2020; stored stats are N/(N+n)·source +
             n/(N+n)·target with n the samples used. 0 keeps pure target statistics.
@@ -115,7 +103,7 @@ def recalibrate(
     device = device or _model_device(model)
     source = [(layer.running_mean.clone(), layer.running_var.clone()) for layer in layers]
     source_counts = [layer.module.num_batches_tracked.clone() for layer in layers]
-    run = _Run(layers, source, Estimator(estimator), momentum, tolerance, tolerance_window)
+    run = _Run(layers, source, estimator, momentum, tolerance, tolerance_window)
     modes = {module: module.training for module in model.modules()}
     succeeded = False
     try:
@@ -165,7 +153,7 @@ class _Run:
         self,
         layers: list[BNLayer],
         source: list[tuple[torch.Tensor, torch.Tensor]],
-        kind: Estimator,
+        kind: str,
         momentum: float,
         tolerance: float | None,
         window: int,
@@ -251,7 +239,7 @@ class _Run:
             layer.running_var.copy_(var)
             # population/batch_mean restart the count as update_bn's reset does; ema continues it
             layer.module.num_batches_tracked.copy_(
-                counter + self.batches if self.kind is Estimator.ema else self.batches
+                counter + self.batches if self.kind == "ema" else self.batches
             )
             moved.layers.append(layer)
             moved.changes.append(_layer_change(layer, old_mean, old_var))

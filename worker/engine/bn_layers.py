@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer
 
-from recalib.contract import SkippedLayer
+from worker.engine.results import SkippedLayer
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""service.reaper against a real Valkey: dead workers, lost runs, cancels, the lock, retention."""
+"""recalib.jobs.recovery on a real Valkey: dead workers, lost runs, cancels, lock, retention."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from rq.job import JobStatus as RqStatus
 from recalib import layout
 from recalib.contract import FileRecord, JobCreate, JobRecord, JobStatus
 from recalib.errors import NotFoundError
+from recalib.jobs import recovery as reaper_module
+from recalib.jobs import workers
+from recalib.jobs.job_store import JobStore
+from recalib.jobs.keys import REAPER_LOCK_KEY, job_key
+from recalib.jobs.records import Stored, load, update_record, utcnow
+from recalib.jobs.recovery import Reaper
 from recalib.settings import Settings
-from service import reaper as reaper_module
-from service import workers
-from service.job_records import Stored, job_key, load, update_record, utcnow
-from service.job_store import JobStore
-from service.reaper import LOCK_KEY, Reaper
+from service import reaper as reaper_loop
 
 MODEL = "f_" + "m" * 22
 CALIB = "f_" + "c" * 22
@@ -156,7 +158,7 @@ def test_a_lost_queued_run_is_enqueued_again(
 
 def test_one_pass_at_a_time_across_replicas(store: JobStore, reaper: Reaper) -> None:
     record = _job(store)
-    other_replica = store.conn.lock(LOCK_KEY, timeout=30)
+    other_replica = store.conn.lock(REAPER_LOCK_KEY, timeout=30)
     assert other_replica.acquire(blocking=False)
     assert reaper.run_once() == []
     assert store.get("default", record.id).status == JobStatus.running
@@ -190,7 +192,7 @@ def test_retention_deletes_old_jobs_and_files_not_in_use(
     recent, _ = store.create("default", JobCreate(model_file=MODEL, calibration_file=CALIB))
     _finish(store, old.id, ago_s=7200)
     _finish(store, recent.id, ago_s=60)
-    layout.output_dir(settings.data_dir, old.id).mkdir(parents=True)
+    layout.attempt_dir(settings.data_dir, old.id, 1).mkdir(parents=True)
     old_file, used_file = "f_" + "o" * 22, CALIB
     active, _ = store.create("default", JobCreate(model_file=MODEL, calibration_file=used_file))
     for file_id in (old_file, used_file):
@@ -213,7 +215,7 @@ def test_run_forever_passes_until_stopped(store: JobStore, redis_conn, settings:
     record = _job(store)
     fast = Reaper(redis_conn, settings.model_copy(update={"reaper_interval_s": 0.05}))
     stop = threading.Event()
-    thread = threading.Thread(target=fast.run_forever, args=(stop,))
+    thread = threading.Thread(target=reaper_loop.run_forever, args=(fast, stop, 0.05))
     thread.start()
     deadline = time.monotonic() + 5
     while store.get("default", record.id).status == JobStatus.running:

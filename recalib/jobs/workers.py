@@ -6,8 +6,6 @@ it every ``RECALIB_WORKER_HEARTBEAT_S`` seconds (also while a job runs: the work
 process beats, not the work horse) with a TTL of 3 beats, so a worker that dies vanishes from
 :func:`live_workers` at most ``3 × RECALIB_WORKER_HEARTBEAT_S`` after its last beat; the reaper
 reads the same hash to find jobs whose worker died.
-
-This module is torch-free: the API imports it.
 """
 
 from __future__ import annotations
@@ -18,14 +16,10 @@ import redis
 from redis.client import Pipeline
 
 from recalib.contract import WorkerInfo
+from recalib.jobs.keys import WORKERS_KEY, as_text, worker_key
 from recalib.settings import Settings
 
-WORKERS_KEY = "recalib:workers"
 MISSED_BEATS = 3
-
-
-def worker_key(name: str) -> str:
-    return f"recalib:worker:{name}"
 
 
 def worker_ttl_s(settings: Settings) -> int:
@@ -62,7 +56,7 @@ def read_worker(conn: redis.Redis, name: str) -> WorkerInfo | None:
 def live_workers(conn: redis.Redis, settings: Settings) -> list[WorkerInfo]:
     """Workers that beat within the last ``3 × worker_heartbeat_s`` seconds, sorted by name."""
     del settings  # the TTL set by each worker decides liveness
-    names = sorted(_text(n) for n in conn.smembers(WORKERS_KEY))  # type: ignore[union-attr]
+    names = sorted(as_text(n) for n in conn.smembers(WORKERS_KEY))  # type: ignore[union-attr]
     with conn.pipeline(transaction=False) as pipe:
         for name in names:
             pipe.hgetall(worker_key(name))
@@ -77,7 +71,7 @@ def live_workers(conn: redis.Redis, settings: Settings) -> list[WorkerInfo]:
 
 
 def _info(name: str, raw: dict[bytes, bytes]) -> WorkerInfo:
-    fields = {_text(k): _text(v) for k, v in raw.items()}
+    fields = {as_text(k): as_text(v) for k, v in raw.items()}
     beat_at = fields.get("last_heartbeat")
     return WorkerInfo(
         name=name,
@@ -86,7 +80,3 @@ def _info(name: str, raw: dict[bytes, bytes]) -> WorkerInfo:
         current_job=fields.get("current_job") or None,
         last_heartbeat=datetime.fromisoformat(beat_at) if beat_at else None,
     )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -1,43 +1,44 @@
 """The job store: what the API does with jobs (create, get, list, events, cancel, counts).
 
-Records, keys and the one way to change a record live in :mod:`service.job_records`; the run of a
-job is enqueued by dotted path (:mod:`service.queue`), so the API never imports torch.
-
-This module is torch-free: the API imports it.
+Status changes go through :mod:`recalib.jobs.states`; keys live in :mod:`recalib.jobs.keys`.
+A stored record that does not parse is skipped by listings (and logged) and answers 404 when
+fetched alone, so one bad record never breaks a tenant's listing.
 """
 
 from __future__ import annotations
 
 import builtins
+import logging
 import re
-from typing import cast
 
 import redis
-from redis.client import Pipeline
 
 from recalib.contract import JobCreate, JobEvent, JobRecord, JobStatus, Page
 from recalib.errors import IdempotencyKeyReusedError, InvalidOptionError, NotFoundError
-from recalib.settings import Settings
-from service import queue
-from service.job_records import (
-    ACTIVE_KEY,
-    DURATION_BUCKETS_S,
+from recalib.ids import new_job_id
+from recalib.jobs import queue, states
+from recalib.jobs.keys import (
     DURATION_KEY,
     SEQ_KEY,
     STATUS_COUNTS_KEY,
-    Stored,
-    event_of,
+    as_text,
     events_key,
     idem_key,
-    index_key,
+    job_index_key,
     job_key,
+)
+from recalib.jobs.records import (
+    DURATION_BUCKETS_S,
+    Stored,
+    Unreadable,
     load,
-    new_job_id,
+    parse,
     request_sha256,
-    text,
-    update_record,
     utcnow,
 )
+from recalib.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 _CURSOR_RE = re.compile(r"^\d{12}:j_[A-Za-z0-9_-]{16,64}$")
 _LIST_BATCH = 200
@@ -70,32 +71,9 @@ class JobStore:
             idempotency_key=idempotency_key,
             request_sha256=request_sha256(request),
         )
-        rq_job_id = queue.new_rq_job_id(record.id)
         seq = int(self.conn.incr(SEQ_KEY))  # type: ignore[arg-type]
         idem = idem_key(tenant, idempotency_key) if idempotency_key is not None else None
-
-        def transaction(pipe: Pipeline) -> Stored | None:
-            existing = pipe.get(idem) if idem is not None else None
-            stored = load(pipe, text(existing)) if existing else None  # type: ignore[arg-type]
-            if stored is not None:
-                return stored
-            pipe.multi()
-            if idem is not None:
-                pipe.set(idem, record.id)
-            pipe.hset(
-                job_key(record.id), mapping={"record": record.model_dump_json(), "rq": rq_job_id}
-            )
-            pipe.rpush(events_key(record.id), event_of(1, record, "queued").model_dump_json())
-            pipe.zadd(index_key(tenant), {f"{seq:012d}:{record.id}": 0})
-            pipe.sadd(ACTIVE_KEY, record.id)
-            pipe.hincrby(STATUS_COUNTS_KEY, JobStatus.queued.value, 1)
-            return None
-
-        watches = [idem] if idem is not None else []
-        earlier = cast(
-            Stored | None,
-            self.conn.transaction(transaction, *watches, value_from_callable=True),  # type: ignore[arg-type]
-        )
+        earlier = states.create(self.conn, self.settings, record, seq, idem)
         if earlier is not None:
             if earlier.record.request_sha256 != record.request_sha256:
                 raise IdempotencyKeyReusedError(
@@ -104,7 +82,6 @@ class JobStore:
                     field="Idempotency-Key",
                 )
             return earlier.record, False
-        queue.enqueue_run(self.conn, self.settings, record.id, rq_job_id)
         return record, True
 
     def cancel(self, tenant: str, job_id: str) -> JobRecord:
@@ -113,27 +90,19 @@ class JobStore:
         - queued → ``cancelled`` at once, and its RQ job is cancelled (it never runs);
         - running → ``cancelling``; the worker stops at the next batch and the job ends
           ``cancelled`` (a run that does not stop is killed via RQ's stop-job command by the
-          reaper, see :class:`service.reaper.Reaper`);
+          reaper, see :class:`recalib.jobs.recovery.Reaper`);
         - cancelling or final → returned unchanged (cancelling twice is not an error).
 
         A run that completes before it sees the cancel ends ``succeeded``: the work was done.
         """
         stored = self._load_for(tenant, job_id)
         if stored.record.status == JobStatus.queued:
-            done = update_record(
-                self.conn, job_id, _cancel_queued, message="cancelled before it ran"
-            )
+            done = states.cancel_queued(self.conn, job_id)
             if done is not None:
                 if stored.rq_job_id:
                     queue.cancel_rq_job(self.conn, stored.rq_job_id)
                 return done
-        update_record(
-            self.conn,
-            job_id,
-            _cancel_running,
-            message="cancel requested; the worker stops at the next batch",
-            set_fields={"cancel_at": repr(utcnow().timestamp())},
-        )
+        states.request_cancel(self.conn, job_id)
         return self.get(tenant, job_id)
 
     # -- reading ---------------------------------------------------------------------------
@@ -158,20 +127,25 @@ class JobStore:
         last_member: str | None = None
         while True:
             members = [
-                text(m)
+                as_text(m)
                 for m in self.conn.zrevrangebylex(  # type: ignore[union-attr]
-                    index_key(tenant), high, "-", start=0, num=_LIST_BATCH
+                    job_index_key(tenant), high, "-", start=0, num=_LIST_BATCH
                 )
             ]
             with self.conn.pipeline(transaction=False) as pipe:
                 for member in members:
-                    pipe.hget(job_key(member.partition(":")[2]), "record")
+                    pipe.hgetall(job_key(member.partition(":")[2]))
                 raws = pipe.execute()
             for member, raw in zip(members, raws, strict=True):
-                if raw is None:  # deleted by retention
-                    self.conn.zrem(index_key(tenant), member)
+                stored = parse(member.partition(":")[2], raw)
+                if stored is None:  # deleted by retention
+                    self.conn.zrem(job_index_key(tenant), member)
                     continue
-                record = JobRecord.model_validate_json(raw)
+                if isinstance(stored, Unreadable):
+                    logger.error("job %s: record unreadable, not listed (%s)", stored.job_id,
+                                 stored.reason)  # fmt: skip
+                    continue
+                record = stored.record
                 if status is not None and record.status != status:
                     continue
                 if len(items) == limit:
@@ -191,7 +165,7 @@ class JobStore:
     def counts_by_status(self) -> dict[JobStatus, int]:
         """Stored jobs by status (every status present, 0 when none)."""
         raw = self.conn.hgetall(STATUS_COUNTS_KEY)
-        counts = {text(k): int(v) for k, v in raw.items()}  # type: ignore[union-attr]
+        counts = {as_text(k): int(v) for k, v in raw.items()}  # type: ignore[union-attr]
         return {status: max(0, counts.get(status.value, 0)) for status in JobStatus}
 
     def queue_depth(self) -> int:
@@ -201,7 +175,7 @@ class JobStore:
     def duration_histogram(self) -> tuple[builtins.list[tuple[float, int]], float, int]:
         """Run time of finished jobs (start of their last run → end): cumulative ``(le, count)``
         buckets ending with ``+inf``, the sum in seconds, the count."""
-        raw = {text(k): text(v) for k, v in self.conn.hgetall(DURATION_KEY).items()}  # type: ignore[union-attr]
+        raw = {as_text(k): as_text(v) for k, v in self.conn.hgetall(DURATION_KEY).items()}  # type: ignore[union-attr]
         buckets: builtins.list[tuple[float, int]] = []
         total = 0
         for bound in (*DURATION_BUCKETS_S, float("inf")):
@@ -217,20 +191,3 @@ class JobStore:
                 field="job_id",
             )
         return stored
-
-
-def _cancel_queued(stored: Stored) -> JobRecord | None:
-    record = stored.record
-    if record.status != JobStatus.queued:
-        return None
-    record.status = JobStatus.cancelled
-    record.finished_at = utcnow()
-    return record
-
-
-def _cancel_running(stored: Stored) -> JobRecord | None:
-    record = stored.record
-    if record.status != JobStatus.running:
-        return None
-    record.status = JobStatus.cancelling
-    return record

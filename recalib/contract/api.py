@@ -1,0 +1,156 @@
+"""REST resources: files, jobs, their progress and events, problems, workers, readiness.
+
+Named as in the FastAPI template: ``XCreate`` is what a client sends, ``XPublic`` what it gets
+back, ``XRecord`` what is stored (the public model plus bookkeeping; ``response_model`` filters).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Generic, TypeVar
+
+from pydantic import Field
+
+from recalib.contract.base import Input, Output
+from recalib.contract.options import JobOptions
+from recalib.contract.report import Report
+from recalib.ids import FILE_ID_PATTERN, JOB_ID_PATTERN
+
+T = TypeVar("T")
+
+
+class Phase(StrEnum):
+    queued = "queued"
+    loading = "loading"
+    recalibrating = "recalibrating"
+    evaluating = "evaluating"
+    saving = "saving"
+    done = "done"
+
+
+class Progress(Output):
+    phase: Phase = Phase.queued
+    done: int = 0
+    total: int | None = None
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    cancelling = "cancelling"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+FileId = Annotated[str, Field(pattern=FILE_ID_PATTERN, examples=["f_3kq0cV2m9xLr8tQw"])]
+JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN, examples=["j_Zx81bQe0LsP3mNaa"])]
+
+
+class FilePublic(Output):
+    id: str
+    filename: str
+    bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class FileRecord(FilePublic):
+    """Stored metadata of an uploaded file (the content lies in the data directory)."""
+
+    tenant: str
+
+
+class JobCreate(Input):
+    """``POST /v1/jobs`` body."""
+
+    model_file: FileId
+    calibration_file: FileId
+    eval_file: FileId | None = None
+    arch: str | None = Field(
+        None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", examples=["torchvision.models:resnet18"]
+    )
+    arch_kwargs: dict[str, object] = Field(default_factory=dict)
+    options: JobOptions = Field(default_factory=JobOptions)
+
+
+class JobError(Output):
+    type: str = Field(description="Problem type slug, e.g. `no-batchnorm`, `internal-error`.")
+    message: str
+
+
+class JobPublic(Output):
+    """What ``GET /v1/jobs/{id}`` returns."""
+
+    id: str
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    progress: Progress = Field(default_factory=Progress)
+    request: JobCreate
+    result: Report | None = None
+    error: JobError | None = None
+
+
+class JobRecord(JobPublic):
+    """Our own job record in Redis (not RQ's internal status)."""
+
+    tenant: str
+    idempotency_key: str | None = None
+    request_sha256: str | None = None
+    worker: str | None = None
+    output_attempt: int | None = Field(
+        None, description="The run whose artifacts are the job's (set when it succeeded)."
+    )
+
+
+class Page(Output, Generic[T]):
+    """A page of a listing, newest first; pass ``next_cursor`` as ``cursor`` for the next one."""
+
+    items: list[T]
+    next_cursor: str | None = None
+
+
+class JobEvent(Output):
+    """One progress event of a job, in order."""
+
+    seq: int
+    at: datetime
+    status: JobStatus
+    progress: Progress
+    message: str | None = None
+
+
+class Problem(Output):
+    """RFC 9457 problem details (``application/problem+json``)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    field: str | None = None
+    file: str | None = None
+
+
+class WorkerInfo(Output):
+    name: str
+    device: str
+    state: str
+    current_job: str | None = None
+    last_heartbeat: datetime | None = None
+
+
+class Readiness(Output):
+    ready: bool
+    redis: bool
+    storage_writable: bool
+    workers: list[WorkerInfo]
+    detail: str | None = None

@@ -1,0 +1,130 @@
+"""Job options: what a client chooses for one recalibration (engine, evaluation, outputs).
+
+``JobSpec`` is what the runner executes: the options plus local paths and the operator's limits.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from recalib import defaults
+from recalib.contract.base import Input
+
+
+class Estimator(StrEnum):
+    """How per-layer statistics are aggregated over calibration batches.
+
+    - ``population``: pooled mean/variance of all activations, batches weighted by element count
+      (fvcore PreciseBN); small or partial batches cannot skew it. The default.
+    - ``batch_mean``: reset, then ``momentum=None`` (equal weight per batch): exactly torch's
+      ``swa_utils.update_bn``.
+    - ``ema``: keep the existing statistics and update them with ``momentum`` per batch, no reset.
+    """
+
+    population = "population"
+    batch_mean = "batch_mean"
+    ema = "ema"
+
+
+class Preprocess(Input):
+    """Image preprocessing for image archives (ignored for tensor files).
+
+    Order: decode (Pillow) → convert to ``mode`` → resize shorter side → center crop → to float in
+    [0, 1] → normalize with ``mean``/``std`` per channel.
+    """
+
+    mode: Literal["RGB", "L"] = Field("RGB", description="Pillow mode: RGB (3 ch) or L (1 ch).")
+    resize: int | None = Field(None, ge=1, le=8192, description="Shorter side, pixels.")
+    center_crop: int | None = Field(None, ge=1, le=8192, description="Square crop side, pixels.")
+    mean: list[float] | None = Field(None, description="Per-channel mean; default none (0).")
+    std: list[float] | None = Field(None, description="Per-channel std; default none (1).")
+
+    @model_validator(mode="after")
+    def _check_channels(self) -> Preprocess:
+        channels = 3 if self.mode == "RGB" else 1
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) not in (1, channels):
+                raise ValueError(f"{name} needs 1 or {channels} values for mode {self.mode}")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+class JobOptions(Input):
+    """Options of one recalibration: the engine's, the evaluation's and the outputs'."""
+
+    estimator: Estimator = Estimator.population
+    batch_size: int = Field(
+        defaults.BATCH_SIZE, ge=1, le=65536, description="Calibration batch size, samples."
+    )
+    max_samples: int | None = Field(
+        None, ge=2, description="Use at most this many calibration samples (seeded subsample)."
+    )
+    seed: int = Field(0, ge=0, description="Seed for order, subsampling and the holdout split.")
+    device: str = Field(
+        "auto",
+        pattern=defaults.DEVICE_PATTERN,
+        description="auto = CUDA if available, else CPU.",
+    )
+    momentum: float = Field(
+        defaults.MOMENTUM, gt=0, le=1, description="EMA momentum (estimator=ema only)."
+    )
+    prior_strength: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "N of Schneider et al. 2020: new = N/(N+n)·source + n/(N+n)·target, n = calibration "
+            "samples. 0 = pure target statistics."
+        ),
+    )
+    tolerance: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Early stop: stop once every layer's statistics move less than this (relative to "
+            "their running std) over `tolerance_window` batches."
+        ),
+    )
+    tolerance_window: int = Field(
+        defaults.TOLERANCE_WINDOW, ge=1, le=1000, description="Batches, for `tolerance`."
+    )
+    holdout: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "Fraction of labeled calibration data held out for evaluation when no eval file is "
+            "given (default 0.5, `defaults.HOLDOUT`, in that case)."
+        ),
+    )
+    fold: bool = Field(False, description="Also write a copy with BN folded into conv/linear.")
+    channels_last: bool = Field(False, description="Use channels_last memory format (4-D input).")
+    autocast: Literal["off", "bf16", "fp16"] = Field(
+        "off", description="Autocast dtype for forward passes (statistics stay float32)."
+    )
+    eval_batch_size: int = Field(
+        defaults.EVAL_BATCH_SIZE, ge=1, le=65536, description="Evaluation batch size."
+    )
+    preprocess: Preprocess | None = Field(None, description="For image archives.")
+
+
+class JobSpec(Input):
+    """Everything the job runner needs, with local paths. Built by the CLI or the queue task."""
+
+    model_path: str
+    calibration_path: str
+    eval_path: str | None = None
+    arch: str | None = Field(None, description="`module:callable` for state_dict models.")
+    arch_kwargs: dict[str, object] = Field(default_factory=dict)
+    options: JobOptions = Field(default_factory=JobOptions)
+    out_dir: str
+    allow_unsafe_pickle: bool = False
+    arch_allowlist: list[str] = Field(default_factory=lambda: list(defaults.ARCH_ALLOWLIST))
+    # Archive safety limits (settings in the service; defaults for the CLI).
+    max_archive_members: int = defaults.MAX_ARCHIVE_MEMBERS
+    max_archive_bytes: int = defaults.MAX_ARCHIVE_BYTES
+    max_image_pixels: int = defaults.MAX_IMAGE_PIXELS

@@ -1,0 +1,122 @@
+"""``report.json``: the result of one recalibration. Accuracies are fractions in [0, 1]."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field
+
+from recalib.contract.base import Output
+from recalib.contract.options import Estimator, JobOptions
+
+REPORT_SCHEMA_VERSION = 1
+
+
+class Verdict(StrEnum):
+    better = "better"
+    worse = "worse"
+    unchanged = "unchanged"
+    unknown = "unknown"
+
+
+class Metrics(Output):
+    """Model quality on one data set. Accuracies are fractions in [0, 1]; null without labels."""
+
+    top1: float | None
+    top5: float | None = Field(description="Null without labels or with fewer than 5 classes.")
+    loss: float | None = Field(description="Mean cross-entropy, nats; null without labels.")
+    samples: int
+    mean_entropy: float = Field(description="Mean predictive entropy, nats.")
+    mean_confidence: float = Field(description="Mean max-softmax probability.")
+
+
+class LayerChange(Output):
+    """How one BN layer's running statistics moved."""
+
+    name: str
+    type: str
+    channels: int
+    mean_shift_std: float = Field(
+        description="RMS over channels of (new mean − old mean) / old running std."
+    )
+    var_ratio: float = Field(description="Geometric mean over channels of new var / old var.")
+
+
+class SkippedLayer(Output):
+    name: str
+    type: str
+    reason: str
+
+
+class CalibrationSummary(Output):
+    samples: int = Field(description="Calibration samples actually forwarded.")
+    batches: int
+    available_samples: int = Field(description="Calibration samples available after any split.")
+    stopped_early: bool = False
+    estimator: Estimator
+    merged_batches: int = Field(
+        0, description="Batches merged into the next because they were too small for train-mode BN."
+    )
+
+
+class DataSplit(Output):
+    """Which samples served what: indices into the files, in file order."""
+
+    calibration_file: str
+    eval_file: str | None
+    holdout_fraction: float | None = None
+    calibration_indices: list[int] | None = Field(
+        None, description="Indices of calibration-file samples used to calibrate (holdout only)."
+    )
+    eval_indices: list[int] | None = Field(
+        None, description="Indices of calibration-file samples used to evaluate (holdout only)."
+    )
+    evaluated_on: Literal["eval_file", "holdout", "calibration"] | None = Field(
+        None,
+        description=(
+            "What `before`/`after` were measured on: the eval file, a held-out part of labeled "
+            "calibration data, or (unlabeled calibration data, no eval file) the calibration "
+            "samples themselves, label-free metrics only."
+        ),
+    )
+    skipped_entries: int = Field(0, description="Archive entries skipped (not images, corrupt).")
+    skipped_examples: list[str] = Field(default_factory=list, description="Up to 20 of them.")
+
+
+class Artifact(Output):
+    file: str = Field(description="File name, relative to the job's output directory.")
+    format: Literal["pt2", "torchscript", "safetensors", "pt"]
+    sha256: str
+    bytes: int
+
+
+class FoldReport(Output):
+    artifact: Artifact
+    folded: int
+    not_folded: list[SkippedLayer]
+    max_abs_diff: float = Field(description="Largest |folded − unfolded| output over the data.")
+
+
+class Report(Output):
+    """``report.json``: the result of one recalibration."""
+
+    schema_version: int = REPORT_SCHEMA_VERSION
+    recalib_version: str
+    model_format: Literal["pt2", "torchscript", "safetensors", "pt", "module"]
+    bn_layers: int = Field(description="BN layers recalibrated.")
+    skipped_layers: list[SkippedLayer]
+    calibration: CalibrationSummary
+    before: Metrics | None = Field(description="Null when no evaluation data exists.")
+    after: Metrics | None
+    prediction_change: float | None = Field(
+        description="Fraction of evaluated samples whose top-1 prediction changed."
+    )
+    verdict: Verdict
+    layers: list[LayerChange]
+    checkpoint: Artifact
+    folded: FoldReport | None = None
+    data: DataSplit
+    options: JobOptions
+    device: str
+    timings_s: dict[str, float]

@@ -1,0 +1,58 @@
+"""Every default of recalib in one place: settings, job options and the CLI read them from here.
+
+Units are in the names (``_S`` seconds, ``_BYTES`` bytes). This module imports nothing.
+"""
+
+from __future__ import annotations
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+"""Where the API and ``recalib worker`` look for Redis when ``RECALIB_REDIS_URL`` is unset."""
+
+DATA_DIR = "recalib-data"
+"""Uploads, job artifacts and the embedded server's data (relative to the working directory)."""
+
+QUEUE_NAME = "recalib"
+"""RQ queue the API enqueues into and the workers listen to."""
+
+SERVER_URL = "http://127.0.0.1:8000"
+"""Where ``recalib submit`` and :class:`recalib.client.RecalibClient` find the API."""
+
+HOST = "127.0.0.1"
+PORT = 8000
+
+MAX_UPLOAD_BYTES = 4 * 1024**3
+"""Largest accepted upload."""
+
+MAX_REQUEST_JSON_BYTES = 1024**2
+"""Largest JSON request body (``POST /v1/jobs``)."""
+
+JOB_TIMEOUT_S = 3600
+JOB_MAX_ATTEMPTS = 2
+REAPER_INTERVAL_S = 5.0
+WORKER_HEARTBEAT_S = 10
+RETENTION_S = 7 * 24 * 3600
+
+ARCH_ALLOWLIST = ("torchvision.models", "timm")
+"""Module prefixes an ``arch`` (``module:callable``) may be imported from."""
+
+MAX_ARCHIVE_MEMBERS = 100_000
+MAX_ARCHIVE_BYTES = 8 * 1024**3
+MAX_IMAGE_PIXELS = 50_000_000
+
+BATCH_SIZE = 64
+"""Calibration batch size, samples."""
+
+EVAL_BATCH_SIZE = 256
+"""Evaluation batch size, samples."""
+
+MOMENTUM = 0.1
+"""EMA momentum (``estimator=ema`` only); BN's own default."""
+
+TOLERANCE_WINDOW = 5
+"""Batches over which ``tolerance`` is judged."""
+
+HOLDOUT = 0.5
+"""Fraction of labeled calibration data held out when no eval file is given."""
+
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+"""Devices a job or a worker may name: auto = CUDA if available, else CPU."""

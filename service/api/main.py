@@ -1,0 +1,15 @@
+"""The API's routes: resources under the ``/v1`` prefix (set here, once), probes at the root."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.api.routes import artifacts, files, health, jobs, metrics
+
+API_PREFIX = "/v1"
+
+api_router = APIRouter()
+for _resource in (files, jobs, artifacts):
+    api_router.include_router(_resource.router, prefix=API_PREFIX)
+api_router.include_router(health.router)
+api_router.include_router(metrics.router)

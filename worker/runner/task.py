@@ -1,0 +1,195 @@
+"""The queue task: one run of a job, from its record in Redis to a final status.
+
+:func:`run_recalibration` runs inside RQ's work horse (a child forked for this job). It marks the
+record ``running``, builds a :class:`JobSpec` from the uploaded files, calls
+:func:`worker.pipeline.run_job`, streams progress to Redis, and ends the record itself:
+
+- success → the job ``succeeded`` with the report, in the one conditional update that proves this
+  run still owns the job (:func:`recalib.jobs.states.finish_run`); the record then names this
+  run's directory as the job's artifacts. A superseded run changes nothing and removes its own;
+- a :class:`UserError` → ``failed`` with its message (no retry: the input will not get better);
+- :class:`JobCancelledError` → ``cancelled``; RQ's job timeout → ``failed`` naming
+  ``RECALIB_JOB_TIMEOUT_S``; the data directory not writable → ``failed``
+  (``service-unavailable``) naming the directory;
+- anything else → ``failed`` as ``internal-error`` with a short message (traceback in the log).
+
+A run whose horse dies is ended by its worker (:mod:`worker.runner.process`) or the reaper.
+The torch-heavy pipeline is imported when a run starts, never at import time, so the worker's
+parent process can import this module (and fork) without touching CUDA.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import redis
+from rq import get_current_job
+from rq.timeouts import JobTimeoutException
+
+from recalib.contract import JobError, JobRecord, JobSpec, JobStatus, Report
+from recalib.errors import (
+    JobCancelledError,
+    RecalibError,
+    ServiceUnavailableError,
+    UserError,
+    error_type_name,
+)
+from recalib.jobs import states
+from recalib.jobs.artifact_store import INPUTS_DIR, ArtifactStore
+from recalib.jobs.connection import redis_url
+from recalib.jobs.file_store import FileStore
+from recalib.settings import Settings, get_settings
+from worker.runner.progress import ProgressWriter
+
+logger = logging.getLogger(__name__)
+
+# OS errors that mean "the data directory cannot be written", not a bug of ours.
+_STORAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+_STORAGE_ERRNOS |= {errno.ENOTDIR, errno.EEXIST}
+
+
+def run_recalibration(job_id: str) -> None:
+    """Run job ``job_id`` once (an RQ task; enqueued by dotted path by the API)."""
+    settings = get_settings()
+    rq_job = get_current_job()
+    conn = redis.Redis.from_url(redis_url(settings))
+    try:
+        record = _start(conn, settings, job_id, rq_job.id if rq_job else None)
+        if record is not None:
+            _Run(conn, settings, record).execute()
+    finally:
+        conn.close()
+
+
+def _start(
+    conn: redis.Redis, settings: Settings, job_id: str, rq_job_id: str | None
+) -> JobRecord | None:
+    """Mark the job running on this worker; None if it is cancelled, gone or not this run's."""
+    worker_name = os.environ.get("RQ_WORKER_ID", f"pid-{os.getpid()}")
+    record = states.start_run(conn, job_id, rq_job_id, worker_name, settings.job_max_attempts)
+    if record is None:
+        logger.info("job %s: not started (cancelled, deleted, or a stale run)", job_id)
+    return record
+
+
+class _Run:
+    """One attempt of one job."""
+
+    def __init__(self, conn: redis.Redis, settings: Settings, record: JobRecord) -> None:
+        self.conn, self.settings, self.record = conn, settings, record
+        self.attempt = record.attempts
+        self.data_dir = settings.data_dir
+        self.files = FileStore(settings.data_dir, conn, settings.max_upload_bytes)
+        self.artifacts = ArtifactStore(settings.data_dir)
+        self.attempt_dir = self.artifacts.attempt_dir(record.id, self.attempt)
+        self.progress = ProgressWriter(conn, record.id, self.attempt, record.worker)
+
+    def execute(self) -> None:
+        try:
+            spec = self._spec()
+            from worker.pipeline import run_job  # torch: only in the work horse
+
+            report = run_job(spec, on_progress=self.progress, should_stop=self.progress.should_stop)
+            self._finish(JobStatus.succeeded, result=report)
+        except Exception as exc:
+            self._end_with(exc)
+
+    def _end_with(self, exc: Exception) -> None:
+        """Failed, or cancelled, by ``exc`` (whose chain may hold the real reason: the pipeline
+        wraps whatever user code raises, RQ's timeout alarm included, in a UserError)."""
+        chain = _chain(exc)
+        if any(isinstance(e, JobTimeoutException) for e in chain):
+            self._finish(JobStatus.failed, error=states.timeout_error(self.settings))
+        elif any(isinstance(e, JobCancelledError) for e in chain):
+            self._finish(JobStatus.cancelled)
+        elif isinstance(exc, UserError | ServiceUnavailableError):
+            self._finish(
+                JobStatus.failed, error=JobError(type=error_type_name(exc), message=str(exc))
+            )
+        elif isinstance(exc, OSError):
+            self._fail_os(exc)
+        else:
+            logger.exception("job %s: internal error", self.record.id)
+            self._fail_internal(exc)
+
+    def _fail_os(self, exc: OSError) -> None:
+        if exc.errno not in _STORAGE_ERRNOS:
+            logger.exception("job %s: internal error", self.record.id)
+            self._fail_internal(exc)
+            return
+        where = exc.filename or self.data_dir
+        error = ServiceUnavailableError(
+            f"the worker cannot write {where}: {exc.strerror}; make the data directory "
+            f"(RECALIB_DATA_DIR={self.data_dir}) writable for the worker"
+        )
+        self._finish(JobStatus.failed, error=JobError(type=error.type_slug, message=str(error)))
+
+    def _fail_internal(self, exc: BaseException) -> None:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        message = f"internal error in the worker ({type(exc).__name__}{': ' if detail else ''}"
+        message += f"{detail}); the worker log has the details"
+        if isinstance(exc, RecalibError):
+            message = exc.message
+        self._finish(JobStatus.failed, error=JobError(type="internal-error", message=message))
+
+    # -- inputs and outputs ----------------------------------------------------------------
+
+    def _spec(self) -> JobSpec:
+        """The pipeline's input: each upload linked into the attempt dir under its own name."""
+        self.artifacts.prepare_attempt(self.record.id, self.attempt)
+        request = self.record.request
+        options = request.options
+        device = self.settings.worker_device
+        if options.device == "auto" and device not in ("", "auto"):
+            options = options.model_copy(update={"device": device})
+        s = self.settings
+        return JobSpec(
+            model_path=self._input(request.model_file, "model"),
+            calibration_path=self._input(request.calibration_file, "calibration"),
+            eval_path=self._input(request.eval_file, "eval") if request.eval_file else None,
+            arch=request.arch,
+            arch_kwargs=request.arch_kwargs,
+            options=options,
+            out_dir=str(self.attempt_dir),
+            allow_unsafe_pickle=s.allow_unsafe_pickle,
+            arch_allowlist=s.arch_allowlist,
+            max_archive_members=s.max_archive_members,
+            max_archive_bytes=s.max_archive_bytes,
+            max_image_pixels=s.max_image_pixels,
+        )
+
+    def _input(self, file_id: str, role: str) -> str:
+        return str(self.files.materialize(file_id, self.attempt_dir / INPUTS_DIR / role, role))
+
+    def _finish(
+        self, status: JobStatus, *, result: Report | None = None, error: JobError | None = None
+    ) -> None:
+        record = states.finish_run(
+            self.conn,
+            self.record.id,
+            self.attempt,
+            self.record.worker,
+            status,
+            result=result,
+            error=error,
+        )
+        published = record is not None and record.output_attempt == self.attempt
+        self.artifacts.end_attempt(self.record.id, self.attempt, published=published)
+        logger.info(
+            "job %s attempt %d: %s",
+            self.record.id,
+            self.attempt,
+            record.status.value if record else "superseded",
+        )
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
