@@ -22,11 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from recalib.contract import Metrics, Verdict
+from recalib.contract import ConfidenceHistogram, Metrics, Verdict
 from recalib.errors import InvalidModelError, JobCancelledError
 
 ProgressCallback = Callable[[int, int | None], None]
 Batch = tuple[torch.Tensor, torch.Tensor]
+CONFIDENCE_BINS = 20
+"""Bins of ``Metrics.confidence_histogram`` over [0, 1] (width 0.05)."""
 
 
 @dataclass
@@ -53,6 +55,9 @@ class MetricsAccumulator:
         self._entropy_sum = 0.0
         self._confidence_sum = 0.0
         self._predictions: list[torch.Tensor] = []
+        self._confidence_counts = torch.zeros(CONFIDENCE_BINS, dtype=torch.int64)
+        self._class_hits = torch.zeros(0, dtype=torch.int64)  # per label, grown as needed
+        self._class_totals = torch.zeros(0, dtype=torch.int64)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add one batch: ``logits`` (N, classes), ``labels`` (N,) int (ignored when unlabeled)."""
@@ -64,13 +69,17 @@ class MetricsAccumulator:
         # p·log p is 0 for p = 0; the product gives NaN there (0 · −inf), hence the mask.
         plogp = torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs))
         self._entropy_sum += float(-plogp.sum(dtype=torch.float64))
-        self._confidence_sum += float(probs.max(dim=1).values.sum(dtype=torch.float64))
+        confidence = probs.max(dim=1).values
+        self._confidence_sum += float(confidence.sum(dtype=torch.float64))
+        bins = (confidence * CONFIDENCE_BINS).long().clamp_(0, CONFIDENCE_BINS - 1)
+        self._confidence_counts += torch.bincount(bins, minlength=CONFIDENCE_BINS).cpu()
         predictions = logits.argmax(dim=1)
         self._predictions.append(predictions.cpu())
         if not self.labeled:
             return
         labels = labels.to(logits.device, torch.int64)
         self._top1 += int((predictions == labels).sum())
+        self._count_per_class(labels, predictions == labels)
         if self.num_classes >= 5:
             top5 = logits.topk(5, dim=1).indices
             self._top5 += int((top5 == labels[:, None]).any(dim=1).sum())
@@ -91,8 +100,30 @@ class MetricsAccumulator:
             samples=n,
             mean_entropy=self._entropy_sum / n,
             mean_confidence=self._confidence_sum / n,
+            per_class_accuracy=self._per_class_accuracy() if self.labeled else None,
+            confidence_histogram=ConfidenceHistogram(
+                bin_edges=[i / CONFIDENCE_BINS for i in range(CONFIDENCE_BINS + 1)],
+                counts=self._confidence_counts.tolist(),
+            ),
         )
         return Evaluation(metrics=metrics, predictions=torch.cat(self._predictions))
+
+    def _count_per_class(self, labels: torch.Tensor, correct: torch.Tensor) -> None:
+        totals = torch.bincount(labels, minlength=self.num_classes or 0).cpu()
+        hits = torch.bincount(labels[correct], minlength=totals.numel()).cpu()
+        size = max(totals.numel(), self._class_totals.numel())
+        self._class_totals = _grow(self._class_totals, size) + _grow(totals, size)
+        self._class_hits = _grow(self._class_hits, size) + _grow(hits, size)
+
+    def _per_class_accuracy(self) -> list[float | None]:
+        """Accuracy per label (index = class), None for a class without samples."""
+        pairs = zip(self._class_hits.tolist(), self._class_totals.tolist(), strict=True)
+        return [hits / total if total else None for hits, total in pairs]
+
+
+def _grow(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """``counts`` zero-padded to at least ``size`` entries."""
+    return nn.functional.pad(counts, (0, max(size - counts.numel(), 0)))
 
 
 def forward_logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

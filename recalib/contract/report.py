@@ -20,6 +20,17 @@ class Verdict(StrEnum):
     unknown = "unknown"
 
 
+class ConfidenceHistogram(Output):
+    """How many samples had their max-softmax probability in each bin of [0, 1].
+
+    ``bin_edges`` has one more entry than ``counts``; bins are ``[edge_i, edge_i+1)``, the last
+    one closed (a confidence of exactly 1 falls in it).
+    """
+
+    bin_edges: list[float]
+    counts: list[int]
+
+
 class Metrics(Output):
     """Model quality on one data set. Accuracies are fractions in [0, 1]; null without labels."""
 
@@ -29,6 +40,16 @@ class Metrics(Output):
     samples: int
     mean_entropy: float = Field(description="Mean predictive entropy, nats.")
     mean_confidence: float = Field(description="Mean max-softmax probability.")
+    per_class_accuracy: list[float | None] | None = Field(
+        None,
+        description=(
+            "Top-1 accuracy of the samples of each class (index = label); null for a class with "
+            "no samples, and null without labels."
+        ),
+    )
+    confidence_histogram: ConfidenceHistogram | None = Field(
+        None, description="Max-softmax probabilities of all samples, binned over [0, 1]."
+    )
 
 
 class LayerChange(Output):
