@@ -24,7 +24,25 @@ MAX_UPLOAD_BYTES = 4 * 1024**3
 """Largest accepted upload."""
 
 MAX_REQUEST_JSON_BYTES = 1024**2
-"""Largest JSON request body (``POST /v1/jobs``)."""
+"""Largest request body other than an upload (``POST /v1/jobs``), bytes."""
+
+MAX_ARCH_KWARGS_BYTES = 64 * 1024
+"""Largest ``arch_kwargs`` of a job, serialized as compact JSON."""
+
+MAX_ARCH_KWARGS_DEPTH = 32
+"""Deepest nesting of lists and objects in ``arch_kwargs``."""
+
+UPLOAD_IDLE_TIMEOUT_S = 30.0
+"""A request body that sends nothing for this long is refused (408) and its connection closed."""
+
+HTTP_KEEPALIVE_S = 5
+"""uvicorn ``timeout_keep_alive``: an idle keep-alive connection is closed after this."""
+
+HTTP_MAX_HEADER_BYTES = 16 * 1024
+"""uvicorn ``h11_max_incomplete_event_size``: the largest request line + headers (h11)."""
+
+HTTP_MAX_CONNECTIONS = 1000
+"""uvicorn ``limit_concurrency``: connections past this are answered 503 at once."""
 
 JOB_TIMEOUT_S = 3600
 JOB_MAX_ATTEMPTS = 2

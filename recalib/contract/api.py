@@ -12,7 +12,7 @@ from typing import Annotated, Generic, TypeVar
 
 from pydantic import Field
 
-from recalib.contract.base import Input, Output
+from recalib.contract.base import Input, JsonObject, Output
 from recalib.contract.options import JobOptions
 from recalib.contract.report import Report
 from recalib.ids import FILE_ID_PATTERN, JOB_ID_PATTERN
@@ -73,9 +73,18 @@ class JobCreate(Input):
     calibration_file: FileId
     eval_file: FileId | None = None
     arch: str | None = Field(
-        None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", examples=["torchvision.models:resnet18"]
+        None,
+        max_length=256,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        examples=["torchvision.models:resnet18"],
     )
-    arch_kwargs: dict[str, object] = Field(default_factory=dict)
+    arch_kwargs: JsonObject = Field(
+        default_factory=dict,
+        description=(
+            "Keyword arguments of `arch`: plain JSON with finite numbers, at most 64 KiB and 32 "
+            "levels deep."
+        ),
+    )
     options: JobOptions = Field(default_factory=JobOptions)
 
 

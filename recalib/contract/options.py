@@ -11,7 +11,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from recalib import defaults
-from recalib.contract.base import Input
+from recalib.contract.base import Input, JsonObject
+
+INT64_MAX = 2**63 - 1
+"""Upper bound of unbounded integer options (they must fit every store and library)."""
 
 
 class Estimator(StrEnum):
@@ -39,8 +42,12 @@ class Preprocess(Input):
     mode: Literal["RGB", "L"] = Field("RGB", description="Pillow mode: RGB (3 ch) or L (1 ch).")
     resize: int | None = Field(None, ge=1, le=8192, description="Shorter side, pixels.")
     center_crop: int | None = Field(None, ge=1, le=8192, description="Square crop side, pixels.")
-    mean: list[float] | None = Field(None, description="Per-channel mean; default none (0).")
-    std: list[float] | None = Field(None, description="Per-channel std; default none (1).")
+    mean: list[float] | None = Field(
+        None, max_length=3, description="Per-channel mean; default none (0)."
+    )
+    std: list[float] | None = Field(
+        None, max_length=3, description="Per-channel std; default none (1)."
+    )
 
     @model_validator(mode="after")
     def _check_channels(self) -> Preprocess:
@@ -62,11 +69,17 @@ class JobOptions(Input):
         defaults.BATCH_SIZE, ge=1, le=65536, description="Calibration batch size, samples."
     )
     max_samples: int | None = Field(
-        None, ge=2, description="Use at most this many calibration samples (seeded subsample)."
+        None,
+        ge=2,
+        le=INT64_MAX,
+        description="Use at most this many calibration samples (seeded subsample).",
     )
-    seed: int = Field(0, ge=0, description="Seed for order, subsampling and the holdout split.")
+    seed: int = Field(
+        0, ge=0, le=INT64_MAX, description="Seed for order, subsampling and the holdout split."
+    )
     device: str = Field(
         "auto",
+        max_length=32,
         pattern=defaults.DEVICE_PATTERN,
         description="auto = CUDA if available, else CPU.",
     )
@@ -119,7 +132,7 @@ class JobSpec(Input):
     calibration_path: str
     eval_path: str | None = None
     arch: str | None = Field(None, description="`module:callable` for state_dict models.")
-    arch_kwargs: dict[str, object] = Field(default_factory=dict)
+    arch_kwargs: JsonObject = Field(default_factory=dict)
     options: JobOptions = Field(default_factory=JobOptions)
     out_dir: str
     allow_unsafe_pickle: bool = False

@@ -1,8 +1,9 @@
 """The job store: what the API does with jobs (create, get, list, events, cancel, counts).
 
 Status changes go through :mod:`recalib.jobs.states`; keys live in :mod:`recalib.jobs.keys`.
-A stored record that does not parse is skipped by listings (and logged) and answers 404 when
-fetched alone, so one bad record never breaks a tenant's listing.
+A stored record that does not parse is skipped by listings (and logged); fetched alone it is a
+409 for the tenant it names and a 404 for everyone else, so one bad record never breaks a
+listing, and never a 500.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ import re
 import redis
 
 from recalib.contract import JobCreate, JobEvent, JobRecord, JobStatus, Page
-from recalib.errors import IdempotencyKeyReusedError, InvalidOptionError, NotFoundError
+from recalib.errors import (
+    ConflictError,
+    IdempotencyKeyReusedError,
+    InvalidOptionError,
+    NotFoundError,
+)
 from recalib.ids import new_job_id
 from recalib.jobs import queue, states
 from recalib.jobs.keys import (
@@ -31,7 +37,6 @@ from recalib.jobs.records import (
     DURATION_BUCKETS_S,
     Stored,
     Unreadable,
-    load,
     parse,
     request_sha256,
     utcnow,
@@ -160,7 +165,13 @@ class JobStore:
         """Events of a job with ``seq > after``, in order."""
         self._load_for(tenant, job_id)
         raws = self.conn.lrange(events_key(job_id), max(0, after), -1)
-        return [JobEvent.model_validate_json(raw) for raw in raws]  # type: ignore[union-attr]
+        events = []
+        for raw in raws:  # type: ignore[union-attr]
+            try:
+                events.append(JobEvent.model_validate_json(raw))
+            except ValueError as exc:  # pydantic's ValidationError is one
+                logger.error("job %s: an event is unreadable, skipped (%s)", job_id, exc)
+        return events
 
     def counts_by_status(self) -> dict[JobStatus, int]:
         """Stored jobs by status (every status present, 0 when none)."""
@@ -184,7 +195,17 @@ class JobStore:
         return buckets, float(raw.get("sum", 0.0)), total
 
     def _load_for(self, tenant: str, job_id: str) -> Stored:
-        stored = load(self.conn, job_id) if job_id.startswith("j_") else None
+        raw = self.conn.hgetall(job_key(job_id)) if job_id.startswith("j_") else {}
+        stored = parse(job_id, raw)  # type: ignore[arg-type]
+        if isinstance(stored, Unreadable):
+            logger.error("job %s: record unreadable (%s)", job_id, stored.reason)
+            if stored.tenant == tenant:
+                raise ConflictError(
+                    f"job {job_id}: its stored record is unreadable (written by another version "
+                    "of recalib, or damaged); the server log has the details. Submit the job again",
+                    field="job_id",
+                )
+            stored = None
         if stored is None or stored.record.tenant != tenant:
             raise NotFoundError(
                 f"no job {job_id!r} (finished jobs are deleted after RECALIB_RETENTION_S)",

@@ -62,10 +62,15 @@ class Stored:
 
 @dataclass
 class Unreadable:
-    """A job hash whose record does not parse; ``reason`` says why (for the log)."""
+    """A job hash whose record does not parse; ``reason`` says why (for the log).
+
+    ``tenant`` is the record's ``tenant`` member when the JSON still has a string there (so its
+    owner can be told the record is unreadable while others keep getting 404), else None.
+    """
 
     job_id: str
     reason: str
+    tenant: str | None = None
 
 
 def parse(job_id: str, fields: Mapping[bytes, bytes]) -> Stored | Unreadable | None:
@@ -75,7 +80,8 @@ def parse(job_id: str, fields: Mapping[bytes, bytes]) -> Stored | Unreadable | N
     try:
         record = JobRecord.model_validate_json(fields[b"record"])
     except ValidationError as exc:
-        return Unreadable(job_id, f"{exc.error_count()} validation error(s): {exc.errors()[0]}")
+        reason = f"{exc.error_count()} validation error(s): {_first_error(exc)}"
+        return Unreadable(job_id, reason, _tenant_of(fields[b"record"]))
     cancel_at = fields.get(b"cancel_at")
     rq_job_id = fields.get(b"rq")
     return Stored(
@@ -83,6 +89,20 @@ def parse(job_id: str, fields: Mapping[bytes, bytes]) -> Stored | Unreadable | N
         rq_job_id=as_text(rq_job_id) if rq_job_id else None,
         cancel_at=float(cancel_at) if cancel_at else None,
     )
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors(include_input=False, include_url=False)[0]
+    return f"{'.'.join(str(p) for p in first['loc']) or 'record'}: {first['msg']}"
+
+
+def _tenant_of(raw: bytes) -> str | None:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    tenant = value.get("tenant") if isinstance(value, dict) else None
+    return tenant if isinstance(tenant, str) else None
 
 
 def load(conn: redis.Redis | Pipeline, job_id: str) -> Stored | None:
