@@ -41,6 +41,37 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         defaults.MAX_UPLOAD_BYTES, ge=1, description="Largest accepted upload."
     )
+    max_request_bytes: int = Field(
+        defaults.MAX_REQUEST_JSON_BYTES,
+        ge=1024,
+        description=(
+            "Largest request body other than an upload (a job's JSON), bytes; larger ones are "
+            "refused (413) before they are read."
+        ),
+    )
+    upload_idle_timeout_s: float = Field(
+        defaults.UPLOAD_IDLE_TIMEOUT_S,
+        gt=0,
+        description=(
+            "A request body (upload or JSON) that sends nothing for this long is refused (408) "
+            "and its connection closed."
+        ),
+    )
+    http_keepalive_s: int = Field(
+        defaults.HTTP_KEEPALIVE_S,
+        ge=1,
+        description="uvicorn `timeout_keep_alive`: idle keep-alive connections close after this.",
+    )
+    http_max_header_bytes: int = Field(
+        defaults.HTTP_MAX_HEADER_BYTES,
+        ge=4096,
+        description="uvicorn `h11_max_incomplete_event_size`: largest request head, bytes.",
+    )
+    http_max_connections: int = Field(
+        defaults.HTTP_MAX_CONNECTIONS,
+        ge=1,
+        description="uvicorn `limit_concurrency`: connections past this get 503 at once.",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description=(

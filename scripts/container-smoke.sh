@@ -55,8 +55,14 @@ echo "== image properties"
 if podman run --rm $RUN_FLAGS "$api_image" python3 -c "import torch" 2>/dev/null; then
   fail "the api image has torch"
 fi
-echo "   api: no torch; worker: torch $(podman run --rm $RUN_FLAGS "$worker_image" \
-  python3 -c 'import torch; print(torch.__version__)')"
+# shellcheck disable=SC2086
+if podman run --rm $RUN_FLAGS "$worker_image" python3 -c "import fastapi" 2>/dev/null \
+  || podman run --rm $RUN_FLAGS "$worker_image" python3 -c "import service" 2>/dev/null; then
+  fail "the worker image has FastAPI or service/"
+fi
+# shellcheck disable=SC2086
+echo "   api: no torch; worker: no FastAPI, no service/, torch $(podman run --rm $RUN_FLAGS \
+  "$worker_image" python3 -c 'import torch; print(torch.__version__)')"
 for image in "$api_image" "$worker_image"; do
   # shellcheck disable=SC2086
   uid=$(podman run --rm $RUN_FLAGS "$image" id -u)
