@@ -26,6 +26,7 @@ from recalib.contract import (
 )
 from worker.devices import describe_device
 from worker.evaluation import Evaluation, decide_verdict, prediction_change
+from worker.report_html import write_report_html
 
 if TYPE_CHECKING:
     from worker.engine import RecalibrationResult
@@ -123,7 +124,8 @@ def build_report(
 
 
 def write_report(report: Report, out_dir: Path) -> Path:
-    """Write ``out_dir/report.json`` atomically (a reader never sees half a file)."""
+    """Write ``out_dir/report.json`` atomically (a reader never sees half a file), then
+    ``report.html`` (best effort: :func:`worker.report_html.write_report_html`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / REPORT_FILE
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".report-", suffix=".json")
@@ -134,4 +136,5 @@ def write_report(report: Report, out_dir: Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    write_report_html(report, out_dir)
     return target

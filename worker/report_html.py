@@ -1,0 +1,171 @@
+"""``report.html``: a finished job's :class:`~recalib.contract.Report` as one self-contained page.
+
+Inline CSS and inline SVG plots (:mod:`worker.report_plots`), no script, no external reference: it
+opens offline and from an email attachment. Rendered with Jinja2 with autoescape on: every string
+from the report (layer names, file names, messages come from the user's model and files) is
+escaped; only the SVG that matplotlib drew is inserted as markup.
+
+:func:`write_report_html` is best effort: a job whose report cannot be drawn still succeeds (the
+error is logged), because ``report.json`` and the checkpoint are what the job is for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from jinja2 import Environment
+from markupsafe import Markup
+
+from recalib.contract import Metrics, Report
+from worker import report_plots
+
+logger = logging.getLogger(__name__)
+
+REPORT_HTML_FILE = "report.html"
+
+_METRICS = (
+    ("top-1 accuracy", "top1", "{:.4f}"),
+    ("top-5 accuracy", "top5", "{:.4f}"),
+    ("loss (nats)", "loss", "{:.4f}"),
+    ("mean confidence", "mean_confidence", "{:.4f}"),
+    ("mean entropy (nats)", "mean_entropy", "{:.4f}"),
+    ("samples", "samples", "{:d}"),
+)
+
+_TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>recalib report: {{ title }}</title>
+<style>
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1a202c;margin:0 auto;
+max-width:60rem;padding:1rem 1.5rem;background:#fff}
+h1{font-size:1.4rem;margin:.2rem 0 .6rem}h2{font-size:1.1rem;margin:1.6rem 0 .4rem;
+border-bottom:1px solid #e2e8f0;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.4rem 0}td,th{padding:.2rem .7rem;text-align:right;
+border-bottom:1px solid #edf2f7}td:first-child,th:first-child{text-align:left}
+.verdict{display:inline-block;padding:.1rem .6rem;border-radius:.8rem;font-weight:600;color:#fff}
+.better{background:#2f855a}.worse{background:#c53030}.unchanged{background:#718096}
+.unknown{background:#a0aec0}.muted{color:#718096}figure{margin:.4rem 0}
+figure svg{width:100%;height:auto}dl{display:grid;grid-template-columns:max-content auto;
+gap:.1rem 1rem;margin:.4rem 0}dt{color:#4a5568}dd{margin:0}
+</style></head><body>
+<h1>recalib report: {{ title }}</h1>
+<p><span class="verdict {{ r.verdict.value }}" id="verdict">{{ r.verdict.value }}</span>
+{% if top1 %} top-1 {{ top1[0] }} → {{ top1[1] }}{% endif %}
+{% if r.prediction_change is not none %}
+ · {{ "%.1f"|format(100 * r.prediction_change) }}% of predictions changed{% endif %}</p>
+<h2>Summary</h2>
+<table id="metrics"><tr><th>metric</th><th>before</th><th>after</th></tr>
+{% for label, before, after in metrics %}
+<tr><td>{{ label }}</td><td>{{ before }}</td><td>{{ after }}</td></tr>{% endfor %}
+</table>
+{% if not metrics %}<p class="muted">No evaluation data: nothing was measured.</p>{% endif %}
+<dl>
+<dt>model</dt><dd>{{ r.model_format }}, {{ r.bn_layers }} BN layers recalibrated
+{%- if r.skipped_layers %}, {{ r.skipped_layers|length }} skipped{% endif %}</dd>
+<dt>calibration</dt><dd>{{ r.data.calibration_file }}: {{ r.calibration.samples }} of
+{{ r.calibration.available_samples }} samples, {{ r.calibration.batches }} batches,
+estimator {{ r.calibration.estimator.value }}
+{%- if r.calibration.stopped_early %}, stopped early{% endif %}</dd>
+<dt>evaluated on</dt><dd>{{ evaluated_on }}</dd>
+<dt>device</dt><dd>{{ r.device }}</dd>
+<dt>time</dt><dd>{{ "%.2f"|format(r.timings_s.get("total", 0)) }} s
+<span class="muted">({% for k, v in r.timings_s.items() if k != "total" %}{{ k }}
+{{ "%.2f"|format(v) }} s{% if not loop.last %}, {% endif %}{% endfor %})</span></dd>
+<dt>checkpoint</dt><dd>{{ r.checkpoint.file }} <span class="muted">sha256
+{{ r.checkpoint.sha256[:16] }}…</span></dd>
+{% if r.folded %}<dt>folded</dt><dd>{{ r.folded.artifact.file }}: {{ r.folded.folded }} folded,
+max |diff| {{ "%.2e"|format(r.folded.max_abs_diff) }}</dd>{% endif %}
+<dt>recalib</dt><dd>{{ r.recalib_version }}</dd>
+</dl>
+<h2>Drift per BN layer</h2>
+<p class="muted">How far each layer's running statistics moved: the mean shift in units of the old
+running standard deviation, and the ratio of new to old variance.</p>
+<figure id="layer-drift">{{ layer_svg }}</figure>
+<details><summary>table ({{ r.layers|length }} layers)</summary><table id="layers">
+<tr><th>layer</th><th>type</th><th>channels</th><th>mean shift (σ)</th><th>var ratio</th></tr>
+{% for layer in r.layers %}<tr><td>{{ layer.name }}</td><td>{{ layer.type }}</td>
+<td>{{ layer.channels }}</td><td>{{ "%.4f"|format(layer.mean_shift_std) }}</td>
+<td>{{ "%.4f"|format(layer.var_ratio) }}</td></tr>{% endfor %}</table></details>
+{% if r.skipped_layers %}<p>Skipped: {% for s in r.skipped_layers %}{{ s.name }} ({{ s.reason }})
+{%- if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
+{% if class_svg %}<h2>Accuracy per class</h2>
+<figure id="per-class">{{ class_svg }}</figure>{% endif %}
+{% if confidence_svg %}<h2>Confidence</h2>
+<p class="muted">Distribution of the max-softmax probability over the evaluated samples.</p>
+<figure id="confidence">{{ confidence_svg }}</figure>{% endif %}
+</body></html>
+"""
+
+_EVALUATED_ON = {
+    "eval_file": "the evaluation file {}",
+    "holdout": "a held-out part of the calibration data",
+    "calibration": "the calibration samples themselves (no labels: label-free metrics only)",
+    None: "nothing (no evaluation data)",
+}
+
+_environment = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
+_template = _environment.from_string(_TEMPLATE)
+
+
+def _format(value: float | int | None, spec: str) -> str:
+    return "–" if value is None else spec.format(value)
+
+
+def _metric_rows(before: Metrics | None, after: Metrics | None) -> list[tuple[str, str, str]]:
+    rows = []
+    for label, key, spec in _METRICS:
+        values = [getattr(m, key) if m else None for m in (before, after)]
+        if any(v is not None for v in values):
+            rows.append((label, *(_format(v, spec) for v in values)))
+    return rows
+
+
+def render_report_html(report: Report) -> str:
+    """The page for ``report``; plots whose data the report lacks are left out."""
+    before, after = report.before, report.after
+    class_svg = confidence_svg = None
+    if before and after and before.per_class_accuracy and after.per_class_accuracy:
+        class_svg = report_plots.per_class_accuracy(
+            before.per_class_accuracy, after.per_class_accuracy
+        )
+    if before and after and before.confidence_histogram and after.confidence_histogram:
+        confidence_svg = report_plots.confidence_histograms(
+            before.confidence_histogram, after.confidence_histogram
+        )
+    top1 = None
+    if before and after and before.top1 is not None and after.top1 is not None:
+        top1 = (f"{before.top1:.4f}", f"{after.top1:.4f}")
+    evaluated_on = _EVALUATED_ON.get(report.data.evaluated_on, "?")
+    return _template.render(
+        r=report,
+        title=report.data.eval_file or report.data.calibration_file,
+        top1=top1,
+        metrics=_metric_rows(before, after),
+        evaluated_on=evaluated_on.format(report.data.eval_file),
+        layer_svg=Markup(report_plots.layer_drift(report.layers)) if report.layers else None,
+        class_svg=Markup(class_svg) if class_svg else None,
+        confidence_svg=Markup(confidence_svg) if confidence_svg else None,
+    )
+
+
+def write_report_html(report: Report, out_dir: Path) -> Path | None:
+    """Write ``out_dir/report.html`` atomically; on any failure log it and return None."""
+    target = Path(out_dir) / REPORT_HTML_FILE
+    try:
+        page = render_report_html(report)
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".report-", suffix=".html")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(page)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except Exception:
+        logger.exception("could not write %s (report.json is complete)", target)
+        return None
+    return target
