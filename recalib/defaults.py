@@ -39,7 +39,7 @@ HTTP_KEEPALIVE_S = 5
 """uvicorn ``timeout_keep_alive``: an idle keep-alive connection is closed after this."""
 
 HTTP_MAX_HEADER_BYTES = 16 * 1024
-"""uvicorn ``h11_max_incomplete_event_size``: the largest request line + headers (h11)."""
+"""Largest request headers (431 past it); also uvicorn's ``h11_max_incomplete_event_size``."""
 
 HTTP_MAX_CONNECTIONS = 1000
 """uvicorn ``limit_concurrency``: connections past this are answered 503 at once."""

@@ -65,7 +65,10 @@ class Settings(BaseSettings):
     http_max_header_bytes: int = Field(
         defaults.HTTP_MAX_HEADER_BYTES,
         ge=4096,
-        description="uvicorn `h11_max_incomplete_event_size`: largest request head, bytes.",
+        description=(
+            "Largest request headers, bytes: the API answers 431 past it (and uvicorn's h11 "
+            "parser, given it as `h11_max_incomplete_event_size`, stops reading)."
+        ),
     )
     http_max_connections: int = Field(
         defaults.HTTP_MAX_CONNECTIONS,

@@ -25,6 +25,7 @@ from recalib.settings import Settings, get_settings
 from service import reaper
 from service.api.main import api_router
 from service.auth import ApiKeys
+from service.limits import RequestLimits
 from service.metrics import ServiceCollector, metrics_registry
 from service.problems import install_problem_handlers, use_problem_media_type
 
@@ -61,9 +62,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ServiceCollector(conn, settings, app.state.job_store, app.state.file_store)
     )
     install_problem_handlers(app)
+    app.add_middleware(
+        RequestLimits,  # type: ignore[arg-type]
+        max_body_bytes=settings.max_request_bytes,
+        max_header_bytes=settings.http_max_header_bytes,
+        idle_timeout_s=settings.upload_idle_timeout_s,
+        uncapped=_is_upload,
+    )
     app.include_router(api_router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _is_upload(scope: dict[str, Any]) -> bool:
+    """``POST /v1/files``: streamed to disk under RECALIB_MAX_UPLOAD_BYTES, not the JSON cap."""
+    return scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/v1/files"
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

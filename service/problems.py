@@ -68,8 +68,7 @@ def field_of(loc: tuple[int | str, ...] | list[int | str]) -> str:
 
 def _validation_problem(exc: RequestValidationError, instance: str) -> JSONResponse:
     errors = [
-        {"field": field_of(err.get("loc", ())), "message": _validation_message(err)}
-        for err in exc.errors()
+        {"field": _field_of_error(err), "message": _validation_message(err)} for err in exc.errors()
     ]
     first = errors[0] if errors else {"field": "body", "message": "invalid request"}
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
@@ -84,7 +83,18 @@ def _validation_problem(exc: RequestValidationError, instance: str) -> JSONRespo
     return problem_response(problem, errors=errors)
 
 
+def _field_of_error(err: dict[str, Any]) -> str:
+    if err.get("type") == "json_invalid":  # loc is ("body", <character offset>)
+        return "body"
+    return field_of(err.get("loc", ()))
+
+
 def _validation_message(err: dict[str, Any]) -> str:
+    if err.get("type") == "json_invalid":
+        loc = err.get("loc", ())
+        where = f" at position {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        reason = (err.get("ctx") or {}).get("error") or "JSON decode error"
+        return f"invalid JSON{where}: {reason}"
     if err.get("type") == "extra_forbidden":
         return "unknown field (check the spelling; see /docs for the accepted ones)"
     return str(err.get("msg", "invalid value"))
@@ -120,18 +130,25 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
     return _validation_problem(exc, request.url.path)
 
 
+def http_problem_response(exc: StarletteHTTPException, instance: str | None) -> JSONResponse:
+    """The problem for an HTTP exception; its ``field``, ``type_slug`` and ``title`` attributes,
+    where it has them, name the field and the problem type."""
+    phrase = _http_phrase(exc.status_code)
+    problem = Problem(
+        type=problem_type(getattr(exc, "type_slug", None) or _http_slug(exc.status_code)),
+        title=getattr(exc, "title", None) or phrase,
+        status=exc.status_code,
+        detail=str(exc.detail) if exc.detail else phrase,
+        instance=instance,
+        field=getattr(exc, "field", None),
+    )
+    return problem_response(problem, headers=dict(exc.headers or {}))
+
+
 async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, StarletteHTTPException):
         return await _on_unexpected(request, exc)
-    phrase = _http_phrase(exc.status_code)
-    problem = Problem(
-        type=problem_type(_http_slug(exc.status_code)),
-        title=phrase,
-        status=exc.status_code,
-        detail=str(exc.detail) if exc.detail else phrase,
-        instance=request.url.path,
-    )
-    return problem_response(problem, headers=dict(exc.headers or {}))
+    return http_problem_response(exc, request.url.path)
 
 
 async def _on_redis_down(request: Request, exc: Exception) -> JSONResponse:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Annotated
@@ -11,15 +13,20 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from recalib.contract import JobCreate, JobEvent, JobPublic, JobRecord, JobStatus, Page
+from recalib.errors import InvalidOptionError, UserError
 from recalib.jobs.job_store import JobStore
 from service.api.deps import FileStoreDep, JobIdPath, JobStoreDep, TenantDep
 from service.problems import problem_responses
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
+MAX_SEQ = 2**53
+"""Largest event sequence number accepted in ``after`` or ``Last-Event-ID``."""
+_SEQ_RE = re.compile(r"^[0-9]{1,16}$")
 
 
 @router.post(
@@ -94,18 +101,28 @@ def job_events(
     request: Request,
     tenant: TenantDep,
     jobs: JobStoreDep,
-    after: Annotated[int, Query(ge=0, le=2**53)] = 0,
-    last_event_id: Annotated[str | None, Header(max_length=32)] = None,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
+    last_event_id: Annotated[str | None, Header()] = None,
 ) -> list[JobEvent] | Response:
     if "text/event-stream" not in request.headers.get("accept", ""):
         return jobs.events(tenant, job_id, after=after)
     jobs.get(tenant, job_id)  # 404 before the stream starts
-    if last_event_id and last_event_id.isdigit():  # an EventSource reconnecting
-        after = max(after, int(last_event_id))
+    if last_event_id is not None:  # an EventSource reconnecting
+        after = max(after, _event_seq(last_event_id))
     stream = _event_stream(jobs, tenant, job_id, after, request)
     return StreamingResponse(
         stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
+
+
+def _event_seq(last_event_id: str) -> int:
+    """The seq a ``Last-Event-ID`` names, validated like ``after`` (422 naming the header)."""
+    if not _SEQ_RE.match(last_event_id) or int(last_event_id) > MAX_SEQ:
+        raise InvalidOptionError(
+            f"Last-Event-ID must be an event id this API sent (an integer 0..{MAX_SEQ})",
+            field="Last-Event-ID",
+        )
+    return int(last_event_id)
 
 
 async def _event_stream(
@@ -114,8 +131,14 @@ async def _event_stream(
     """Poll the store; send new events as they come, stop once the job has ended."""
     quiet_s = 0.0
     while True:
-        record = await anyio.to_thread.run_sync(jobs.get, tenant, job_id)
-        events = await anyio.to_thread.run_sync(partial(jobs.events, tenant, job_id, after=after))
+        try:
+            record = await anyio.to_thread.run_sync(jobs.get, tenant, job_id)
+            events = await anyio.to_thread.run_sync(
+                partial(jobs.events, tenant, job_id, after=after)
+            )
+        except UserError as exc:  # deleted (retention) or unreadable since the stream began
+            logger.info("event stream of job %s ends: %s", job_id, exc)
+            return
         for event in events:
             data = event.model_dump_json()
             yield f"id: {event.seq}\nevent: {event.status.value}\ndata: {data}\n\n"
