@@ -24,7 +24,9 @@ from recalib.errors import (
     EXIT_WORSE,
     NotFoundError,
 )
+from tests.bn_oracle import assert_statistics_equal, digits_net, digits_oracle, one_sample
 from tests.live import REPO_ROOT, Stack, free_port, with_db
+from worker.digits import accuracy
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +64,16 @@ def test_submit_wait_download_verifies_files(service: Stack, digits_files, tmp_p
     report = job["result"]
     assert job["status"] == "succeeded"
     assert report["verdict"] == "better"
-    assert report["after"]["top1"] > report["before"]["top1"] + 0.3  # digits: ~0.1 → ~0.9
+    source, oracle, statistics = digits_oracle(
+        digits_files["model"], digits_files["calibration"], digits_files["evaluation"]
+    )
+    target = np.load(digits_files["evaluation"])
+    inputs, labels = target["inputs"], target["labels"]
+    one = one_sample(labels)
+    assert report["before"]["top1"] == pytest.approx(accuracy(source, inputs, labels), abs=one)
+    assert report["after"]["top1"] == pytest.approx(accuracy(oracle, inputs, labels), abs=one)
     checkpoint = out / "digits.recalibrated.pt2"
+    assert_statistics_equal(digits_net(checkpoint), statistics)
     assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == report["checkpoint"]["sha256"]
     folded = out / f"digits.folded{Path(report['folded']['artifact']['file']).suffix}"
     assert sha256_of(folded) == report["folded"]["artifact"]["sha256"]
