@@ -19,6 +19,7 @@ from recalib.jobs.file_store import FileStore
 from recalib.jobs.job_store import JobStore
 from recalib.settings import Settings
 from service.auth import ApiKeys
+from service.web import session
 
 # Declared for the OpenAPI document; the header is checked by ApiKeys (auto_error off).
 _bearer = HTTPBearer(
@@ -52,7 +53,7 @@ async def _tenant(
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> str:
     keys: ApiKeys = request.app.state.api_keys
-    return keys.tenant_for(request.headers.get("authorization"))
+    return keys.tenant_for(session.authorization(request))  # the header; cookie for GET/HEAD
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]

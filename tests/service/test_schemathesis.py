@@ -45,6 +45,7 @@ OPERATIONS = [
     ("GET", "/v1/jobs/{job_id}/checkpoint"),
     ("GET", "/v1/jobs/{job_id}/report"),
     ("GET", "/v1/jobs/{job_id}/folded"),
+    ("GET", "/v1/jobs/{job_id}/report.html"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),

@@ -1,0 +1,1 @@
+"""The operators' web page (server-rendered, outside ``/v1``): see :mod:`service.web.routes`."""
