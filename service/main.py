@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from recalib import __version__
+from recalib.jobs import data_dir
 from recalib.jobs.artifact_store import ArtifactStore
 from recalib.jobs.connection import connect_redis
 from recalib.jobs.file_store import FileStore
@@ -93,6 +94,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
     state.api_keys.log_mode()
     state.file_store.uploads.open()
+    data_dir.publish(state.redis, state.settings.data_dir)  # so a worker can tell it has another
     reaper_ = Reaper(state.redis, state.settings, state.file_store, state.artifact_store)
     thread, stop = reaper.start(reaper_, state.settings.reaper_interval_s)
     logger.info("recalib API %s ready; data in %s", __version__, state.settings.data_dir)

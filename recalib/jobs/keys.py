@@ -15,6 +15,7 @@ All keys lie under ``recalib:``::
     files:sha256:<tenant>         hash sha256 → file id
     workers, worker:<name>        live worker names; each worker's hash (expires without beats)
     reaper:lock                   held by the API process whose reaper is making a pass
+    data-dir                      hash: the API's data directory (marker ``id``, ``path``, ``host``)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ STATUS_COUNTS_KEY = PREFIX + "stats:status"
 DURATION_KEY = PREFIX + "stats:duration"
 WORKERS_KEY = PREFIX + "workers"
 REAPER_LOCK_KEY = PREFIX + "reaper:lock"
+DATA_DIR_KEY = PREFIX + "data-dir"
 
 
 def as_text(value: bytes | str) -> str:

@@ -1,11 +1,12 @@
 """Live workers: each ``recalib worker`` keeps a small hash in Redis that expires without beats.
 
 ``recalib:worker:<name>`` holds ``device``, ``state`` (idle/busy/...), ``current_job`` (our job
-id, empty when idle), ``last_heartbeat`` (ISO 8601), ``pid`` and ``hostname``. The worker refreshes
-it every ``RECALIB_WORKER_HEARTBEAT_S`` seconds (also while a job runs: the worker's parent
-process beats, not the work horse) with a TTL of 3 beats, so a worker that dies vanishes from
-:func:`live_workers` at most ``3 × RECALIB_WORKER_HEARTBEAT_S`` after its last beat; the reaper
-reads the same hash to find jobs whose worker died.
+id, empty when idle), ``last_heartbeat`` (ISO 8601), ``pid`` and ``hostname``. The worker writes
+all of it every ``RECALIB_WORKER_HEARTBEAT_S`` seconds (also while a job runs: the worker's
+parent process beats, not the work horse; a hash that Redis lost comes back whole) with a TTL of
+3 beats, so a worker that dies vanishes from :func:`live_workers` at most
+``3 × RECALIB_WORKER_HEARTBEAT_S`` after its last beat; the reaper reads the same hash to find
+jobs whose worker died.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def beat(
     ttl_s: int,
     **fields: str | int,
 ) -> None:
-    """Refresh a worker's hash (and set ``fields``); it expires ``ttl_s`` seconds from now."""
+    """Refresh a worker's hash (and set ``fields``: pass all of them, so that a hash Redis lost
+    is whole again); it expires ``ttl_s`` seconds from now."""
     mapping: dict[str, str | int] = {"last_heartbeat": datetime.now(UTC).isoformat(), **fields}
     conn.hset(worker_key(name), mapping=mapping)  # type: ignore[arg-type]
     conn.expire(worker_key(name), ttl_s)

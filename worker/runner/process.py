@@ -11,8 +11,12 @@ a short-lived subprocess (:func:`detect_device`).
 
 On top of RQ, :class:`RecalibWorker`
 
-- keeps the worker's hash in ``recalib:worker:<name>`` (device, state, current job) fresh at
-  every RQ heartbeat, so ``live_workers()`` lists it and the reaper can tell it died;
+- writes the worker's whole hash in ``recalib:worker:<name>`` (device, state, current job, pid,
+  hostname) at every RQ heartbeat, so ``live_workers()`` lists it, the reaper can tell it died,
+  and a Redis that lost the hash (restarted without persistence) has all of it again a beat later;
+- checks that its data directory is the API's (:mod:`recalib.jobs.data_dir`): at start (it
+  refuses to start, in one line naming ``RECALIB_DATA_DIR``) and before each job (the job fails
+  with that message instead of "the uploaded file no longer exists");
 - ends the record of a run whose horse died (killed, out of memory, stopped by a cancel) as
   soon as the horse exits: cancelled, re-queued or failed (:func:`recalib.jobs.states.recover_run`);
 - makes a horse die with its worker (``PR_SET_PDEATHSIG``), so no orphan keeps running a job
@@ -40,7 +44,8 @@ from rq.job import Job
 from rq.queue import Queue
 
 from recalib.contract import JobStatus
-from recalib.jobs import records, workers
+from recalib.errors import ServiceUnavailableError
+from recalib.jobs import data_dir, records, workers
 from recalib.jobs.connection import connect_redis, redis_url, require_redis
 from recalib.jobs.states import fail_unstarted, recover_run, requeue_lost
 from recalib.settings import Settings, get_settings
@@ -82,22 +87,28 @@ class RecalibWorker(Worker):
         self.device = device
         self.registry_ttl_s = workers.worker_ttl_s(settings)
         self._horse_exit = ""
+        # The whole registry hash, written at every beat: a Redis that lost it (restarted
+        # without persistence, flushed) gets all of it back at the next beat, not just a state.
+        self._registry: dict[str, str | int] = {
+            "device": device,
+            "state": "starting",
+            "current_job": "",
+            "pid": os.getpid(),  # this process's, also when a forked horse beats
+            "hostname": socket.gethostname(),
+        }
         super().__init__(*args, **kwargs)
 
     # -- registry --------------------------------------------------------------------------
 
+    def _beat(self, pipeline: Any = None, **changes: str | int) -> None:
+        """Set ``changes`` and write the whole registry hash (with a fresh TTL)."""
+        self._registry.update(changes)
+        target = pipeline if pipeline is not None else self.connection
+        workers.beat(target, self.name, self.registry_ttl_s, **self._registry)
+
     def register_birth(self) -> None:
         super().register_birth()
-        workers.beat(
-            self.connection,
-            self.name,
-            self.registry_ttl_s,
-            device=self.device,
-            state="started",
-            current_job="",
-            pid=os.getpid(),
-            hostname=socket.gethostname(),
-        )
+        self._beat(state="started", current_job="")
 
     def register_death(self) -> None:
         super().register_death()
@@ -105,21 +116,18 @@ class RecalibWorker(Worker):
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         super().heartbeat(timeout, pipeline)
-        target = pipeline if pipeline is not None else self.connection
-        workers.beat(target, self.name, self.registry_ttl_s, state=self.get_state())
+        self._beat(pipeline, state=self.get_state())
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         super().set_state(state, pipeline)
-        target = pipeline if pipeline is not None else self.connection
-        workers.beat(target, self.name, self.registry_ttl_s, state=state)
+        self._beat(pipeline, state=state)
 
     # -- runs ------------------------------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         job_id = str(job.args[0]) if job.args else ""
-        workers.beat(
-            self.connection, self.name, self.registry_ttl_s, state="busy", current_job=job_id
-        )
+        self._beat(state="busy", current_job=job_id)
+        self._refuse_if_wrong_data_dir(job_id, job.id)
         self._horse_exit = ""
         try:
             super().execute_job(job, queue)
@@ -128,11 +136,25 @@ class RecalibWorker(Worker):
             self._reconcile(job_id, job.id, reason, handing_back=True)
             raise
         finally:
-            workers.beat(self.connection, self.name, self.registry_ttl_s, current_job="")
+            self._beat(current_job="")
         reason = "the work horse died while running the job"
         if self._horse_exit:
             reason += f" ({self._horse_exit}; out of memory?)"
         self._reconcile(job_id, job.id, reason)
+
+    def _refuse_if_wrong_data_dir(self, job_id: str, rq_job_id: str) -> None:
+        """Fail a queued job, naming ``RECALIB_DATA_DIR``, when this worker's data directory is
+        not the API's (its inputs are not here); its horse then finds it final and does nothing."""
+        try:
+            wrong = data_dir.problem(self.connection, self.settings)
+            if wrong is None:
+                return
+            logger.error("job %s: %s", job_id, wrong.message)
+            stored = records.load(self.connection, job_id)
+            if stored is not None and stored.rq_job_id == rq_job_id:
+                fail_unstarted(self.connection, stored, wrong.message)
+        except redis.RedisError:
+            logger.exception("job %s: data directory not checked", job_id)
 
     def handle_work_horse_killed(
         self, job: Job, retpid: int | None, ret_val: int | None, rusage: Any
@@ -213,8 +235,14 @@ def run_worker(
     probe = connect_redis(settings)  # logs which Redis, and whether the URL was the default
     try:
         require_redis(probe, settings)  # one line and a non-zero exit, not a silent retry loop
+        logger.info("data directory %s", data_dir.describe(settings))
+        wrong = data_dir.problem(probe, settings)
     finally:
         probe.close()
+    if wrong is not None and wrong.definite:  # every job would fail: one line, exit 1
+        raise ServiceUnavailableError(wrong.message, field="RECALIB_DATA_DIR")
+    if wrong is not None:
+        logger.warning("%s; the API has not said which data directory it uses", wrong.message)
     device = device or settings.worker_device
     if device == "auto":
         device = detect_device()
