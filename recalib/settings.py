@@ -101,6 +101,14 @@ class Settings(BaseSettings):
         ge=1,
         description="Worker heartbeat period; a worker is dead after 3 missed beats.",
     )
+    ready_requires_worker: bool = Field(
+        False,
+        description=(
+            "`/readyz` is 503 while no live worker can take the queue. `recalib serve` turns it "
+            "on when it runs the workers (or the embedded Valkey); an API deployed alone reports "
+            "workers without requiring them."
+        ),
+    )
     worker_device: str = Field("auto", description="Device of `recalib worker`: auto, cpu, cuda:N.")
     retention_s: int = Field(
         defaults.RETENTION_S,

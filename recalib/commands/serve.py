@@ -2,32 +2,32 @@
 
 Without ``RECALIB_REDIS_URL``, everything runs from one command: a Valkey server with its data
 (append-only) under ``<data dir>/valkey``, ``--workers`` worker processes (default 1) and the API.
-With it, only the API (plus ``--workers`` workers if given). Ctrl-C or SIGTERM stops the API,
-then the workers (a running job gets ``WORKER_GRACE_S`` to finish, then is handed back to the
-queue), then Valkey: nothing it started is left running.
+With it, only the API (plus ``--workers`` workers if given). What it starts is supervised
+(:mod:`recalib.commands.supervisor`): a worker or Valkey that dies is restarted with backoff, and
+``/readyz`` is not ready while no worker is alive (``RECALIB_READY_REQUIRES_WORKER``, on unless
+set). Workers get the environment without secrets (``RECALIB_API_KEYS`` and the like).
+Ctrl-C or SIGTERM stops the API, then the workers (a running job gets
+``supervisor.WORKER_GRACE_S`` to finish, then is handed back to the queue), then Valkey: nothing
+it started is left running.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
 from recalib.commands import require
+from recalib.commands.supervisor import Supervisor, signals_ignored, worker_env
 from recalib.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
-WORKER_GRACE_S = 10.0
-WORKER_KILL_S = 5.0
+_signals_ignored = signals_ignored  # recalib demo uses it
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -50,18 +50,24 @@ def main(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir or settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _exit_on_signal)  # cleanup below runs on SIGTERM too
-    with contextlib.ExitStack() as stack:
-        redis_url = settings.redis_url
-        if redis_url is None:
-            redis_url = stack.enter_context(_embedded_redis(data_dir))
-        n_workers = args.workers if args.workers is not None else (0 if settings.redis_url else 1)
-        env = os.environ | {"RECALIB_REDIS_URL": redis_url, "RECALIB_DATA_DIR": str(data_dir)}
-        os.environ.update(env)  # the API reads its settings from the environment
-        get_settings.cache_clear()
-        stack.enter_context(_workers(n_workers, env))
+    with Supervisor() as supervisor:
+        embedded = settings.redis_url is None
+        redis_url = supervisor.start_valkey(data_dir) if embedded else settings.redis_url
+        n_workers = args.workers if args.workers is not None else (1 if embedded else 0)
+        os.environ.update({"RECALIB_REDIS_URL": redis_url, "RECALIB_DATA_DIR": str(data_dir)})
+        if embedded or n_workers:  # no worker could take the queue but ours
+            os.environ.setdefault("RECALIB_READY_REQUIRES_WORKER", "true")
+        get_settings.cache_clear()  # the API reads its settings from the environment
+        env = worker_env(os.environ)
+        withheld = sorted(set(os.environ) - set(env))
+        if n_workers and withheld:
+            logger.info("workers start without %s", ", ".join(withheld))
+        if n_workers:
+            _publish_data_dir(redis_url, data_dir)  # before the API does: the workers check it
+        supervisor.start_workers(n_workers, env)
         sys.stdout.write(
             f"recalib API on http://{host}:{port} (docs: /docs); data in {data_dir}; "
-            f"{n_workers} worker(s); Ctrl-C stops everything\n"
+            f"{n_workers} worker(s), restarted if they die; Ctrl-C stops everything\n"
         )
         sys.stdout.flush()
         import uvicorn
@@ -76,78 +82,18 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _publish_data_dir(redis_url: str, data_dir: Path) -> None:
+    import redis
+
+    from recalib.jobs import data_dir as data_dirs
+
+    conn = redis.Redis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
+    try:
+        data_dirs.publish(conn, data_dir)
+    finally:
+        conn.close()
+
+
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
     del frame
     raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def _embedded_redis(data_dir: Path) -> Iterator[str]:
-    from recalib.jobs.embedded_redis import EmbeddedRedis
-
-    # Start Valkey with SIGINT blocked: it inherits the mask, so a Ctrl-C in the terminal (sent
-    # to the whole process group) does not stop it before the workers are done with it.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        server = EmbeddedRedis(data_dir).start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    try:
-        yield server.url
-    finally:
-        with _signals_ignored():
-            server.stop()
-
-
-@contextlib.contextmanager
-def _workers(count: int, env: dict[str, str]) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``count`` × ``recalib worker``, each in its own session (a terminal's Ctrl-C reaches only
-    this process, which stops them in order)."""
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for index in range(count):
-            cmd = [sys.executable, "-m", "recalib.cli", "worker"]
-            cmd += ["--name", f"{os.uname().nodename}-serve-{os.getpid()}-{index + 1}"]
-            procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
-        yield procs
-    finally:
-        with _signals_ignored():
-            _stop_workers(procs)
-
-
-def _stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM (finish the job), SIGTERM again (hand it back), SIGKILL of the whole session."""
-    for proc in procs:
-        _signal(proc, signal.SIGTERM)
-    _wait_all(procs, WORKER_GRACE_S)
-    for proc in procs:
-        _signal(proc, signal.SIGTERM)
-    _wait_all(procs, WORKER_KILL_S)
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the worker's group; its horse dies with it
-        proc.wait()
-
-
-def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-
-
-def _wait_all(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Shield the shutdown from a second Ctrl-C (it would leave processes behind)."""
-    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)

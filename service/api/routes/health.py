@@ -1,4 +1,5 @@
-"""``/healthz`` (the process answers) and ``/readyz`` (Redis answers and storage is writable)."""
+"""``/healthz`` (the process answers) and ``/readyz`` (Redis answers, storage is writable and,
+with ``RECALIB_READY_REQUIRES_WORKER``, a live worker can take the queue)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from recalib.contract import Readiness, WorkerInfo
-from recalib.jobs.workers import live_workers
+from recalib.jobs.workers import live_workers, worker_ttl_s
 from recalib.settings import Settings
 from service.api.deps import RedisDep, SettingsDep
 
@@ -29,7 +30,7 @@ def healthz() -> dict[str, str]:
     "/readyz",
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Not ready; `detail` says why."}},
-    summary="Readiness: Redis answers and the data directory is writable; live workers",
+    summary="Readiness: Redis answers, the data directory is writable (and a worker is alive)",
 )
 def readyz(conn: RedisDep, settings: SettingsDep) -> JSONResponse:
     readiness = check_readiness(conn, settings)
@@ -39,7 +40,11 @@ def readyz(conn: RedisDep, settings: SettingsDep) -> JSONResponse:
 
 
 def check_readiness(conn: redis.Redis, settings: Settings) -> Readiness:
-    """Ping Redis, write and delete a probe file in the data directory, list live workers."""
+    """Ping Redis, write and delete a probe file in the data directory, list live workers.
+
+    Not ready without a live worker only when ``settings.ready_requires_worker`` (``recalib
+    serve``): an API deployed on its own must stay in rotation while its workers (re)start.
+    """
     problems: list[str] = []
     workers: list[WorkerInfo] = []
     redis_ok = False
@@ -51,8 +56,14 @@ def check_readiness(conn: redis.Redis, settings: Settings) -> Readiness:
     storage_ok = _storage_writable(settings.data_dir)
     if not storage_ok:
         problems.append(f"data directory {settings.data_dir} is not writable")
+    workers_ok = bool(workers) or not settings.ready_requires_worker
+    if redis_ok and not workers_ok:
+        problems.append(
+            "no live worker can take the queue (none beat within 3 × RECALIB_WORKER_HEARTBEAT_S "
+            f"= {worker_ttl_s(settings)} s; RECALIB_READY_REQUIRES_WORKER is on)"
+        )
     return Readiness(
-        ready=redis_ok and storage_ok,
+        ready=redis_ok and storage_ok and workers_ok,
         redis=redis_ok,
         storage_writable=storage_ok,
         workers=workers,
