@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.torch import save_file
 
 from recalib.contract import Report
 from recalib.errors import EXIT_USER_ERROR, EXIT_WORSE
 from tests.bn_oracle import assert_statistics_equal, digits_net, digits_oracle, one_sample
+from tests.live import REPO_ROOT
 from worker.digits import accuracy
 
 
@@ -129,3 +132,30 @@ def test_user_error_inside_the_job_is_one_line(digits_case, digits_files, tmp_pa
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "label" in result.stderr
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("factory", "cause"),
+    [
+        ("versioned_net", "refused the state_dict: ValueError: version should be set to 1 or 2"),
+        ("exploding_net", "failed to build the model: RuntimeError: this architecture needs"),
+    ],
+)
+def test_arch_code_failing_is_invalid_model_exit_2(digits_files, tmp_path, factory, cause) -> None:
+    """Like torchvision's mnasnet0_5 with a .safetensors state_dict (no version metadata)."""
+    from tests.worker import refusing_archs
+
+    model = tmp_path / "versioned.safetensors"
+    save_file(dict(refusing_archs.versioned_net().state_dict()), str(model))
+    arch = f"{refusing_archs.MODULE}:{factory}"
+    result = subprocess.run(
+        [sys.executable, "-m", "recalib.cli", "run", str(model), "--arch", arch,
+         "--calib", str(digits_files["calibration"]), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, check=False, cwd=REPO_ROOT,
+        env=os.environ | {"RECALIB_ARCH_ALLOWLIST": refusing_archs.MODULE},
+    )  # fmt: skip
+    assert result.returncode == EXIT_USER_ERROR, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"recalib: error: arch {arch} {cause}"), result.stderr
+    assert "internal error" not in result.stderr

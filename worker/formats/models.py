@@ -110,7 +110,8 @@ def load_model(
         arch_allowlist: module prefixes ``arch`` may come from.
 
     Raises:
-        InvalidModelError: unreadable, corrupt or tampered file, or a state_dict that does not fit.
+        InvalidModelError: unreadable, corrupt or tampered file, a state_dict that does not fit,
+            or ``arch`` code that raised while building the model or loading the state_dict.
         UnsafePickleError: the file needs a full unpickle and the caller did not opt in.
         ArchitectureNotAllowedError / InvalidOptionError: a bad ``arch`` / ``arch_kwargs``.
     """
@@ -175,8 +176,10 @@ def _from_state_dict(
         )
     model = state_dict.build_model(arch, arch_kwargs or {}, allowlist)
     applied = state_dict.apply_state_dict(model, tensors, path, arch)
+    with state_dict.arch_code(arch, "failed to move to the CPU in eval mode"):
+        module = model.to("cpu").eval()
     return LoadedModel(
-        model.to("cpu").eval(),
+        module,
         format,
         path,
         state_dtypes={k: v.dtype for k, v in applied.items()},

@@ -7,18 +7,27 @@ allows ``timm.models`` but not ``timmy``), and is imported only after that check
 Checkpoints are unwrapped: a dict holding the tensors under ``"state_dict"``,
 ``"model_state_dict"`` or ``"model"`` (nested up to three levels) yields that dict, and a
 ``"module."`` prefix on every key (``DataParallel``) is stripped when the model has none. A missing
-``num_batches_tracked`` is tolerated (BN fills it in). Saving writes the keys that were read (after
-unwrapping) in their original dtypes and the same container; other entries of a wrapping checkpoint
-are not kept.
+``num_batches_tracked`` is tolerated (BN fills it in). The per-module version metadata that
+``torch.save`` keeps with a state_dict (``state_dict._metadata``, which some architectures' own
+``_load_from_state_dict`` checks) is passed on through unwrapping and the prefix strip.
+
+The architecture is user code: any exception it raises while building the model or loading the
+state_dict (its constructor, its ``_load_from_state_dict`` hooks) is the input's problem, an
+:class:`InvalidModelError` naming the arch and the cause.
+
+Saving writes the keys that were read (after unwrapping) in their original dtypes and the same
+container; other entries of a wrapping checkpoint are not kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +36,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from recalib.errors import ArchitectureNotAllowedError, InvalidModelError, InvalidOptionError
+from recalib.errors import (
+    ArchitectureNotAllowedError,
+    InvalidModelError,
+    InvalidOptionError,
+    RecalibError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +97,13 @@ def build_model(
             f"arch_kwargs must be JSON values: {exc}", field="arch_kwargs"
         ) from exc
     factory = resolve_arch(arch, allowlist)
-    try:
-        model = factory(**arch_kwargs)
-    except TypeError as exc:
-        raise InvalidOptionError(
-            f"arch {arch!r} rejected arch_kwargs: {exc}", field="arch_kwargs"
-        ) from exc
+    with arch_code(arch, "failed to build the model"):
+        try:
+            model = factory(**arch_kwargs)
+        except TypeError as exc:
+            raise InvalidOptionError(
+                f"arch {arch!r} rejected arch_kwargs: {exc}", field="arch_kwargs"
+            ) from exc
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(
             f"arch {arch!r} returned {type(model).__name__}, not an nn.Module", field="arch"
@@ -117,7 +132,9 @@ def unwrap_checkpoint(obj: object, path: Path) -> dict[str, torch.Tensor]:
             and obj
             and all(isinstance(v, torch.Tensor) for v in obj.values())
         ):
-            return {str(k): v for k, v in obj.items()}
+            return with_metadata(
+                {str(k): v for k, v in obj.items()}, getattr(obj, "_metadata", None)
+            )
         key = next((k for k in _WRAPPER_KEYS if isinstance(obj, Mapping) and k in obj), None)
         if key is None:
             break
@@ -137,13 +154,15 @@ def apply_state_dict(
     """Load ``state`` into ``model`` strictly; return the state as applied (prefix stripped).
 
     Raises:
-        InvalidModelError: naming missing and unexpected keys and shape mismatches.
+        InvalidModelError: naming missing and unexpected keys and shape mismatches, or the
+            arch's own code refusing the state_dict.
     """
-    expected = model.state_dict()
+    with arch_code(arch, "failed to list its state_dict", file=path):
+        expected = model.state_dict()
     if all(k.startswith("module.") for k in state) and not any(
         k.startswith("module.") for k in expected
     ):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = _strip_module_prefix(state)
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
@@ -164,8 +183,58 @@ def apply_state_dict(
         raise InvalidModelError(
             f"{path.name} does not fit arch {arch}: {'; '.join(problems)}", file=str(path)
         )
-    model.load_state_dict(state, strict=False)
+    hint = ""
+    if getattr(state, "_metadata", None) is None:  # .safetensors never has it
+        hint = (
+            f" ({path.name} keeps no state_dict version metadata; if {arch} needs it, save the "
+            "state_dict with torch.save as .pt)"
+        )
+    with arch_code(arch, "refused the state_dict", file=path, hint=hint):
+        model.load_state_dict(state, strict=False)
     return state
+
+
+@contextlib.contextmanager
+def arch_code(
+    arch: str, failed: str, *, file: Path | None = None, hint: str = ""
+) -> Iterator[None]:
+    """Run user-supplied arch code: an exception from it (other than recalib's own) becomes an
+    :class:`InvalidModelError` ``"arch <arch> <failed>: <Type>: <message><hint>"``."""
+    try:
+        yield
+    except RecalibError:
+        raise
+    except Exception as exc:
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else "(no message)"
+        raise InvalidModelError(
+            f"arch {arch} {failed}: {type(exc).__name__}: {cause}{hint}",
+            field="arch",
+            file=None if file is None else str(file),
+        ) from exc
+
+
+def with_metadata(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None
+) -> dict[str, torch.Tensor]:
+    """``tensors`` as a state_dict carrying ``metadata`` (torch's ``_metadata``) when given."""
+    state: OrderedDict[str, torch.Tensor] = OrderedDict(tensors)
+    if metadata is not None:
+        state._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+    return state
+
+
+def _strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state_dict of a ``DataParallel`` wrapper as the inner module's, metadata included."""
+    stripped = {k.removeprefix("module."): v for k, v in state.items()}
+    metadata = getattr(state, "_metadata", None)
+    if metadata is None:
+        return stripped
+    inner = {
+        "" if key == "module" else key.removeprefix("module."): value
+        for key, value in metadata.items()
+        if key == "module" or key.startswith("module.")
+    }
+    return with_metadata(stripped, inner)
 
 
 def save_state_dict(
