@@ -142,7 +142,8 @@ async def receive_file(
     needed because the worker reads the file format from the extension.
     """
     file_id, part = files.new_part()
-    part_filename = await receive_into(request, part)
+    with files.writing():  # a full or read-only data directory: 503 naming it
+        part_filename = await receive_into(request, part)
     name = filename or part_filename
     if not name:
         part.discard()

@@ -9,6 +9,8 @@ gone (a crash) are dropped when a listing meets them. The API (upload, list, del
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import shutil
@@ -21,7 +23,7 @@ import redis
 
 from recalib import layout
 from recalib.contract import FilePublic, FileRecord, JobCreate, Page
-from recalib.errors import InvalidOptionError, NotFoundError
+from recalib.errors import InvalidOptionError, NotFoundError, ServiceUnavailableError
 from recalib.ids import FILE_ID_RE, new_file_id
 from recalib.jobs.keys import as_text, file_index_key, file_sha_key
 from recalib.jobs.upload_area import PartFile, UploadArea
@@ -30,6 +32,28 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CURSOR_RE = re.compile(r"^\d{17}:f_[A-Za-z0-9_-]{16,64}$")
 _UNSAFE_CHARS_RE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_FILENAME_CHARS = 128
+
+STORAGE_ERRNOS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+    | {errno.ENOTDIR, errno.EEXIST}
+)
+"""OS errors that mean "the data directory cannot be written" (full, read-only, not ours, or a
+file where a directory belongs), not a bug of ours."""
+
+
+def storage_error(exc: BaseException, data_dir: Path, who: str) -> ServiceUnavailableError | None:
+    """The 503 error for ``exc`` if it is a storage failure (see ``STORAGE_ERRNOS``), else None.
+
+    ``who`` is the process that needs the write (``"API"``, ``"worker"``): the fix is its.
+    """
+    if not isinstance(exc, OSError) or exc.errno not in STORAGE_ERRNOS:
+        return None
+    where = exc.filename or data_dir
+    return ServiceUnavailableError(
+        f"the {who} cannot write {where}: {exc.strerror or exc}; make the data directory "
+        f"(RECALIB_DATA_DIR={data_dir}) writable for the {who}, with free space",
+        file=str(where),
+    )
 
 
 def sanitize_filename(name: str | None) -> str:
@@ -60,13 +84,31 @@ class FileStore:
 
     # -- writing ---------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Turn a storage failure inside the block into :class:`ServiceUnavailableError` (503)
+        naming the directory; other errors pass unchanged."""
+        try:
+            yield
+        except OSError as exc:
+            error = storage_error(exc, self.data_dir, "API")
+            if error is None:
+                raise
+            raise error from exc
+
     def new_part(self) -> tuple[str, PartFile]:
         """A new file id and the part file its upload is written to (capped in size)."""
         file_id = new_file_id()
-        return file_id, self.uploads.new_part(file_id, self.max_upload_bytes)
+        with self.writing():
+            return file_id, self.uploads.new_part(file_id, self.max_upload_bytes)
 
     def commit(self, tenant: str, file_id: str, part: PartFile, filename: str) -> FileRecord:
-        """Make a finished part the file ``file_id`` of ``tenant``; nothing is left on failure."""
+        """Make a finished part the file ``file_id`` of ``tenant``; nothing is left on failure
+        (:class:`ServiceUnavailableError` when the data directory cannot be written)."""
+        with self.writing():
+            return self._commit(tenant, file_id, part, filename)
+
+    def _commit(self, tenant: str, file_id: str, part: PartFile, filename: str) -> FileRecord:
         record = FileRecord(
             id=file_id,
             filename=sanitize_filename(filename),
@@ -82,13 +124,11 @@ class FileStore:
             os.replace(part.path, content)
             meta_part.write_text(record.model_dump_json())
             os.replace(meta_part, meta)
-            with self.conn.pipeline() as pipe:
-                pipe.zadd(file_index_key(tenant), {_index_member(record): 0})
-                pipe.hset(file_sha_key(tenant), record.sha256, file_id)
-                pipe.execute()
+            self._index(record)
         except BaseException:
             for path in (meta, meta_part, content, part.path):
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # best effort: the directory may be the fault
+                    path.unlink(missing_ok=True)
             raise
         self.committed_bytes += record.bytes
         return record
@@ -99,11 +139,21 @@ class FileStore:
 
     def remove(self, record: FileRecord) -> None:
         """Forget a file: the index entries first (Redis down → nothing is deleted), then the
-        metadata (the file stops being usable), then the content."""
+        metadata (the file stops being usable), then the content.
+
+        When the metadata cannot be deleted (:class:`ServiceUnavailableError`), the index entries
+        are put back: the file stays whole, listed and usable, and the delete can be retried.
+        """
         self._unindex(record)
         content, meta = self._paths(record.id)
-        meta.unlink(missing_ok=True)
-        content.unlink(missing_ok=True)
+        try:
+            with self.writing():
+                meta.unlink(missing_ok=True)
+        except ServiceUnavailableError:
+            self._index(record)
+            raise
+        with self.writing():
+            content.unlink(missing_ok=True)
 
     def records(self) -> Iterator[FileRecord]:
         """Every stored file's record, of all tenants (for retention)."""
@@ -197,6 +247,12 @@ class FileStore:
         except FileNotFoundError:
             return None
         return record if content.exists() else None
+
+    def _index(self, record: FileRecord) -> None:
+        with self.conn.pipeline() as pipe:
+            pipe.zadd(file_index_key(record.tenant), {_index_member(record): 0})
+            pipe.hset(file_sha_key(record.tenant), record.sha256, record.id)
+            pipe.execute()
 
     def _unindex(self, record: FileRecord) -> None:
         self.conn.zrem(file_index_key(record.tenant), _index_member(record))

@@ -10,7 +10,8 @@ record ``running``, builds a :class:`JobSpec` from the uploaded files, calls
 - a :class:`UserError` → ``failed`` with its message (no retry: the input will not get better);
 - :class:`JobCancelledError` → ``cancelled``; RQ's job timeout → ``failed`` naming
   ``RECALIB_JOB_TIMEOUT_S``; the data directory not writable → ``failed``
-  (``service-unavailable``) naming the directory;
+  (``service-unavailable``) naming the directory, also when a library hid the OSError (a
+  probe write into the run's directory tells);
 - anything else → ``failed`` as ``internal-error`` with a short message (traceback in the log).
 
 A run whose horse dies is ended by its worker (:mod:`worker.runner.process`) or the reaper.
@@ -20,9 +21,9 @@ parent process can import this module (and fork) without touching CUDA.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
+import tempfile
 
 import redis
 from rq import get_current_job
@@ -39,15 +40,11 @@ from recalib.errors import (
 from recalib.jobs import states
 from recalib.jobs.artifact_store import INPUTS_DIR, ArtifactStore
 from recalib.jobs.connection import redis_url
-from recalib.jobs.file_store import FileStore
+from recalib.jobs.file_store import FileStore, storage_error
 from recalib.settings import Settings, get_settings
 from worker.runner.progress import ProgressWriter
 
 logger = logging.getLogger(__name__)
-
-# OS errors that mean "the data directory cannot be written", not a bug of ours.
-_STORAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
-_STORAGE_ERRNOS |= {errno.ENOTDIR, errno.EEXIST}
 
 
 def run_recalibration(job_id: str) -> None:
@@ -108,23 +105,26 @@ class _Run:
             self._finish(
                 JobStatus.failed, error=JobError(type=error_type_name(exc), message=str(exc))
             )
-        elif isinstance(exc, OSError):
-            self._fail_os(exc)
+        elif (storage := self._storage_error(chain)) is not None:
+            logger.error("job %s: %s", self.record.id, storage)
+            error = JobError(type=storage.type_slug, message=str(storage))
+            self._finish(JobStatus.failed, error=error)
         else:
             logger.exception("job %s: internal error", self.record.id)
             self._fail_internal(exc)
 
-    def _fail_os(self, exc: OSError) -> None:
-        if exc.errno not in _STORAGE_ERRNOS:
-            logger.exception("job %s: internal error", self.record.id)
-            self._fail_internal(exc)
-            return
-        where = exc.filename or self.data_dir
-        error = ServiceUnavailableError(
-            f"the worker cannot write {where}: {exc.strerror}; make the data directory "
-            f"(RECALIB_DATA_DIR={self.data_dir}) writable for the worker"
-        )
-        self._finish(JobStatus.failed, error=JobError(type=error.type_slug, message=str(error)))
+    def _storage_error(self, chain: list[BaseException]) -> ServiceUnavailableError | None:
+        """The data directory's fault, if it is one: an OSError in the chain that says so, or,
+        since libraries hide theirs (torch.export.save raises a RuntimeError with the strerror
+        in its text), a probe write into this run's directory that fails the same way."""
+        for exc in chain:
+            if (error := storage_error(exc, self.data_dir, "worker")) is not None:
+                return error
+        try:
+            with tempfile.TemporaryFile(dir=self.attempt_dir):
+                return None
+        except OSError as probe:
+            return storage_error(probe, self.data_dir, "worker")
 
     def _fail_internal(self, exc: BaseException) -> None:
         detail = str(exc).splitlines()[0][:200] if str(exc) else ""
