@@ -127,15 +127,18 @@ def _metric_rows(before: Metrics | None, after: Metrics | None) -> list[tuple[st
 def render_report_html(report: Report) -> str:
     """The page for ``report``; plots whose data the report lacks are left out."""
     before, after = report.before, report.after
-    class_svg = confidence_svg = None
-    if before and after and before.per_class_accuracy and after.per_class_accuracy:
-        class_svg = report_plots.per_class_accuracy(
-            before.per_class_accuracy, after.per_class_accuracy
-        )
-    if before and after and before.confidence_histogram and after.confidence_histogram:
-        confidence_svg = report_plots.confidence_histograms(
-            before.confidence_histogram, after.confidence_histogram
-        )
+    class_svg = confidence_svg = layer_svg = None
+    with report_plots.DRAW_LOCK:
+        if report.layers:
+            layer_svg = report_plots.layer_drift(report.layers)
+        if before and after and before.per_class_accuracy and after.per_class_accuracy:
+            class_svg = report_plots.per_class_accuracy(
+                before.per_class_accuracy, after.per_class_accuracy
+            )
+        if before and after and before.confidence_histogram and after.confidence_histogram:
+            confidence_svg = report_plots.confidence_histograms(
+                before.confidence_histogram, after.confidence_histogram
+            )
     top1 = None
     if before and after and before.top1 is not None and after.top1 is not None:
         top1 = (f"{before.top1:.4f}", f"{after.top1:.4f}")
@@ -146,7 +149,7 @@ def render_report_html(report: Report) -> str:
         top1=top1,
         metrics=_metric_rows(before, after),
         evaluated_on=evaluated_on.format(report.data.eval_file),
-        layer_svg=Markup(report_plots.layer_drift(report.layers)) if report.layers else None,
+        layer_svg=Markup(layer_svg) if layer_svg else None,
         class_svg=Markup(class_svg) if class_svg else None,
         confidence_svg=Markup(confidence_svg) if confidence_svg else None,
     )

@@ -1,10 +1,11 @@
 """The plots of ``report.html`` as inline SVG strings, drawn with matplotlib's object API.
 
 Each figure is a :class:`matplotlib.figure.Figure` rendered by its own ``FigureCanvasSVG``: no
-pyplot, no backend switch, no global state written, so two jobs may render at once. Text is drawn
-as paths (matplotlib's default ``svg.fonttype``), so the SVG needs no font and shows the same
-everywhere; user-controlled strings (layer names) reach the SVG only as glyph outlines and as
-XML comments that matplotlib escapes.
+pyplot, no backend switch, no global state written. matplotlib itself is not thread-safe (its font
+and text caches are shared): callers hold :data:`DRAW_LOCK` while drawing. Text is drawn as paths
+(matplotlib's default ``svg.fonttype``), so the SVG needs no font and shows the same everywhere;
+user-controlled strings (layer names) reach the SVG only as glyph outlines and as XML comments
+that matplotlib escapes.
 
 Every mark carries an ``id`` (matplotlib's ``gid``) naming what it shows: ``shift-<i>`` and
 ``var-<i>`` (layer ``i``), ``class-before-<k>``/``class-after-<k>`` (class ``k``),
@@ -17,6 +18,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import threading
 from collections.abc import Sequence
 
 from matplotlib.axes import Axes
@@ -30,8 +32,9 @@ AFTER_COLOR = "#2b6cb0"
 WIDTH_IN = 8.0
 MAX_CLASS_BARS = 50
 """Above this many classes, per-class accuracy is a scatter (after vs before), one dot each."""
+DRAW_LOCK = threading.Lock()
 _NO_METADATA = {"Creator": None, "Date": None, "Format": None, "Type": None}
-"""No RDF block (namespace URLs, a date): the SVG is the same for the same report."""
+"""No RDF metadata block (namespace URLs and a date) in the SVG."""
 
 
 def _figure(height_in: float) -> Figure:
