@@ -168,6 +168,20 @@ def _prepare(inputs: torch.Tensor, device: torch.device, channels_last: bool) ->
     return inputs
 
 
+def pad_batch(inputs: torch.Tensor, min_batch_size: int) -> torch.Tensor:
+    """``inputs`` with its last sample repeated up to ``min_batch_size`` rows (eval mode only:
+    there each sample's output is independent of the others, so padding rows change nothing)."""
+    missing = min_batch_size - inputs.shape[0]
+    if missing <= 0 or inputs.shape[0] == 0:
+        return inputs
+    return torch.cat([inputs, inputs[-1:].expand(missing, *inputs.shape[1:])])
+
+
+def _logits(model: nn.Module, inputs: torch.Tensor, min_batch_size: int) -> torch.Tensor:
+    """Logits of ``inputs``, padded to ``min_batch_size`` for the call, padding rows dropped."""
+    return forward_logits(model, pad_batch(inputs, min_batch_size))[: inputs.shape[0]]
+
+
 def evaluate(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -176,6 +190,7 @@ def evaluate(
     device: torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    min_batch_size: int = 1,
     total_batches: int | None = None,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -189,6 +204,9 @@ def evaluate(
         device: where inputs are moved; default the device of the first parameter (CPU if none).
         autocast_dtype: run forward passes under autocast with this dtype; metrics stay float32.
         channels_last: convert 4-D inputs to channels_last memory format.
+        min_batch_size: the fewest samples the model takes per call (a ``torch.export``
+            program with a fixed batch size): shorter batches are padded with copies of their
+            last sample, whose outputs are discarded (exact in eval mode).
         total_batches: passed to ``progress`` as the total.
         progress: called with ``(batches_done, total_batches)`` after each batch.
         should_stop: polled before each batch; True raises :class:`JobCancelledError`.
@@ -203,7 +221,8 @@ def evaluate(
             if should_stop is not None and should_stop():
                 raise JobCancelledError("the job was cancelled during evaluation")
             with _autocast(device, autocast_dtype):
-                logits = forward_logits(model, _prepare(inputs, device, channels_last))
+                x = _prepare(inputs, device, channels_last)
+                logits = _logits(model, x, min_batch_size)
             accumulator.update(logits, labels)
             if progress is not None:
                 progress(done, total_batches)
@@ -216,9 +235,11 @@ def max_output_diff(
     batches: Iterable[Batch],
     *,
     device: torch.device | None = None,
+    min_batch_size: int = 1,
     should_stop: Callable[[], bool] | None = None,
 ) -> float:
-    """Largest ``|candidate(x) − reference(x)|`` over all outputs of all batches (float32)."""
+    """Largest ``|candidate(x) − reference(x)|`` over all outputs of all batches (float32);
+    ``min_batch_size`` pads short batches as :func:`evaluate` does."""
     device = device or _model_device(reference)
     largest = 0.0
     with torch.inference_mode():
@@ -226,7 +247,10 @@ def max_output_diff(
             if should_stop is not None and should_stop():
                 raise JobCancelledError("the job was cancelled while checking the folded model")
             x = inputs.to(device)
-            diff = forward_logits(candidate, x).float() - forward_logits(reference, x).float()
+            diff = (
+                _logits(candidate, x, min_batch_size).float()
+                - _logits(reference, x, min_batch_size).float()
+            )
             largest = max(largest, float(diff.abs().max()))
     return largest
 

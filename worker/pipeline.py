@@ -6,6 +6,7 @@ batches): ``loading`` → ``evaluating`` (original statistics) → ``recalibrati
 (new statistics) → ``saving`` (checkpoint, then the folded copy when ``options.fold``).
 
 Which samples calibrate and which evaluate: :mod:`worker.splits` (recorded in ``report.data``).
+Batch sizes a ``.pt2`` program fixes or bounds are honoured: :mod:`worker.batch_limits`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from recalib.errors import (
     RecalibError,
 )
 from worker import report as reporting
+from worker.batch_limits import (
+    BatchLimits,
+    batch_limits,
+    probe_indices,
+    shape_guards_as_data_errors,
+)
 from worker.devices import resolve_device
 from worker.engine import RecalibrationResult, find_bn_layers, recalibrate
 from worker.evaluation import Evaluation, evaluate, infer_num_classes, max_output_diff
@@ -110,10 +117,10 @@ class _Job:
             self.model = self.loaded.module.to(self.device)
             if self.options.channels_last:  # Module.to takes memory_format; the stubs lack it
                 self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            _check_model(self.model, self.plan)
-        self.eval_loader = self._loader(
-            self.plan.eval_set, self.plan.eval_indices, self.options.eval_batch_size
-        )
+            self.limits = batch_limits(self.loaded)
+            _check_model(self.model, self.plan, self.limits)
+        eval_batch_size = self.limits.fit(self.options.eval_batch_size, "evaluating")
+        self.eval_loader = self._loader(self.plan.eval_set, self.plan.eval_indices, eval_batch_size)
         before = self._evaluate("evaluate_before")
         result = self._recalibrate()
         after = self._evaluate("evaluate_after")
@@ -150,7 +157,7 @@ class _Job:
     def _evaluate(self, step: str) -> Evaluation:
         total = len(self.eval_loader)
         self.progress.start(Phase.evaluating, total)
-        with self.timer(step):
+        with self.timer(step), shape_guards_as_data_errors(self.limits):
             return evaluate(
                 self.model,
                 self.eval_loader,
@@ -158,6 +165,7 @@ class _Job:
                 device=self.device,
                 autocast_dtype=self.autocast_dtype,
                 channels_last=self.options.channels_last,
+                min_batch_size=self.limits.min_size,
                 total_batches=total,
                 progress=self.progress.batches(Phase.evaluating),
                 should_stop=self.should_stop,
@@ -165,12 +173,11 @@ class _Job:
 
     def _recalibrate(self) -> RecalibrationResult:
         options = self.options
-        loader = self._loader(
-            self.plan.calibration, self.plan.calibration_indices, options.batch_size
-        )
+        batch_size = self.limits.fit(options.batch_size, "calibrating")
+        loader = self._loader(self.plan.calibration, self.plan.calibration_indices, batch_size)
         self.progress.start(Phase.recalibrating, len(loader))
-        with self.timer("recalibrate"):
-            return recalibrate(
+        with self.timer("recalibrate"), shape_guards_as_data_errors(self.limits):
+            result = recalibrate(
                 self.model,
                 loader,
                 estimator=options.estimator,
@@ -181,10 +188,21 @@ class _Job:
                 device=self.device,
                 channels_last=options.channels_last,
                 autocast_dtype=self.autocast_dtype,
+                batch_size_range=(self.limits.min_size, self.limits.max_size),
                 total_batches=len(loader),
                 progress=self.progress.batches(Phase.recalibrating),
                 should_stop=self.should_stop,
             )
+        if result.dropped_samples:
+            logger.warning(
+                "calibrated on %d of %d samples: %d dropped (%s takes %s samples per call)",
+                result.samples,
+                len(self.plan.calibration_indices),
+                result.dropped_samples,
+                self.limits.model_name,
+                self.limits.describe_batch(),
+            )
+        return result
 
     def _fold(self) -> FoldReport:
         """Fold BN into conv/linear, measure the output change on the eval data, save the copy."""
@@ -196,12 +214,15 @@ class _Job:
                 result.module.to(self.device),
                 self.eval_loader,
                 device=self.device,
+                min_batch_size=self.limits.min_size,
                 should_stop=self.should_stop,
             )
         finally:
             loaded.module.to("cpu")
             result.module.to("cpu")
-        example = plan.calibration.get_batch(plan.calibration_indices[:2])[0]
+        example_size = self.limits.fit(2)
+        indices = probe_indices(plan.calibration_indices, example_size)
+        example = plan.calibration.get_batch(indices)[0]
         artifact = save_folded(result, loaded, (example,), self.out_dir)
         return FoldReport(
             artifact=artifact,
@@ -239,9 +260,10 @@ def _load(spec: JobSpec) -> tuple[LoadedModel, DataPlan]:
     return loaded, plan_data(calibration, eval_set, spec.options)
 
 
-def _check_model(model: torch.nn.Module, plan: DataPlan) -> None:
-    """Fail before any evaluation: the model needs BN layers, must run on two samples of each
-    data set and give (N, classes) logits; labels must lie in [0, classes)."""
+def _check_model(model: torch.nn.Module, plan: DataPlan, limits: BatchLimits) -> None:
+    """Fail before any evaluation: the model needs BN layers, each data set must fit the input
+    sizes the model fixes, the model must run on a small batch of each (two samples, or the
+    batch size it takes) and give (N, classes) logits; labels must lie in [0, classes)."""
     layers, skipped = find_bn_layers(model)
     if not layers:
         detail = f" ({len(skipped)} skipped: {skipped[0].reason})" if skipped else ""
@@ -255,7 +277,8 @@ def _check_model(model: torch.nn.Module, plan: DataPlan) -> None:
     for samples, indices in data_sets:
         if not indices:
             raise InvalidDataError("the data file holds no samples", file=str(samples.path))
-        probe = samples.get_batch(indices[:2])[0]
+        probe = samples.get_batch(probe_indices(indices, limits.fit(2)))[0]
+        limits.check_samples(probe, samples)
         try:
             num_classes = infer_num_classes(model, probe)
         except RecalibError:

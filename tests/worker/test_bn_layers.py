@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from tests.worker.formats_files import digits_arrays
 from worker.engine import find_bn_layers, recalibrate
 
 
@@ -89,3 +90,41 @@ def test_unreached_layer_is_skipped_not_reported_as_recalibrated() -> None:
         ("unused", "not reached by the forward pass in train mode")
     ]
     assert torch.equal(model.unused.running_mean, torch.zeros(3))
+
+
+class BatchNormDrop2d(nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: a BN subclass holding ``drop`` and ``act`` child modules."""
+
+    def __init__(self, channels: int, p: float) -> None:
+        super().__init__(channels)
+        self.drop = nn.Dropout(p)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _drop_model(p: float) -> nn.Sequential:
+    torch.manual_seed(0)  # the same weights whatever p
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        BatchNormDrop2d(8, p),
+        nn.Conv2d(8, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 10),
+    ).eval()
+
+
+def test_children_of_a_bn_subclass_stay_in_eval_mode() -> None:
+    """Only the BN's own flag goes to train: its Dropout child must not drop during calibration."""
+    data = torch.from_numpy(digits_arrays()[0][:256])
+    model, reference = _drop_model(0.5), _drop_model(0.0)
+    seen: list[bool] = []
+    model[1].drop.register_forward_hook(lambda module, args, out: seen.append(module.training))
+    recalibrate(model, data.split(64))
+    recalibrate(reference, data.split(64))
+    assert seen and not any(seen)
+    for key in ("running_mean", "running_var"):
+        assert torch.equal(getattr(model[3], key), getattr(reference[3], key)), key
+    assert not any(module.training for module in model.modules())

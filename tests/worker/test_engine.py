@@ -198,7 +198,7 @@ def test_single_sample_batch_is_merged(digits_case, target) -> None:
 def test_batch_size_one_is_merged_pairwise(digits_case, target) -> None:
     model = copy.deepcopy(digits_case.model)
     result = recalibrate(model, target[:6].split(1))
-    assert result.samples == 6 and result.batches == 1
+    assert (result.samples, result.batches, result.merged_batches) == (6, 3, 3)
 
 
 def test_fewer_than_two_samples_is_an_error(digits_case, target) -> None:

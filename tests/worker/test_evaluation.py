@@ -157,3 +157,22 @@ def test_infer_num_classes_and_max_output_diff() -> None:
     batches = [(torch.randn(3, 4), torch.zeros(3, dtype=torch.int64)) for _ in range(2)]
     assert max_output_diff(linear, shifted, batches) == pytest.approx(0.25, abs=1e-6)
     assert max_output_diff(linear, linear, batches) == 0.0
+
+
+class _TakesFour(nn.Module):
+    """Identity that refuses any batch but 4 samples, as a fixed-batch torch.export program does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != 4:
+            raise AssertionError(f"Guard failed: x.size()[0] == 4 (got {x.shape[0]})")
+        return x
+
+
+def test_min_batch_size_pads_a_short_batch_and_drops_the_padding() -> None:
+    logits = [[LN3, 0, 0], [0, LN8, 0], [0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, LN3]]
+    batches = _batches(logits, [0, 2, 2, 0, 1, 2], batch_size=4)  # 4 + 2
+    padded = evaluate(_TakesFour(), batches, labeled=True, min_batch_size=4)
+    plain = evaluate(nn.Identity(), batches, labeled=True)
+    assert padded.metrics == plain.metrics and padded.metrics.samples == 6
+    assert torch.equal(padded.predictions, plain.predictions)
+    assert max_output_diff(_TakesFour(), _TakesFour(), batches, min_batch_size=4) == 0.0

@@ -10,6 +10,7 @@ reported with the reason: ``track_running_stats=False`` layers, frozen BN (torch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,8 @@ class BNLayer:
 
     ``scripted`` layers (TorchScript) accept neither hooks nor a new momentum, so their batch
     statistics are read by zeroing the buffers before a forward pass and scaling them after
-    (:meth:`prepare`/:meth:`read`); eager layers run with momentum 1 and are read directly.
+    (:meth:`prepare`/:meth:`read`), which measures one call per forward only; eager layers run
+    with momentum 1 and are read by a forward hook after every call.
     """
 
     name: str
@@ -35,9 +37,7 @@ class BNLayer:
     channels: int
     eps: float
     momentum: float | None
-    # Elements per channel of the last forward (eager: set by a pre-hook; scripted: estimated).
-    last_count: int = 0
-    hook: torch.utils.hooks.RemovableHandle | None = field(default=None, repr=False)
+    hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list, repr=False)
 
     @property
     def type_name(self) -> str:
@@ -59,7 +59,7 @@ class BNLayer:
             self.module.num_batches_tracked.zero_()
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """After a forward pass: this batch's per-channel mean and unbiased variance."""
+        """After a call: its per-channel batch mean and unbiased variance (copies)."""
         mean, var = self.module.running_mean, self.module.running_var
         if self.scripted and self.momentum is not None:
             # running = (1 - m) * 0 + m * batch, so batch = running / m
@@ -120,3 +120,31 @@ def find_bn_layers(model: nn.Module) -> tuple[list[BNLayer], list[SkippedLayer]]
             )
         )
     return layers, skipped
+
+
+def probe_elements_per_sample(
+    layers: list[BNLayer], forward: Callable[[torch.Tensor], None], inputs: torch.Tensor
+) -> list[int]:
+    """Elements per channel per sample of each scripted BN layer (no hooks on TorchScript).
+
+    A batch X and its duplicate [X; X] have the same biased variance b, so their unbiased
+    variances u1 = b·n/(n−1) and u2 = b·2n/(2n−1) give n = (2u1 − u2) / (2(u1 − u2)). Assumes the
+    spatial size at each layer is the same for every batch (fixed input size). Where u1 ≈ u2
+    (n too large to resolve in float32) the Bessel correction is negligible and n is taken large.
+    ``forward`` runs the model in calibration mode on a batch.
+    """
+    reads = []
+    for probe in (inputs, torch.cat([inputs, inputs])):
+        for layer in layers:
+            layer.prepare()
+        forward(probe)
+        reads.append([tuple(t.double() for t in layer.read()) for layer in layers])
+    counts = []
+    for (_, u1), (_, u2) in zip(reads[0], reads[1], strict=True):
+        valid = (u1 - u2).abs() > 1e-5 * u1.abs()
+        if not bool(valid.any()):
+            counts.append(1_000_000)
+            continue
+        n = ((2 * u1 - u2) / (2 * (u1 - u2)))[valid].median()
+        counts.append(max(1, round(float(n) / inputs.shape[0])))
+    return counts

@@ -1,8 +1,12 @@
 """How per-batch BN statistics are combined into running statistics: one small object per layer.
 
-Each estimator receives, after every calibration batch, the batch's per-channel mean, unbiased
-variance and element count per channel, and yields the running statistics to store. As in
-fvcore's ``precise_bn``, the averaging rule is one object, not flags spread through the loop.
+Each estimator receives, after every call of its BN layer, that call's per-channel mean, unbiased
+variance and element count per channel, and yields the running statistics to store. A layer
+called once per forward gets one update per batch; a layer called k times per forward (a shared
+module) gets k updates per batch: ``population`` then pools all calls' activations exactly,
+``batch_mean`` and ``ema`` count every call as one update, as train-mode BN itself does (with
+``momentum=None`` / its momentum). As in fvcore's ``precise_bn``, the averaging rule is one
+object, not flags spread through the loop.
 """
 
 from __future__ import annotations
@@ -19,14 +23,14 @@ ESTIMATORS = ("population", "batch_mean", "ema")
 
 class LayerEstimator(Protocol):
     def update(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
-        """Add one batch: per-channel mean, unbiased variance, elements per channel."""
+        """Add one call: per-channel mean, unbiased variance, elements per channel."""
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The running mean and (unbiased) running variance to store."""
 
 
 class PopulationEstimator:
-    """Pooled statistics of all activations, each batch weighted by its element count.
+    """Pooled statistics of all activations, each call weighted by its element count.
 
     mean = E[x], var = (E[x²] − E[x]²)·n/(n−1) over all n elements per channel, combined batch by
     batch with Chan's parallel update in float64 (stable where E[x²] − E[x]² is not), so a small
@@ -54,7 +58,7 @@ class PopulationEstimator:
 
 
 class BatchMeanEstimator:
-    """Equal weight per batch: torch ``swa_utils.update_bn``'s cumulative moving average.
+    """Equal weight per call: torch ``swa_utils.update_bn``'s cumulative moving average.
 
     Uses the same update as BN with ``momentum=None`` (``running = (1 − 1/k)·running + 1/k·batch``),
     so the result equals ``update_bn`` on the same batches up to float32 rounding (BN's CPU kernel
@@ -78,7 +82,8 @@ class BatchMeanEstimator:
 
 
 class EmaEstimator:
-    """Exponential moving average from the current statistics, no reset: BN's own training rule."""
+    """Exponential moving average from the current statistics, no reset: BN's own training rule
+    (one step per call)."""
 
     def __init__(self, mean: torch.Tensor, var: torch.Tensor, momentum: float) -> None:
         self.momentum = momentum

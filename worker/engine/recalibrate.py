@@ -1,37 +1,31 @@
 """The recalibration engine: re-estimate a model's BN running statistics on target-domain batches.
 
 A plain function over an ``nn.Module`` and an iterable of batches, with no I/O: the CLI, the queue
-worker and the tests all call :func:`recalibrate`.
+worker and the tests all call :func:`recalibrate`. The batch stream (single-sample merging, batch
+size limits) is :mod:`worker.engine.stream`; the per-run state :mod:`worker.engine.run_state`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from recalib.errors import (
-    InvalidDataError,
-    JobCancelledError,
-    NoBatchNormError,
-    StatisticsUnchangedError,
-)
+from recalib.errors import InvalidDataError, JobCancelledError, NoBatchNormError
 from worker.devices import move_batch
 from worker.engine.bn_layers import BNLayer, find_bn_layers
-from worker.engine.estimators import LayerEstimator, make_estimator, mix_with_prior
-from worker.engine.results import LayerChange, RecalibrationResult, SkippedLayer
+from worker.engine.results import RecalibrationResult
+from worker.engine.run_state import CalibrationRun, one_value_error
+from worker.engine.stream import BatchStream
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int | None], None]
-"""Called after each batch with (batches done, batches in total or None)."""
+"""Called after each forward with (input batches done, input batches in total or None)."""
 
 
 def recalibrate(
@@ -46,24 +40,32 @@ def recalibrate(
     device: torch.device | None = None,
     channels_last: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    batch_size_range: tuple[int, int | None] = (1, None),
     total_batches: int | None = None,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RecalibrationResult:
     """Re-estimate the running statistics of every BN layer of ``model`` on ``batches`` (AdaBN).
 
-    Only BN layers run in train mode (Dropout, DropPath and the rest stay in eval, unlike
-    ``torch.optim.swa_utils.update_bn``, which calls ``model.train()``), under ``no_grad``. Only BN
-    buffers change; parameters stay bit-identical. Afterwards every module has its original
+    Only BN layers run in train mode (only their own ``training`` flag is set: Dropout, DropPath,
+    a BN subclass's own ``drop``/``act`` children and the rest stay in eval, unlike
+    ``torch.optim.swa_utils.update_bn``, which calls ``model.train()``), under ``no_grad``. Only
+    BN buffers change; parameters stay bit-identical. Afterwards every module has its original
     training flag and momentum (a model that arrived in train mode, usually by accident, is put
     wholly in eval mode, with a warning); on an exception or a cancel the original statistics
     are restored too.
 
+    A BN module called several times in one forward (weight sharing) counts every call: the
+    ``population`` estimate pools all calls' activations, ``batch_mean`` and ``ema`` count each
+    call as one update (as train-mode BN itself would). Where that cannot be measured (a
+    TorchScript layer, which takes no hooks) it is refused, never half-counted.
+
     Args:
         model: any module with BN layers, eager or TorchScript; modified in place.
         batches: tensors, or tuples/lists whose first item is the input (``(inputs, labels)``),
-            or dicts with an ``"inputs"`` key. A batch of one sample is merged into a neighbour,
-            since train-mode BN cannot normalize a single value per channel.
+            or dicts with an ``"inputs"`` key. A batch of one sample is merged with one
+            neighbour, since train-mode BN cannot normalize a single value per channel (see
+            :mod:`worker.engine.stream`).
         estimator: ``population`` (pooled, element-weighted), ``batch_mean`` (= ``update_bn``)
             or ``ema`` (BN's own rule with ``momentum``, no reset); see
             :mod:`worker.engine.estimators`.
@@ -76,9 +78,13 @@ def recalibrate(
         device: where batches go; default the model's device. Pinned, non-blocking on CUDA.
         channels_last: send 4-D batches in channels_last format (convert the model yourself).
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype.
-        total_batches: for progress reporting.
-        progress: called after each batch with (done, total).
-        should_stop: polled before each batch; True raises :class:`JobCancelledError`.
+        batch_size_range: the samples per forward the model accepts, ``(min, max or None)``
+            (a ``torch.export`` program's batch dimension): no merge exceeds max, and a batch
+            outside the range is dropped (counted in ``dropped_samples``). With max 1, batches
+            are forwarded one sample each.
+        total_batches: input batches in ``batches``, for progress reporting.
+        progress: called after each forward with (input batches done, ``total_batches``).
+        should_stop: polled before each forward; True raises :class:`JobCancelledError`.
 
     Returns:
         Which layers were recalibrated or skipped, how their statistics moved, samples used.
@@ -86,6 +92,8 @@ def recalibrate(
     Raises:
         NoBatchNormError: no recalibratable BN layer.
         InvalidDataError: fewer than 2 samples, or a batch train-mode BN cannot normalize.
+        InvalidModelError: the model takes one sample per forward and a BN layer then sees one
+            value per channel; or a TorchScript BN layer is called more than once per forward.
         StatisticsUnchangedError: no BN layer updated its statistics in train mode (e.g. traced
             TorchScript with ``training=False`` baked into its graph).
         JobCancelledError: ``should_stop`` returned True.
@@ -100,15 +108,21 @@ def recalibrate(
         raise NoBatchNormError(
             "model has no BatchNorm layers whose statistics can be re-estimated" + detail
         )
+    min_batch, max_batch = batch_size_range
+    stream = BatchStream(batches, min_size=min_batch, max_size=max_batch)
+    if max_batch == 1:
+        logger.warning(
+            "the model takes one sample per forward: during calibration each BN layer "
+            "normalizes with one sample's statistics, so layers after the first see other "
+            "inputs than at inference; a program with a dynamic batch dimension calibrates better"
+        )
     device = device or _model_device(model)
-    source = [(layer.running_mean.clone(), layer.running_var.clone()) for layer in layers]
-    source_counts = [layer.module.num_batches_tracked.clone() for layer in layers]
-    run = _Run(layers, source, estimator, momentum, tolerance, tolerance_window)
+    run = CalibrationRun(layers, estimator, momentum, tolerance, tolerance_window, max_batch)
     modes = {module: module.training for module in model.modules()}
     succeeded = False
     try:
-        with _bn_train_mode(model, layers), torch.no_grad():
-            for inputs in _at_least_two(batches, run):
+        with _bn_train_mode(model, run), torch.no_grad():
+            for inputs in stream:
                 if should_stop is not None and should_stop():
                     raise JobCancelledError("job cancelled during recalibration")
                 inputs = move_batch(inputs, device)
@@ -116,134 +130,42 @@ def recalibrate(
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 run.forward(model, inputs, autocast_dtype)
                 if progress is not None:
-                    progress(run.batches, total_batches)
+                    progress(stream.done, total_batches)
                 if run.converged():
                     break
         if run.samples < 2:
-            raise InvalidDataError("calibration data has fewer than 2 samples; need at least 2")
-        moved = run.finish(prior_strength, source_counts)
+            dropped = stream.dropped_samples
+            detail = (
+                f" ({dropped} dropped: outside the batch sizes the model takes)" if dropped else ""
+            )
+            raise InvalidDataError(
+                f"calibration data has fewer than 2 samples{detail}; need at least 2"
+            )
+        moved = run.finish(prior_strength)
         skipped += moved.skipped
         succeeded = True
     finally:
         _restore_modes(model, modes)
         if not succeeded:
-            _restore(layers, source, source_counts)
+            run.restore()
+    if stream.dropped_samples:
+        logger.warning(
+            "%d calibration sample(s) dropped: batches the model cannot take (it accepts %d to "
+            "%s samples per forward)",
+            stream.dropped_samples,
+            min_batch,
+            max_batch or "any number of",
+        )
     return RecalibrationResult(
         layers=[layer.name for layer in moved.layers],
         skipped=skipped,
         changes=moved.changes,
         samples=run.samples,
         batches=run.batches,
-        merged_batches=run.merged,
+        merged_batches=stream.merged,
         stopped_early=run.stopped_early,
+        dropped_samples=stream.dropped_samples,
     )
-
-
-@dataclass
-class _Moved:
-    layers: list[BNLayer]
-    skipped: list[SkippedLayer]
-    changes: list[LayerChange]
-
-
-class _Run:
-    """The state of one calibration pass: estimators, counts and the early-stop window."""
-
-    def __init__(
-        self,
-        layers: list[BNLayer],
-        source: list[tuple[torch.Tensor, torch.Tensor]],
-        kind: str,
-        momentum: float,
-        tolerance: float | None,
-        window: int,
-    ) -> None:
-        self.layers, self.source, self.kind = layers, source, kind
-        self.estimators: list[LayerEstimator] = [
-            make_estimator(kind, mean, var, momentum) for mean, var in source
-        ]
-        self.tolerance, self.window = tolerance, window
-        self.history: deque[list[tuple[torch.Tensor, torch.Tensor]]] = deque(maxlen=window + 1)
-        self.samples = self.batches = self.merged = 0
-        self.stopped_early = False
-        self.updated = [False] * len(layers)
-        self.per_sample: list[int] | None = None  # scripted layers: elements per channel/sample
-
-    def forward(self, model: nn.Module, inputs: torch.Tensor, dtype: torch.dtype | None) -> None:
-        if self.per_sample is None and any(layer.scripted for layer in self.layers):
-            self.per_sample = _probe_elements_per_sample(model, self.layers, inputs, dtype)
-        for layer in self.layers:
-            layer.prepare()
-        first = self.batches == 0
-        if first:  # later batches skip this host sync: whether a layer updates is structural
-            before = [int(layer.module.num_batches_tracked) for layer in self.layers]
-        _forward(model, inputs, dtype)
-        for index, (layer, estimator) in enumerate(zip(self.layers, self.estimators, strict=True)):
-            if first:
-                # unchanged counter: not reached, or training=False baked in (traced TorchScript)
-                self.updated[index] = int(layer.module.num_batches_tracked) != before[index]
-            if not self.updated[index]:
-                continue
-            count = layer.last_count
-            if layer.scripted and self.per_sample is not None:
-                count = inputs.shape[0] * self.per_sample[index]
-            mean, var = layer.read()
-            estimator.update(mean, var, float(count))
-        self.samples += int(inputs.shape[0])
-        self.batches += 1
-
-    def converged(self) -> bool:
-        if self.tolerance is None:
-            return False
-        self.history.append([estimator.result() for estimator in self.estimators])
-        if len(self.history) <= self.window:
-            return False
-        (old, new) = self.history[0], self.history[-1]
-        for (old_mean, old_var), (new_mean, new_var) in zip(old, new, strict=True):
-            std = new_var.clamp_min(1e-12).sqrt()
-            mean_move = ((new_mean - old_mean).abs() / std).max()
-            std_move = ((std - old_var.clamp_min(1e-12).sqrt()).abs() / std).max()
-            if float(torch.maximum(mean_move, std_move)) > self.tolerance:
-                return False
-        self.stopped_early = True
-        return True
-
-    def finish(self, prior_strength: float, source_counts: list[torch.Tensor]) -> _Moved:
-        """Write the estimates into the buffers; report layers that never updated."""
-        if not any(self.updated):
-            _restore(self.layers, self.source, source_counts)
-            raise StatisticsUnchangedError(
-                "no BatchNorm layer updated its statistics in train mode: the model's graph "
-                "fixes training=False (a traced TorchScript module does); script it with "
-                "torch.jit.script or export it with torch.export instead of torch.jit.trace"
-            )
-        moved = _Moved([], [], [])
-        for index, layer in enumerate(self.layers):
-            (old_mean, old_var), counter = self.source[index], source_counts[index]
-            if not self.updated[index]:
-                layer.running_mean.copy_(old_mean)
-                layer.running_var.copy_(old_var)
-                layer.module.num_batches_tracked.copy_(counter)
-                moved.skipped.append(
-                    SkippedLayer(
-                        name=layer.name,
-                        type=layer.type_name,
-                        reason="not reached by the forward pass in train mode",
-                    )
-                )
-                continue
-            mean, var = self.estimators[index].result()
-            mean = mix_with_prior(old_mean, mean, prior_strength, self.samples)
-            var = mix_with_prior(old_var, var, prior_strength, self.samples)
-            layer.running_mean.copy_(mean)
-            layer.running_var.copy_(var)
-            # population/batch_mean restart the count as update_bn's reset does; ema continues it
-            layer.module.num_batches_tracked.copy_(
-                counter + self.batches if self.kind == "ema" else self.batches
-            )
-            moved.layers.append(layer)
-            moved.changes.append(_layer_change(layer, old_mean, old_var))
-        return moved
 
 
 def _restore_modes(model: nn.Module, modes: dict[nn.Module, bool]) -> None:
@@ -262,131 +184,49 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _inputs(batch: Any) -> torch.Tensor:
-    if isinstance(batch, dict):
-        batch = batch.get("inputs")
-    elif isinstance(batch, list | tuple) and batch:
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise InvalidDataError(
-            f"a calibration batch must be a tensor, an (inputs, ...) tuple or a dict with "
-            f"'inputs'; got {type(batch).__name__}"
-        )
-    if batch.dim() == 0:
-        raise InvalidDataError("a calibration batch is a scalar; expected N×... inputs")
-    return batch
-
-
-def _at_least_two(batches: Iterable[Any], run: _Run) -> Iterator[torch.Tensor]:
-    """Yield input batches of ≥ 2 samples: a 1-sample batch joins its neighbour (lookahead 1)."""
-    pending: torch.Tensor | None = None
-    for batch in batches:
-        inputs = _inputs(batch)
-        if pending is None:
-            pending = inputs
-        elif pending.shape[0] < 2 or inputs.shape[0] < 2:
-            pending = torch.cat([pending, inputs])
-            run.merged += 1
-        else:
-            yield pending
-            pending = inputs
-    if pending is not None and pending.shape[0] >= 2:
-        yield pending
-
-
-def _forward(model: nn.Module, inputs: torch.Tensor, dtype: torch.dtype | None) -> None:
-    autocast = (
-        torch.autocast(inputs.device.type, dtype=dtype)
-        if dtype is not None
-        else contextlib.nullcontext()
-    )
-    try:
-        with autocast:
-            model(inputs)
-    except ValueError as exc:
-        if "Expected more than 1 value per channel" in str(exc):
-            raise InvalidDataError(
-                f"a BatchNorm layer saw one value per channel ({exc}); use a larger batch_size"
-            ) from exc
-        raise
-
-
 @contextlib.contextmanager
-def _bn_train_mode(model: nn.Module, layers: list[BNLayer]) -> Iterator[None]:
-    """Model in eval, BN layers in train; eager BN at momentum 1 with an element-count hook."""
+def _bn_train_mode(model: nn.Module, run: CalibrationRun) -> Iterator[None]:
+    """Model in eval, each BN layer's own flag in train (never its children's); eager BN at
+    momentum 1 with hooks: one checking the values per channel, one recording every call."""
     model.eval()
     momenta: list[tuple[BNLayer, float | None]] = []
     try:
-        for layer in layers:
-            layer.module.train()
+        for index, layer in enumerate(run.layers):
+            layer.module.training = True  # not train(): that would recurse into its children
             if not layer.scripted:
                 momenta.append((layer, layer.module.momentum))
-                layer.module.momentum = 1.0  # running stats := this batch's stats
-                layer.hook = layer.module.register_forward_pre_hook(_count_hook(layer))
+                layer.module.momentum = 1.0  # running stats := this call's stats
+                layer.hooks.append(layer.module.register_forward_pre_hook(_check_hook(layer, run)))
+                layer.hooks.append(layer.module.register_forward_hook(_record_hook(index, run)))
         yield
     finally:
         for layer, value in momenta:
             layer.module.momentum = value
-            if layer.hook is not None:
-                layer.hook.remove()
-                layer.hook = None
+        for layer in run.layers:
+            for handle in layer.hooks:
+                handle.remove()
+            layer.hooks.clear()
 
 
-def _count_hook(layer: BNLayer) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+def _check_hook(
+    layer: BNLayer, run: CalibrationRun
+) -> Callable[[nn.Module, tuple[Any, ...]], None]:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         del module
-        layer.last_count = args[0].numel() // layer.channels
+        values = args[0].numel() // layer.channels
+        if values < 2:
+            raise one_value_error(layer.name, values, int(args[0].shape[0]), run.max_batch)
 
     return hook
 
 
-def _probe_elements_per_sample(
-    model: nn.Module, layers: list[BNLayer], inputs: torch.Tensor, dtype: torch.dtype | None
-) -> list[int]:
-    """Elements per channel per sample of each scripted BN layer (no hooks on TorchScript).
+def _record_hook(
+    index: int, run: CalibrationRun
+) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+    channels = run.layers[index].channels
 
-    A batch X and its duplicate [X; X] have the same biased variance b, so their unbiased
-    variances u1 = b·n/(n−1) and u2 = b·2n/(2n−1) give n = (2u1 − u2) / (2(u1 − u2)). Assumes the
-    spatial size at each layer is the same for every batch (fixed input size). Where u1 ≈ u2
-    (n too large to resolve in float32) the Bessel correction is negligible and n is taken large.
-    """
-    reads = []
-    for probe in (inputs, torch.cat([inputs, inputs])):
-        for layer in layers:
-            layer.prepare()
-        _forward(model, probe, dtype)
-        reads.append([tuple(t.double() for t in layer.read()) for layer in layers])
-    counts = []
-    for (_, u1), (_, u2) in zip(reads[0], reads[1], strict=True):
-        valid = (u1 - u2).abs() > 1e-5 * u1.abs()
-        if not bool(valid.any()):
-            counts.append(1_000_000)
-            continue
-        n = ((2 * u1 - u2) / (2 * (u1 - u2)))[valid].median()
-        counts.append(max(1, round(float(n) / inputs.shape[0])))
-    return counts
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        del module, output
+        run.record(index, args[0].numel() // channels)
 
-
-def _restore(
-    layers: list[BNLayer],
-    source: list[tuple[torch.Tensor, torch.Tensor]],
-    counts: list[torch.Tensor],
-) -> None:
-    for layer, (mean, var), counter in zip(layers, source, counts, strict=True):
-        layer.running_mean.copy_(mean)
-        layer.running_var.copy_(var)
-        layer.module.num_batches_tracked.copy_(counter)
-
-
-def _layer_change(layer: BNLayer, old_mean: torch.Tensor, old_var: torch.Tensor) -> LayerChange:
-    new_mean, new_var = layer.running_mean.double(), layer.running_var.double()
-    old_mean, old_var = old_mean.double(), old_var.double()
-    shift = (new_mean - old_mean) / (old_var + layer.eps).sqrt()
-    ratio = (new_var.clamp_min(1e-12) / old_var.clamp_min(1e-12)).log().mean().exp()
-    return LayerChange(
-        name=layer.name,
-        type=layer.type_name,
-        channels=layer.channels,
-        mean_shift_std=float(shift.square().mean().sqrt()),
-        var_ratio=float(ratio) if math.isfinite(float(ratio)) else 0.0,
-    )
+    return hook

@@ -37,7 +37,9 @@ class RecalibrationResult:
     """What :func:`worker.engine.recalibrate` did.
 
     ``samples`` counts calibration samples actually forwarded; ``merged_batches`` the one-sample
-    batches that were joined to a neighbour (train-mode BN needs two values per channel).
+    batches that were joined to a neighbour, one per join (train-mode BN needs two values per
+    channel); ``dropped_samples`` those left out because the model cannot take their batch (a
+    remainder shorter than a fixed batch size, or a single sample no neighbour could take).
     """
 
     layers: list[str]
@@ -47,3 +49,4 @@ class RecalibrationResult:
     batches: int
     merged_batches: int
     stopped_early: bool
+    dropped_samples: int = 0

@@ -11,6 +11,10 @@ program's state and saves a new ``.pt2``, which it reloads and runs once as a ch
 
 Batch-norm calls in training form (``training=True``) or without running statistics are left as
 they are (logged): they have no statistics to re-estimate.
+
+A program's input shape may be fixed (exported without ``dynamic_shapes``) or bounded; its graph
+then asserts it on every call. :func:`program_input` reads those sizes, so that the caller can feed
+batches the program accepts and name a fixed dimension the data does not fit.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import functools
 import logging
 import operator
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sympy
 import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -45,6 +51,55 @@ class AnyRankBatchNorm(_BatchNorm):
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         return None
+
+
+@dataclass(frozen=True)
+class ProgramInput:
+    """The sizes an exported program accepts for its first input.
+
+    ``shape``: per dimension the fixed size, or None where the dimension is dynamic.
+    ``batch_min``/``batch_max``: the sizes dimension 0 accepts (``batch_max`` None: no bound);
+    equal when the batch size is fixed.
+    """
+
+    name: str
+    shape: tuple[int | None, ...]
+    batch_min: int
+    batch_max: int | None
+
+    def describe(self) -> str:
+        """The shape with dynamic dimensions shown as ``*``: ``(5, 1, 8, 8)``, ``(*, 1, 8, 8)``."""
+        return "(" + ", ".join("*" if size is None else str(size) for size in self.shape) + ")"
+
+
+def program_input(program: torch.export.ExportedProgram) -> ProgramInput | None:
+    """The shape constraints of the program's first user input; None if it is not a tensor."""
+    names = program.graph_signature.user_inputs
+    if not names:
+        return None
+    value = next(
+        (
+            n.meta.get("val")
+            for n in program.graph.nodes
+            if n.op == "placeholder" and n.name == names[0]
+        ),
+        None,
+    )
+    if not isinstance(value, torch.Tensor) or value.ndim == 0:
+        return None
+    shape = tuple(size if isinstance(size, int) else None for size in value.shape)
+    first = value.shape[0]
+    if isinstance(first, int):
+        return ProgramInput(names[0], shape, first, first)
+    low, high = 1, None
+    node = getattr(first, "node", None)
+    bounds = program.range_constraints.get(node.expr) if node is not None else None
+    if bounds is not None:
+        if isinstance(bounds.lower, sympy.Integer):
+            low = max(1, int(bounds.lower))
+        if isinstance(bounds.upper, sympy.Integer):  # int_oo is not a sympy.Integer
+            high = max(low, int(bounds.upper))
+    return ProgramInput(names[0], shape, low, high)
 
 
 def load_program(

@@ -1,0 +1,216 @@
+"""The state of one calibration pass: an estimator per layer, counts, the early-stop window.
+
+Eager BN layers report every call through :meth:`CalibrationRun.record` (a forward hook), so a
+layer called several times per forward (weight sharing) pools all its calls. Scripted layers are
+read once per forward from their buffers; one whose ``num_batches_tracked`` moved by more than 1
+in a forward was called more than once, which cannot be measured: it is refused by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from recalib.errors import InvalidDataError, InvalidModelError, StatisticsUnchangedError
+from worker.engine.bn_layers import BNLayer, probe_elements_per_sample
+from worker.engine.estimators import LayerEstimator, make_estimator, mix_with_prior
+from worker.engine.results import LayerChange, SkippedLayer
+
+
+@dataclass
+class Moved:
+    """What :meth:`CalibrationRun.finish` wrote: recalibrated layers and those never reached."""
+
+    layers: list[BNLayer]
+    skipped: list[SkippedLayer]
+    changes: list[LayerChange]
+
+
+def one_value_error(
+    layer: str, values: int, samples: int, max_batch: int | None
+) -> InvalidDataError | InvalidModelError:
+    """The error for a BN layer that would normalize ``values`` (< 2) values per channel."""
+    what = f"BatchNorm layer {layer!r}" if layer else "a BatchNorm layer"
+    problem = (
+        f"{what} gets {values} value(s) per channel from a batch of {samples} sample(s), and "
+        "train-mode BN needs at least 2"
+    )
+    if max_batch is not None and max_batch < 2:
+        return InvalidModelError(
+            f"{problem}; the model takes only {max_batch} sample per forward (a program exported "
+            "with a fixed batch size): export it with a dynamic batch dimension "
+            "(torch.export dynamic_shapes={0: Dim('batch')}) or a batch size of 2 or more"
+        )
+    return InvalidDataError(f"{problem}; use a larger batch_size")
+
+
+class CalibrationRun:
+    """Estimators, counters and the early-stop window of one :func:`recalibrate` call."""
+
+    def __init__(
+        self,
+        layers: list[BNLayer],
+        kind: str,
+        momentum: float,
+        tolerance: float | None,
+        window: int,
+        max_batch: int | None = None,
+    ) -> None:
+        self.layers, self.kind, self.max_batch = layers, kind, max_batch
+        self.source = [(layer.running_mean.clone(), layer.running_var.clone()) for layer in layers]
+        self.source_counts = [layer.module.num_batches_tracked.clone() for layer in layers]
+        self.estimators: list[LayerEstimator] = [
+            make_estimator(kind, mean, var, momentum) for mean, var in self.source
+        ]
+        self.tolerance, self.window = tolerance, window
+        self.history: deque[list[tuple[torch.Tensor, torch.Tensor]]] = deque(maxlen=window + 1)
+        self.samples = self.batches = 0
+        self.stopped_early = False
+        self.updated = [False] * len(layers)
+        self.calls = [0] * len(layers)  # calls measured per layer, over all batches
+        self.recording = True  # off while probing scripted layers
+        self.per_sample: list[int] | None = None  # scripted layers: elements per channel/sample
+
+    def record(self, index: int, count: int) -> None:
+        """One call of eager layer ``index`` on ``count`` elements per channel just finished."""
+        if not self.recording:
+            return
+        mean, var = self.layers[index].read()
+        self.estimators[index].update(mean, var, float(count))
+        self.calls[index] += 1
+
+    def forward(self, model: nn.Module, inputs: torch.Tensor, dtype: torch.dtype | None) -> None:
+        """Run one batch; eager layers record through their hooks, scripted ones are read."""
+        if self.per_sample is None and any(layer.scripted for layer in self.layers):
+            self.recording = False
+            try:
+                self.per_sample = probe_elements_per_sample(
+                    self.layers, lambda x: self._call(model, x, dtype), inputs
+                )
+            finally:
+                self.recording = True
+        for layer in self.layers:
+            layer.prepare()
+        first = self.batches == 0
+        if first:  # later batches skip this host sync: whether a layer updates is structural
+            before = [int(layer.module.num_batches_tracked) for layer in self.layers]
+        self._call(model, inputs, dtype)
+        for index, layer in enumerate(self.layers):
+            if first:
+                # unchanged counter: not reached, or training=False baked in (traced TorchScript)
+                moved = int(layer.module.num_batches_tracked) - before[index]
+                self.updated[index] = moved != 0
+                if layer.scripted and moved > 1:
+                    raise InvalidModelError(
+                        f"TorchScript BatchNorm layer {layer.name!r} is called {moved} times per "
+                        "forward (a shared module); the statistics of each call cannot be read "
+                        "from a scripted model: recalibrate the eager model or a torch.export "
+                        ".pt2 program instead"
+                    )
+            if not self.updated[index] or not layer.scripted:
+                continue
+            count = inputs.shape[0] * (self.per_sample[index] if self.per_sample else 1)
+            mean, var = layer.read()
+            self.estimators[index].update(mean, var, float(count))
+            self.calls[index] += 1
+        self.samples += int(inputs.shape[0])
+        self.batches += 1
+
+    def _call(self, model: nn.Module, inputs: torch.Tensor, dtype: torch.dtype | None) -> None:
+        autocast = (
+            torch.autocast(inputs.device.type, dtype=dtype)
+            if dtype is not None
+            else contextlib.nullcontext()
+        )
+        try:
+            with autocast:
+                model(inputs)
+        except ValueError as exc:
+            if "Expected more than 1 value per channel" in str(exc):
+                raise one_value_error("", 1, int(inputs.shape[0]), self.max_batch) from exc
+            raise
+
+    def converged(self) -> bool:
+        """Whether no estimate moved by more than ``tolerance`` over the last ``window`` batches."""
+        if self.tolerance is None:
+            return False
+        self.history.append([estimator.result() for estimator in self.estimators])
+        if len(self.history) <= self.window:
+            return False
+        (old, new) = self.history[0], self.history[-1]
+        for (old_mean, old_var), (new_mean, new_var) in zip(old, new, strict=True):
+            std = new_var.clamp_min(1e-12).sqrt()
+            mean_move = ((new_mean - old_mean).abs() / std).max()
+            std_move = ((std - old_var.clamp_min(1e-12).sqrt()).abs() / std).max()
+            if float(torch.maximum(mean_move, std_move)) > self.tolerance:
+                return False
+        self.stopped_early = True
+        return True
+
+    def restore(self) -> None:
+        """Every layer's statistics and counter back to their values before the run."""
+        for layer, (mean, var), counter in zip(
+            self.layers, self.source, self.source_counts, strict=True
+        ):
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+            layer.module.num_batches_tracked.copy_(counter)
+
+    def finish(self, prior_strength: float) -> Moved:
+        """Write the estimates into the buffers; report layers that never updated.
+
+        ``num_batches_tracked`` becomes the number of calls measured (population/batch_mean
+        restart the count as ``update_bn``'s reset does; ema continues it), as train-mode BN
+        would count them.
+        """
+        if not any(self.updated):
+            self.restore()
+            raise StatisticsUnchangedError(
+                "no BatchNorm layer updated its statistics in train mode: the model's graph "
+                "fixes training=False (a traced TorchScript module does); script it with "
+                "torch.jit.script or export it with torch.export instead of torch.jit.trace"
+            )
+        moved = Moved([], [], [])
+        for index, layer in enumerate(self.layers):
+            (old_mean, old_var), counter = self.source[index], self.source_counts[index]
+            if not self.updated[index]:
+                layer.running_mean.copy_(old_mean)
+                layer.running_var.copy_(old_var)
+                layer.module.num_batches_tracked.copy_(counter)
+                moved.skipped.append(
+                    SkippedLayer(
+                        name=layer.name,
+                        type=layer.type_name,
+                        reason="not reached by the forward pass in train mode",
+                    )
+                )
+                continue
+            mean, var = self.estimators[index].result()
+            mean = mix_with_prior(old_mean, mean, prior_strength, self.samples)
+            var = mix_with_prior(old_var, var, prior_strength, self.samples)
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+            calls = self.calls[index]
+            layer.module.num_batches_tracked.copy_(counter + calls if self.kind == "ema" else calls)
+            moved.layers.append(layer)
+            moved.changes.append(_layer_change(layer, old_mean, old_var))
+        return moved
+
+
+def _layer_change(layer: BNLayer, old_mean: torch.Tensor, old_var: torch.Tensor) -> LayerChange:
+    new_mean, new_var = layer.running_mean.double(), layer.running_var.double()
+    old_mean, old_var = old_mean.double(), old_var.double()
+    shift = (new_mean - old_mean) / (old_var + layer.eps).sqrt()
+    ratio = (new_var.clamp_min(1e-12) / old_var.clamp_min(1e-12)).log().mean().exp()
+    return LayerChange(
+        name=layer.name,
+        type=layer.type_name,
+        channels=layer.channels,
+        mean_shift_std=float(shift.square().mean().sqrt()),
+        var_ratio=float(ratio) if math.isfinite(float(ratio)) else 0.0,
+    )
