@@ -13,3 +13,12 @@ python="${PYTHON:-python3}"
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build (override with TORCH_SPEC).
 .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 .venv/bin/python -m pip install -q -e ".[${extras}]"
+# The web page's browser test drives Debian's Chromium (tests/test_web_ui.py). Installed here when
+# we may (root with apt-get); elsewhere that test says how to get it.
+if [ "$extras" = dev ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "note: no chromium; tests/test_web_ui.py needs Debian's chromium and chromium-driver" >&2
+  fi
+fi
