@@ -69,6 +69,8 @@ CMD ["uvicorn", "--factory", "service.main:create_app"]
 # (the build fails if either is there).
 FROM runtime AS worker
 COPY --from=worker-deps /opt/venv /opt/venv
+# matplotlib (report.html) keeps its font cache here, not in the data volume.
+ENV MPLCONFIGDIR=/tmp/matplotlib
 COPY pyproject.toml README.md ./
 COPY recalib ./recalib
 COPY worker ./worker
