@@ -5,7 +5,7 @@ Example::
     from recalib.client import RecalibClient
 
     with RecalibClient("http://127.0.0.1:8000", api_key="s3cret") as client:
-        model = client.upload_file("resnet50.pt2")          # skipped if the server has it
+        model = client.upload_file("resnet50.pt2")   # skipped if the server has it (same name)
         calib = client.upload_file("target-images.tar")
         job = client.create_job(model.id, calib.id, options={"batch_size": 32, "fold": True})
         job = client.wait(job.id, on_progress=lambda j: print(j.progress))
@@ -81,13 +81,20 @@ class RecalibClient:
     def upload_file(
         self, path: str | os.PathLike[str], *, skip_existing: bool = True
     ) -> FilePublic:
-        """Upload a file (streamed); with ``skip_existing``, reuse a server file of equal sha256."""
+        """Upload a file (streamed); with ``skip_existing``, reuse a server file of equal sha256
+        and the same name.
+
+        The name matters as much as the content: the worker reads the format from the extension
+        and downloads are named after it, so bytes uploaded before as ``data.npz`` are uploaded
+        again as ``model.pt2`` (a name the server stores differently, after replacing unsafe
+        characters, is always uploaded again).
+        """
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such file", file=str(path))
         if skip_existing:
             existing = self.find_file(sha256_of(path))
-            if existing is not None:
+            if existing is not None and existing.filename == path.name:
                 logger.info("%s is already on the server as %s", path, existing.id)
                 return existing
         response = self._request(

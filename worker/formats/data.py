@@ -144,7 +144,14 @@ def _zip_kind(path: Path) -> str:
         raise InvalidDataError(
             f"{path.name}: corrupt or truncated zip archive ({exc})", file=str(path)
         ) from exc
-    if names and all(name.endswith(".npy") for name in names):
+    if not names:
+        what = (
+            "an empty .npz: it holds no arrays; save 'inputs' (and 'labels') into it"
+            if path.suffix.lower() == ".npz"
+            else "the zip archive is empty: no arrays and no images in it"
+        )
+        raise InvalidDataError(f"{path.name}: {what}", file=str(path))
+    if all(name.endswith(".npy") for name in names):
         return "npz"
     roots = {name.split("/", 1)[0] for name in names}
     records = {name.split("/", 1)[-1] for name in names} if len(roots) == 1 else set()

@@ -3,7 +3,8 @@
 Served from ``jobs/<id>/out/`` only (attempt directories never are), with the sha256 as ``ETag``
 (``If-None-Match`` → 304), a ``Content-Disposition`` named after the uploaded model, and HTTP
 Range requests (Starlette's ``FileResponse``: 206, multipart/byteranges). Range errors are
-checked here first so that they, too, are problem documents.
+checked here first so that they, too, are problem documents. ``HEAD`` gives the same status and
+headers without the body.
 """
 
 from __future__ import annotations
@@ -189,6 +190,16 @@ def _route(which: Which, summary: str) -> None:
         response_class=Response,
         responses=_doc(which),
         summary=summary,
+        description="`HEAD` answers the same status and headers without the body.",
+    )
+    # HEAD: the same handler (FileResponse sends the headers only); kept out of the schema so
+    # that the documented operations stay one per artifact.
+    router.add_api_route(
+        f"/{{job_id}}/{which}",
+        download,
+        methods=["HEAD"],
+        response_class=Response,
+        include_in_schema=False,
     )
 
 
