@@ -156,6 +156,13 @@ class UnauthorizedError(UserError):
     http_status = 401
 
 
+class OutboundNotAllowedError(UserError):
+    """A URL (input URI, webhook) names a host recalib must not contact (SSRF protection)."""
+
+    type_slug = "outbound-not-allowed"
+    title = "Outbound address not allowed"
+
+
 class JobCancelledError(RecalibError):
     """The job was cancelled while it ran."""
 

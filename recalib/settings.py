@@ -134,11 +134,19 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         defaults.MAX_IMAGE_PIXELS, ge=1, description="Largest decoded image, pixels."
     )
+    outbound_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated hosts or CIDRs that input URIs and webhooks may reach although they "
+            "are loopback, private, link-local or otherwise not public (e.g. "
+            "`minio.internal,10.0.0.0/8`). Empty: only public addresses."
+        ),
+    )
     host: str = Field(defaults.HOST, description="`recalib serve` bind address.")
     port: int = Field(defaults.PORT, ge=1, le=65535, description="`recalib serve` port.")
     log_level: str = Field("INFO", description="Python logging level.")
 
-    @field_validator("api_keys", "arch_allowlist", mode="before")
+    @field_validator("api_keys", "arch_allowlist", "outbound_allow_hosts", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
