@@ -137,7 +137,8 @@ def test_bad_option_exits_2_naming_it(service: Stack, digits_files) -> None:
         server=service.url,
     )  # fmt: skip
     assert result.returncode == EXIT_USER_ERROR
-    assert "batch_size" in result.stderr
+    assert result.stderr.startswith("recalib: error: --batch-size: "), result.stderr
+    assert "→" not in result.stderr  # refused before any upload
 
 
 def test_unreachable_server_exits_1_saying_so(digits_files) -> None:

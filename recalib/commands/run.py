@@ -1,8 +1,9 @@
 """``recalib run``: recalibrate a model locally (no server) and write report.json + checkpoints.
 
-Every option value is validated by the contract models (:class:`~recalib.contract.JobOptions`), so
-a bad value ends as one line naming the flag and exit code 2. The verdict does not change the exit
-code unless ``--fail-if-worse`` is given (then 3 when the verdict is ``worse``, as for ``submit``).
+The job-option flags are generated from the contract (:mod:`recalib.commands.job_options`, shared
+with ``recalib submit``) and validated by it, so a bad value ends as one line naming the flag and
+exit code 2. The verdict does not change the exit code unless ``--fail-if-worse`` is given (then 3
+when the verdict is ``worse``, as for ``submit``).
 Operator settings (``RECALIB_ARCH_ALLOWLIST``, ``RECALIB_ALLOW_UNSAFE_PICKLE``, archive limits)
 apply here as in the service.
 """
@@ -19,39 +20,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from recalib.commands import require
-from recalib.contract import JobOptions, JobSpec, Preprocess, Progress, Report, Verdict
+from recalib.commands.job_options import add_option_flags, flag, options_from_args
+from recalib.contract import JobSpec, Progress, Report, Verdict
 from recalib.errors import EXIT_OK, EXIT_WORSE, InvalidOptionError, NotFoundError
 from recalib.settings import get_settings
-
-# JobOptions / Preprocess field → help. Values stay strings here: pydantic parses and validates
-# them, so every bad value gives the same one-line error.
-_OPTIONS = {
-    "batch_size": "Calibration batch size, samples (default 64).",
-    "max_samples": "Use at most this many calibration samples (seeded subsample).",
-    "device": "auto (default), cpu, cuda[:N] or mps.",
-    "estimator": "{population,batch_mean,ema} (default population).",
-    "momentum": "EMA momentum, estimator ema only (default 0.1).",
-    "prior_strength": "N of Schneider et al. 2020; 0 = pure target statistics (default 0).",
-    "tolerance": "Early stop once statistics move less than this (relative to running std).",
-    "tolerance_window": "Batches, for --tolerance (default 5).",
-    "seed": "Seed for order, subsampling and the holdout split (default 0).",
-    "holdout": "Fraction of labeled calibration data held out to evaluate (default 0.5 when "
-    "no --eval is given).",
-    "eval_batch_size": "Evaluation batch size (default 256).",
-    "autocast": "{off,bf16,fp16} autocast for forward passes (default off).",
-}
-_FLAGS = {
-    "fold": "Also write a copy with BN folded into conv/linear.",
-    "channels_last": "Use channels_last memory format (4-D inputs).",
-}
-_PREPROCESS = {
-    "resize": "Image archives: resize the shorter side to N pixels.",
-    "center_crop": "Image archives: square center crop of N pixels.",
-    "mean": "Image archives: per-channel mean, comma-separated (a,b,c).",
-    "std": "Image archives: per-channel std, comma-separated (a,b,c).",
-    "mode": "Image archives: RGB (default) or L.",
-}
-
 
 _EVALUATED_ON = {
     "eval_file": "the eval file",
@@ -61,10 +33,6 @@ _EVALUATED_ON = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="Model file (.pt2, .ts/.pt TorchScript, .safetensors, .pt).")
     parser.add_argument("--calib", required=True, metavar="DATA", help="Calibration data file.")
@@ -72,16 +40,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", metavar="MOD:FN", help="Builds the model for state_dict files.")
     parser.add_argument("--arch-kwargs", metavar="JSON", default="{}", help="Arguments of --arch.")
     parser.add_argument("--out", metavar="DIR", help="Output directory (./recalib-out/<model>).")
-    engine = parser.add_argument_group("job options")
-    for name, help_text in _OPTIONS.items():
-        engine.add_argument(
-            _flag(name), dest=name, metavar=name.split("_")[-1].upper(), help=help_text
-        )
-    for name, help_text in _FLAGS.items():
-        engine.add_argument(_flag(name), dest=name, action="store_true", help=help_text)
-    images = parser.add_argument_group("image preprocessing")
-    for name, help_text in _PREPROCESS.items():
-        images.add_argument(_flag(name), dest=name, help=help_text)
+    add_option_flags(parser)
     parser.add_argument(
         "--allow-unsafe-pickle", action="store_true", help="Unpickle whole-module .pt files."
     )
@@ -96,19 +55,11 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
     for label, path in (("model", args.model), ("calibration", args.calib), ("eval", args.eval)):
         if path is not None and not Path(path).is_file():
             raise NotFoundError(f"{label} file not found", file=path)
-    values: dict[str, Any] = {n: getattr(args, n) for n in _OPTIONS if getattr(args, n) is not None}
-    values |= {name: True for name in _FLAGS if getattr(args, name)}
-    given = {n: getattr(args, n) for n in _PREPROCESS if getattr(args, n) is not None}
-    for name in ("mean", "std"):
-        if name in given:
-            given[name] = [part.strip() for part in given[name].split(",")]
+    options = options_from_args(args)
     try:
-        if given:
-            values["preprocess"] = Preprocess.model_validate(given)
-        options = JobOptions.model_validate(values)
         settings = get_settings()
     except ValidationError as exc:
-        raise _option_error(exc) from None
+        raise _settings_error(exc) from None
     try:
         arch_kwargs = json.loads(args.arch_kwargs)
     except json.JSONDecodeError as exc:
@@ -116,29 +67,31 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
     if not isinstance(arch_kwargs, dict):
         raise InvalidOptionError("must be a JSON object", field="--arch-kwargs")
     out_dir = args.out or str(Path("recalib-out") / Path(args.model).stem)
-    return JobSpec(
-        model_path=args.model,
-        calibration_path=args.calib,
-        eval_path=args.eval,
-        arch=args.arch,
-        arch_kwargs=arch_kwargs,
-        options=options,
-        out_dir=out_dir,
-        allow_unsafe_pickle=args.allow_unsafe_pickle or settings.allow_unsafe_pickle,
-        arch_allowlist=settings.arch_allowlist,
-        max_archive_members=settings.max_archive_members,
-        max_archive_bytes=settings.max_archive_bytes,
-        max_image_pixels=settings.max_image_pixels,
-    )
+    try:
+        return JobSpec(
+            model_path=args.model,
+            calibration_path=args.calib,
+            eval_path=args.eval,
+            arch=args.arch,
+            arch_kwargs=arch_kwargs,
+            options=options,
+            out_dir=out_dir,
+            allow_unsafe_pickle=args.allow_unsafe_pickle or settings.allow_unsafe_pickle,
+            arch_allowlist=settings.arch_allowlist,
+            max_archive_members=settings.max_archive_members,
+            max_archive_bytes=settings.max_archive_bytes,
+            max_image_pixels=settings.max_image_pixels,
+        )
+    except ValidationError as exc:  # arch_kwargs the contract refuses (depth, size, NaN)
+        error = exc.errors()[0]
+        where = flag(str(error["loc"][0])) if error["loc"] else "--arch-kwargs"
+        raise InvalidOptionError(error["msg"].removeprefix("Value error, "), field=where) from None
 
 
-def _option_error(exc: ValidationError) -> InvalidOptionError:
+def _settings_error(exc: ValidationError) -> InvalidOptionError:
     error = exc.errors()[0]
-    loc = [str(part) for part in error["loc"] if part != "preprocess"]
-    if exc.title == "Settings":
-        where = "RECALIB_" + loc[0].upper() if loc else "RECALIB_* environment"
-    else:
-        where = _flag(loc[0]) if loc else "preprocessing options"
+    loc = [str(part) for part in error["loc"]]
+    where = "RECALIB_" + loc[0].upper() if loc else "RECALIB_* environment"
     value = f" (got {error['input']!r})" if loc and "input" in error else ""
     message = error["msg"].removeprefix("Value error, ")
     return InvalidOptionError(f"{message}{value}", field=where)

@@ -16,6 +16,7 @@ from typing import Any
 
 from recalib import defaults
 from recalib.client import RecalibClient
+from recalib.commands.job_options import add_option_flags, options_from_args
 from recalib.contract import JobPublic, JobStatus, Verdict
 from recalib.errors import (
     EXIT_CANCELLED,
@@ -24,27 +25,6 @@ from recalib.errors import (
     EXIT_WORSE,
     InvalidOptionError,
 )
-
-# argparse dest → JobOptions field, for options passed only when given.
-_OPTION_FLAGS: dict[str, dict[str, Any]] = {
-    "batch_size": {"type": int, "help": "Calibration batch size, samples."},
-    "max_samples": {"type": int, "help": "Use at most this many calibration samples."},
-    "device": {"help": "auto, cpu, cuda[:N] or mps (the worker's device)."},
-    "estimator": {"choices": ["population", "batch_mean", "ema"]},
-    "momentum": {"type": float, "help": "EMA momentum (estimator ema)."},
-    "prior_strength": {"type": float, "help": "N of Schneider et al. 2020 (0 = pure target)."},
-    "tolerance": {"type": float, "help": "Early-stop tolerance (relative to running std)."},
-    "seed": {"type": int},
-    "holdout": {
-        "type": float,
-        "help": "Fraction of labeled calibration data held out to evaluate.",
-    },
-    "autocast": {"choices": ["off", "bf16", "fp16"]},
-}
-_BOOL_FLAGS = {
-    "fold": "Also produce a copy with BN folded into conv/linear.",
-    "channels_last": "Use channels_last memory format.",
-}
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -61,13 +41,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("RECALIB_API_KEY"),
         help="API key (env RECALIB_API_KEY).",
     )
-    engine = parser.add_argument_group("engine options (server defaults when left out)")
-    for name, spec in _OPTION_FLAGS.items():
-        engine.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, **spec)
-    for name, help_text in _BOOL_FLAGS.items():
-        engine.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, action="store_true", help=help_text
-        )
+    add_option_flags(parser, title="job options (the contract's defaults when left out)")
     parser.add_argument("--arch", help="`module:callable` building the model (state_dict files).")
     parser.add_argument("--arch-kwargs", default="{}", help="JSON object of arch arguments.")
     parser.add_argument("--wait", action="store_true", help="Follow the job until it ends.")
@@ -86,15 +60,6 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-s", type=float, default=0.5, help="Status poll period, seconds.")
 
 
-def job_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The JobOptions fields given on the command line (others keep the server defaults)."""
-    options = {
-        name: getattr(args, name) for name in _OPTION_FLAGS if getattr(args, name) is not None
-    }
-    options |= {name: True for name in _BOOL_FLAGS if getattr(args, name)}
-    return options
-
-
 def _arch_kwargs(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -106,6 +71,8 @@ def _arch_kwargs(text: str) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    options = options_from_args(args)  # bad values fail here, before any upload; only the
+    # flags given are sent (model_fields_set), the rest keep the contract's defaults
     arch_kwargs = _arch_kwargs(args.arch_kwargs)
     wait = args.wait or args.download is not None or args.fail_if_worse
     with RecalibClient(args.server, api_key=args.api_key) as client:
@@ -118,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
             ids["model"],
             ids["calib"],
             ids.get("eval"),
-            options=job_options(args),
+            options=options,
             arch=args.arch,
             arch_kwargs=arch_kwargs,
             idempotency_key=args.idempotency_key,
