@@ -51,11 +51,11 @@ def main(args: argparse.Namespace) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _exit_on_signal)  # cleanup below runs on SIGTERM too
     with Supervisor() as supervisor:
-        embedded = settings.redis_url is None
-        redis_url = supervisor.start_valkey(data_dir) if embedded else settings.redis_url
+        embedded = not settings.redis_url
+        redis_url = settings.redis_url or supervisor.start_valkey(data_dir)
         n_workers = args.workers if args.workers is not None else (1 if embedded else 0)
         os.environ.update({"RECALIB_REDIS_URL": redis_url, "RECALIB_DATA_DIR": str(data_dir)})
-        if embedded or n_workers:  # no worker could take the queue but ours
+        if embedded or n_workers:  # its own workers (no other can reach an embedded Valkey)
             os.environ.setdefault("RECALIB_READY_REQUIRES_WORKER", "true")
         get_settings.cache_clear()  # the API reads its settings from the environment
         env = worker_env(os.environ)
