@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 
@@ -52,9 +53,16 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
-def move_batch(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a batch to ``device``; on CUDA from pinned memory without blocking the host."""
-    if batch.device == device:
+def move_batch(batch: Any, device: torch.device) -> Any:
+    """Copy a batch (a tensor, or a tuple/list/dict of tensors) to ``device``; on CUDA from
+    pinned memory without blocking the host."""
+    if isinstance(batch, dict):
+        return {key: move_batch(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_batch(value, device) for value in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(move_batch(value, device) for value in batch)
+    if not isinstance(batch, torch.Tensor) or batch.device == device:
         return batch
     if device.type == "cuda":
         if not batch.is_pinned():

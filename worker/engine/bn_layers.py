@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -123,7 +124,10 @@ def find_bn_layers(model: nn.Module) -> tuple[list[BNLayer], list[SkippedLayer]]
 
 
 def probe_elements_per_sample(
-    layers: list[BNLayer], forward: Callable[[torch.Tensor], None], inputs: torch.Tensor
+    layers: list[BNLayer],
+    forward: Callable[[Any], None],
+    probes: tuple[Any, Any],
+    samples: int,
 ) -> list[int]:
     """Elements per channel per sample of each scripted BN layer (no hooks on TorchScript).
 
@@ -131,10 +135,11 @@ def probe_elements_per_sample(
     variances u1 = b·n/(n−1) and u2 = b·2n/(2n−1) give n = (2u1 − u2) / (2(u1 − u2)). Assumes the
     spatial size at each layer is the same for every batch (fixed input size). Where u1 ≈ u2
     (n too large to resolve in float32) the Bessel correction is negligible and n is taken large.
-    ``forward`` runs the model in calibration mode on a batch.
+    ``forward`` runs the model in calibration mode on a batch; ``probes`` are the inputs X (of
+    ``samples`` samples) and [X; X].
     """
     reads = []
-    for probe in (inputs, torch.cat([inputs, inputs])):
+    for probe in probes:
         for layer in layers:
             layer.prepare()
         forward(probe)
@@ -146,5 +151,5 @@ def probe_elements_per_sample(
             counts.append(1_000_000)
             continue
         n = ((2 * u1 - u2) / (2 * (u1 - u2)))[valid].median()
-        counts.append(max(1, round(float(n) / inputs.shape[0])))
+        counts.append(max(1, round(float(n) / samples)))
     return counts

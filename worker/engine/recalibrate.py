@@ -18,6 +18,7 @@ from torch import nn
 from recalib.errors import InvalidDataError, JobCancelledError, NoBatchNormError
 from worker.devices import move_batch
 from worker.engine.bn_layers import BNLayer, find_bn_layers
+from worker.engine.inputs import CallFn, InputFn, batch_inputs, call_model, map_tensors
 from worker.engine.results import RecalibrationResult
 from worker.engine.run_state import CalibrationRun, one_value_error
 from worker.engine.stream import BatchStream
@@ -44,6 +45,8 @@ def recalibrate(
     total_batches: int | None = None,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    input_fn: InputFn = batch_inputs,
+    call_fn: CallFn = call_model,
 ) -> RecalibrationResult:
     """Re-estimate the running statistics of every BN layer of ``model`` on ``batches`` (AdaBN).
 
@@ -60,12 +63,16 @@ def recalibrate(
     call as one update (as train-mode BN itself would). Where that cannot be measured (a
     TorchScript layer, which takes no hooks) it is refused, never half-counted.
 
+    The model's outputs are never read: any output structure (a tensor, tuples, named tuples,
+    dicts, a detector's list of dicts) recalibrates alike.
+
     Args:
         model: any module with BN layers, eager or TorchScript; modified in place.
         batches: tensors, or tuples/lists whose first item is the input (``(inputs, labels)``),
-            or dicts with an ``"inputs"`` key. A batch of one sample is merged with one
-            neighbour, since train-mode BN cannot normalize a single value per channel (see
-            :mod:`worker.engine.stream`).
+            or dicts with an ``"inputs"`` key (the default ``input_fn``). Inputs may be one
+            tensor or a tuple/dict of tensors (several forward arguments). A batch of one sample
+            is merged with one neighbour, since train-mode BN cannot normalize a single value per
+            channel (see :mod:`worker.engine.stream`).
         estimator: ``population`` (pooled, element-weighted), ``batch_mean`` (= ``update_bn``)
             or ``ema`` (BN's own rule with ``momentum``, no reset); see
             :mod:`worker.engine.estimators`.
@@ -85,6 +92,11 @@ def recalibrate(
         total_batches: input batches in ``batches``, for progress reporting.
         progress: called after each forward with (input batches done, ``total_batches``).
         should_stop: polled before each forward; True raises :class:`JobCancelledError`.
+        input_fn: ``batch -> inputs``, the model inputs of one batch (default
+            :func:`worker.engine.inputs.batch_inputs`).
+        call_fn: ``(model, inputs) -> output``, one forward call (default
+            :func:`worker.engine.inputs.call_model`: a tensor positionally, a tuple/list as
+            positional arguments, a dict as keyword arguments).
 
     Returns:
         Which layers were recalibrated or skipped, how their statistics moved, samples used.
@@ -101,6 +113,7 @@ def recalibrate(
     Example:
         >>> loader = DataLoader(target_dataset, batch_size=64)
         >>> result = recalibrate(model, loader)   # model is now adapted, in eval mode
+        >>> recalibrate(model, loader, input_fn=lambda b: b, call_fn=lambda m, b: m(b["x"], b["y"]))
     """
     layers, skipped = find_bn_layers(model)
     if not layers:
@@ -109,7 +122,7 @@ def recalibrate(
             "model has no BatchNorm layers whose statistics can be re-estimated" + detail
         )
     min_batch, max_batch = batch_size_range
-    stream = BatchStream(batches, min_size=min_batch, max_size=max_batch)
+    stream = BatchStream(batches, min_size=min_batch, max_size=max_batch, input_fn=input_fn)
     if max_batch == 1:
         logger.warning(
             "the model takes one sample per forward: during calibration each BN layer "
@@ -117,7 +130,9 @@ def recalibrate(
             "inputs than at inference; a program with a dynamic batch dimension calibrates better"
         )
     device = device or _model_device(model)
-    run = CalibrationRun(layers, estimator, momentum, tolerance, tolerance_window, max_batch)
+    run = CalibrationRun(
+        layers, estimator, momentum, tolerance, tolerance_window, max_batch, call_fn
+    )
     modes = {module: module.training for module in model.modules()}
     succeeded = False
     try:
@@ -126,8 +141,8 @@ def recalibrate(
                 if should_stop is not None and should_stop():
                     raise JobCancelledError("job cancelled during recalibration")
                 inputs = move_batch(inputs, device)
-                if channels_last and inputs.dim() == 4:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                if channels_last:
+                    inputs = map_tensors(_channels_last, inputs)
                 run.forward(model, inputs, autocast_dtype)
                 if progress is not None:
                     progress(stream.done, total_batches)
@@ -166,6 +181,12 @@ def recalibrate(
         stopped_early=run.stopped_early,
         dropped_samples=stream.dropped_samples,
     )
+
+
+def _channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dim() != 4:
+        return tensor
+    return tensor.contiguous(memory_format=torch.channels_last)
 
 
 def _restore_modes(model: nn.Module, modes: dict[nn.Module, bool]) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 from recalib.errors import InvalidDataError, InvalidModelError, StatisticsUnchangedError
 from worker.engine.bn_layers import BNLayer, probe_elements_per_sample
 from worker.engine.estimators import LayerEstimator, make_estimator, mix_with_prior
+from worker.engine.inputs import CallFn, Inputs, batch_size, call_model, concat, first_tensor
 from worker.engine.results import LayerChange, SkippedLayer
 
 
@@ -60,8 +61,10 @@ class CalibrationRun:
         tolerance: float | None,
         window: int,
         max_batch: int | None = None,
+        call_fn: CallFn = call_model,
     ) -> None:
         self.layers, self.kind, self.max_batch = layers, kind, max_batch
+        self.call_fn = call_fn
         self.source = [(layer.running_mean.clone(), layer.running_var.clone()) for layer in layers]
         self.source_counts = [layer.module.num_batches_tracked.clone() for layer in layers]
         self.estimators: list[LayerEstimator] = [
@@ -84,13 +87,16 @@ class CalibrationRun:
         self.estimators[index].update(mean, var, float(count))
         self.calls[index] += 1
 
-    def forward(self, model: nn.Module, inputs: torch.Tensor, dtype: torch.dtype | None) -> None:
+    def forward(self, model: nn.Module, inputs: Inputs, dtype: torch.dtype | None) -> None:
         """Run one batch; eager layers record through their hooks, scripted ones are read."""
         if self.per_sample is None and any(layer.scripted for layer in self.layers):
             self.recording = False
             try:
                 self.per_sample = probe_elements_per_sample(
-                    self.layers, lambda x: self._call(model, x, dtype), inputs
+                    self.layers,
+                    lambda x: self._call(model, x, dtype),
+                    (inputs, concat(inputs, inputs)),
+                    batch_size(inputs),
                 )
             finally:
                 self.recording = True
@@ -114,25 +120,25 @@ class CalibrationRun:
                     )
             if not self.updated[index] or not layer.scripted:
                 continue
-            count = inputs.shape[0] * (self.per_sample[index] if self.per_sample else 1)
+            count = batch_size(inputs) * (self.per_sample[index] if self.per_sample else 1)
             mean, var = layer.read()
             self.estimators[index].update(mean, var, float(count))
             self.calls[index] += 1
-        self.samples += int(inputs.shape[0])
+        self.samples += batch_size(inputs)
         self.batches += 1
 
-    def _call(self, model: nn.Module, inputs: torch.Tensor, dtype: torch.dtype | None) -> None:
+    def _call(self, model: nn.Module, inputs: Inputs, dtype: torch.dtype | None) -> None:
         autocast = (
-            torch.autocast(inputs.device.type, dtype=dtype)
+            torch.autocast(first_tensor(inputs).device.type, dtype=dtype)
             if dtype is not None
             else contextlib.nullcontext()
         )
         try:
             with autocast:
-                model(inputs)
+                self.call_fn(model, inputs)
         except ValueError as exc:
             if "Expected more than 1 value per channel" in str(exc):
-                raise one_value_error("", 1, int(inputs.shape[0]), self.max_batch) from exc
+                raise one_value_error("", 1, batch_size(inputs), self.max_batch) from exc
             raise
 
     def converged(self) -> bool:

@@ -21,35 +21,16 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
-
-from recalib.errors import InvalidDataError
+from worker.engine.inputs import InputFn, Inputs, batch_inputs, batch_size, check_inputs, concat
 
 logger = logging.getLogger(__name__)
 
 
-def batch_inputs(batch: Any) -> torch.Tensor:
-    """The input tensor of a batch: a tensor, ``(inputs, ...)`` or ``{"inputs": ...}``.
-
-    Raises:
-        InvalidDataError: anything else, or a scalar.
-    """
-    if isinstance(batch, dict):
-        batch = batch.get("inputs")
-    elif isinstance(batch, list | tuple) and batch:
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise InvalidDataError(
-            f"a calibration batch must be a tensor, an (inputs, ...) tuple or a dict with "
-            f"'inputs'; got {type(batch).__name__}"
-        )
-    if batch.dim() == 0:
-        raise InvalidDataError("a calibration batch is a scalar; expected N×... inputs")
-    return batch
-
-
 class BatchStream:
-    """Iterate the input tensors to forward (see the module docstring for the merge rule).
+    """Iterate the inputs to forward (see the module docstring for the merge rule).
+
+    ``input_fn`` picks the inputs out of each batch (:func:`worker.engine.inputs.batch_inputs` by
+    default); inputs may be a tensor or a tuple/dict of tensors (:mod:`worker.engine.inputs`).
 
     Counters, valid while and after iterating: ``merged`` (batches joined to a neighbour, one per
     concatenation), ``dropped_samples``, and ``done``: input batches accounted for by the batches
@@ -57,21 +38,27 @@ class BatchStream:
     """
 
     def __init__(
-        self, batches: Iterable[Any], *, min_size: int = 1, max_size: int | None = None
+        self,
+        batches: Iterable[Any],
+        *,
+        min_size: int = 1,
+        max_size: int | None = None,
+        input_fn: InputFn = batch_inputs,
     ) -> None:
+        self.input_fn = input_fn
         if min_size < 1 or (max_size is not None and max_size < min_size):
             raise ValueError(f"invalid batch size range [{min_size}, {max_size}]")
         self.batches = batches
         self.min_size, self.max_size = min_size, max_size
         self.merged = self.dropped_samples = self.done = 0
 
-    def _can_merge(self, first: torch.Tensor, second: torch.Tensor) -> bool:
-        size = first.shape[0] + second.shape[0]
+    def _can_merge(self, first: Inputs, second: Inputs) -> bool:
+        size = batch_size(first) + batch_size(second)
         return self.max_size is None or size <= self.max_size
 
-    def _emit(self, inputs: torch.Tensor, parts: int) -> Iterator[torch.Tensor]:
+    def _emit(self, inputs: Inputs, parts: int) -> Iterator[Inputs]:
         self.done += parts
-        size = int(inputs.shape[0])
+        size = batch_size(inputs)
         lonely = size == 1 and self.max_size != 1
         outside = size < self.min_size or (self.max_size is not None and size > self.max_size)
         if lonely or outside:
@@ -86,14 +73,15 @@ class BatchStream:
             return
         yield inputs
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        pending: torch.Tensor | None = None
+    def __iter__(self) -> Iterator[Inputs]:
+        pending: Inputs | None = None
         parts = 0  # input batches in pending
         absorbed = False  # pending already holds a merged single
-        lone: torch.Tensor | None = None  # a single held back: pending may take it at the end
+        lone: Inputs | None = None  # a single held back: pending may take it at the end
         for batch in self.batches:
-            inputs = batch_inputs(batch)
-            if inputs.shape[0] == 0:
+            inputs = check_inputs(self.input_fn(batch))
+            size = batch_size(inputs)
+            if size == 0:
                 self.done += 1
                 continue
             if lone is not None:  # a batch follows the held single: pending goes out as it is
@@ -102,13 +90,13 @@ class BatchStream:
             if pending is None:
                 pending, parts, absorbed = inputs, 1, False
                 continue
-            single = pending.shape[0] == 1 or inputs.shape[0] == 1
+            single = batch_size(pending) == 1 or size == 1
             if single and self.max_size != 1:
-                if absorbed and inputs.shape[0] == 1:
+                if absorbed and size == 1:
                     lone = inputs
                     continue
                 if self._can_merge(pending, inputs):
-                    pending = torch.cat([pending, inputs])
+                    pending = concat(pending, inputs)
                     parts, absorbed = parts + 1, True
                     self.merged += 1
                     continue
@@ -116,7 +104,7 @@ class BatchStream:
             pending, parts, absorbed = inputs, 1, False
         if lone is not None:
             if self._can_merge(pending, lone):  # type: ignore[arg-type]
-                pending = torch.cat([pending, lone])  # type: ignore[list-item]
+                pending = concat(pending, lone)
                 parts += 1
                 self.merged += 1
             else:
