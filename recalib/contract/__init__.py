@@ -27,7 +27,7 @@ from recalib.contract.api import (
     Readiness,
     WorkerInfo,
 )
-from recalib.contract.options import Estimator, JobOptions, JobSpec, Preprocess
+from recalib.contract.options import Estimator, JobOptions, JobSpec, Preprocess, Task
 from recalib.contract.report import (
     REPORT_SCHEMA_VERSION,
     Artifact,
@@ -37,8 +37,10 @@ from recalib.contract.report import (
     FoldReport,
     LayerChange,
     Metrics,
+    OutputChange,
     Report,
     SkippedLayer,
+    TaskDecision,
     Verdict,
 )
 
@@ -64,6 +66,7 @@ __all__ = [
     "JobStatus",
     "LayerChange",
     "Metrics",
+    "OutputChange",
     "Page",
     "Phase",
     "Preprocess",
@@ -72,6 +75,8 @@ __all__ = [
     "Readiness",
     "Report",
     "SkippedLayer",
+    "Task",
+    "TaskDecision",
     "Verdict",
     "WorkerInfo",
 ]

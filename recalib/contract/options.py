@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from recalib import defaults
 from recalib.contract.base import Input, JsonObject
@@ -30,6 +30,26 @@ class Estimator(StrEnum):
     population = "population"
     batch_mean = "batch_mean"
     ema = "ema"
+
+
+class Task(StrEnum):
+    """What the evaluation measures; recalibration itself is the same for every task.
+
+    - ``auto``: decided from the model's output and the labels (the report says what and why).
+    - ``classification``: (N, classes) logits, labels one class id per sample.
+    - ``segmentation``: (N, classes, H, W) logits, labels N×H×W masks of class ids.
+    - ``none``: label-free measures only, for any output (detection, embeddings, several heads).
+    """
+
+    auto = "auto"
+    classification = "classification"
+    segmentation = "segmentation"
+    none = "none"
+
+
+INPUT_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+"""An input name: a tensor file's array name and the forward argument it feeds."""
+MAX_INPUT_NAMES = 32
 
 
 class Preprocess(Input):
@@ -123,6 +143,40 @@ class JobOptions(Input):
         defaults.EVAL_BATCH_SIZE, ge=1, le=65536, description="Evaluation batch size."
     )
     preprocess: Preprocess | None = Field(None, description="For image archives.")
+    task: Task = Field(Task.auto, description="What the evaluation measures (auto: decided).")
+    output_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description=(
+            "Where the logits are in a structured output: a dict key, a tuple index or a "
+            "named-tuple field (dotted for nested outputs, e.g. `aux.0`)."
+        ),
+    )
+    input_names: list[Annotated[str, Field(max_length=64, pattern=INPUT_NAME_PATTERN)]] = Field(
+        ["inputs"],
+        min_length=1,
+        max_length=MAX_INPUT_NAMES,
+        description=(
+            "Arrays of a tensor file fed to the model: one is passed positionally, several by "
+            "keyword (a .pt2 program: in this order)."
+        ),
+    )
+    ignore_index: int = Field(
+        255,
+        ge=-(2**31),
+        lt=2**31,
+        description="Segmentation: the mask value of pixels left out of every metric.",
+    )
+
+    @field_validator("input_names")
+    @classmethod
+    def _check_input_names(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"input names must be distinct, got {names}")
+        if "labels" in names:
+            raise ValueError("'labels' is the array of labels, not an input")
+        return names
 
 
 class JobSpec(Input):

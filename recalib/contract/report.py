@@ -32,14 +32,27 @@ class ConfidenceHistogram(Output):
 
 
 class Metrics(Output):
-    """Model quality on one data set. Accuracies are fractions in [0, 1]; null without labels."""
+    """Model quality on one data set. Accuracies are fractions in [0, 1]; null without labels.
 
-    top1: float | None
-    top5: float | None = Field(description="Null without labels or with fewer than 5 classes.")
-    loss: float | None = Field(description="Mean cross-entropy, nats; null without labels.")
+    Classification fills ``top1``/``top5``/``per_class_accuracy``; segmentation
+    ``pixel_accuracy``/``mean_iou``/``per_class_iou`` (its entropy, confidence and loss are per
+    pixel); a model without logits (task ``none``) only ``samples``.
+    """
+
+    top1: float | None = Field(None, description="Classification; null without labels.")
+    top5: float | None = Field(
+        None, description="Null without labels, with fewer than 5 classes, or not classification."
+    )
+    loss: float | None = Field(
+        None, description="Mean cross-entropy, nats (per labeled pixel for segmentation)."
+    )
     samples: int
-    mean_entropy: float = Field(description="Mean predictive entropy, nats.")
-    mean_confidence: float = Field(description="Mean max-softmax probability.")
+    mean_entropy: float | None = Field(
+        None, description="Mean predictive entropy, nats (per pixel); null without logits."
+    )
+    mean_confidence: float | None = Field(
+        None, description="Mean max-softmax probability (per pixel); null without logits."
+    )
     per_class_accuracy: list[float | None] | None = Field(
         None,
         description=(
@@ -48,7 +61,48 @@ class Metrics(Output):
         ),
     )
     confidence_histogram: ConfidenceHistogram | None = Field(
-        None, description="Max-softmax probabilities of all samples, binned over [0, 1]."
+        None, description="Max-softmax probabilities of all samples (pixels), binned over [0, 1]."
+    )
+    pixel_accuracy: float | None = Field(
+        None, description="Segmentation: correct / labeled pixels (ignore_index left out)."
+    )
+    mean_iou: float | None = Field(
+        None,
+        description="Segmentation: mean over classes of IoU, classes absent from labels and "
+        "predictions left out.",
+    )
+    per_class_iou: list[float | None] | None = Field(
+        None,
+        description="Segmentation: IoU per class id (index = class); null for a class absent "
+        "from both labels and predictions.",
+    )
+    pixels: int | None = Field(None, description="Segmentation: labeled pixels evaluated.")
+
+
+class TaskDecision(Output):
+    """What the evaluation measured, and why (``task: auto`` decides from output and labels)."""
+
+    task: Literal["classification", "segmentation", "none"]
+    requested: Literal["auto", "classification", "segmentation", "none"]
+    output_key: str | None = Field(
+        None, description="Where the logits were taken from; null: the output itself or none."
+    )
+    output: str = Field(description="The model's output structure, e.g. `dict(out: 2×21×64×64)`.")
+    reason: str
+
+
+class OutputChange(Output):
+    """How much the model's outputs moved, for any output structure (label-free)."""
+
+    relative_l2: float | None = Field(
+        description="‖after − before‖ / ‖before‖ over every floating output element of the "
+        "evaluated samples; null when no output tensor kept its shape."
+    )
+    tensors: int = Field(description="Floating output tensors compared (per batch).")
+    shape_changed: int = Field(
+        0,
+        description="Output tensors whose shape changed (a detector's number of boxes), left "
+        "out of relative_l2.",
     )
 
 
@@ -131,7 +185,8 @@ class Report(Output):
     before: Metrics | None = Field(description="Null when no evaluation data exists.")
     after: Metrics | None
     prediction_change: float | None = Field(
-        description="Fraction of evaluated samples whose top-1 prediction changed."
+        description="Fraction of evaluated samples (segmentation: pixels) whose top-1 "
+        "prediction changed; null without logits."
     )
     verdict: Verdict
     layers: list[LayerChange]
@@ -141,3 +196,9 @@ class Report(Output):
     options: JobOptions
     device: str
     timings_s: dict[str, float]
+    task: TaskDecision | None = Field(
+        None, description="What was evaluated; older reports lack it."
+    )
+    output_change: OutputChange | None = Field(
+        None, description="Label-free evaluations (task none, or no labels): outputs' movement."
+    )

@@ -1,0 +1,48 @@
+"""Model-level evaluation: what a model's outputs say before and after recalibration.
+
+:mod:`.core` runs the passes (:func:`evaluate`) and decides the verdict; :mod:`.task` decides what
+to measure from a probe output and the labels; :mod:`.outputs` finds logits in any output
+structure; :mod:`.classification`, :mod:`.segmentation` and :mod:`.label_free` accumulate the
+metrics of each kind.
+"""
+
+from worker.evaluation.classification import (
+    CONFIDENCE_BINS,
+    ClassificationAccumulator,
+    Evaluation,
+)
+from worker.evaluation.core import (
+    MEAN_IOU_TOLERANCE,
+    decide_verdict,
+    evaluate,
+    forward_logits,
+    infer_num_classes,
+    max_output_diff,
+    pad_batch,
+    prediction_change,
+    run_batch,
+)
+from worker.evaluation.label_free import ReferenceBuffers
+from worker.evaluation.task import TaskPlan, resolve_task
+
+MetricsAccumulator = ClassificationAccumulator
+"""The classification accumulator under its former name."""
+
+__all__ = [
+    "CONFIDENCE_BINS",
+    "MEAN_IOU_TOLERANCE",
+    "ClassificationAccumulator",
+    "Evaluation",
+    "MetricsAccumulator",
+    "ReferenceBuffers",
+    "TaskPlan",
+    "decide_verdict",
+    "evaluate",
+    "forward_logits",
+    "infer_num_classes",
+    "max_output_diff",
+    "pad_batch",
+    "prediction_change",
+    "resolve_task",
+    "run_batch",
+]
