@@ -94,15 +94,24 @@ class RequestLimits:
             response = http_problem_response(too_large(self.max_body_bytes), scope.get("path"))
             await response(scope, receive, send)
             return
-        await self.app(scope, self._limited(receive, capped), send)
+        responding = False
 
-    def _limited(self, receive: Receive, capped: bool) -> Receive:
+        async def watched_send(message: Message) -> None:
+            nonlocal responding
+            responding = True
+            await send(message)
+
+        await self.app(scope, self._limited(receive, capped, lambda: responding), watched_send)
+
+    def _limited(self, receive: Receive, capped: bool, responding: Callable[[], bool]) -> Receive:
         received = 0
         body_done = False
 
         async def limited_receive() -> Message:
             nonlocal received, body_done
-            if body_done:  # later calls wait for a disconnect (streaming responses): no limit
+            if body_done or responding():
+                # The body was read, or the response began without it: such calls only watch
+                # for a disconnect (streaming and file responses); a limit has nothing to stop.
                 return await receive()
             try:
                 with anyio.fail_after(self.idle_timeout_s):

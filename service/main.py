@@ -75,9 +75,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+STREAMED_UPLOADS = frozenset({("POST", "/v1/files"), ("POST", "/submit")})
+"""Routes whose bodies stream to disk under RECALIB_MAX_UPLOAD_BYTES (the API's upload and the
+web page's submit form), not under the JSON cap RECALIB_MAX_REQUEST_BYTES."""
+
+
 def _is_upload(scope: dict[str, Any]) -> bool:
-    """``POST /v1/files``: streamed to disk under RECALIB_MAX_UPLOAD_BYTES, not the JSON cap."""
-    return scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/v1/files"
+    return (scope.get("method"), scope.get("path", "").rstrip("/")) in STREAMED_UPLOADS
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

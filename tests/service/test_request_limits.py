@@ -6,6 +6,7 @@ Real HTTP (uvicorn in a thread, raw sockets where a client must misbehave) over 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -231,3 +232,25 @@ def test_huge_headers_are_431(client: httpx.Client, size: int) -> None:
     assert response.headers["content-type"] == "application/problem+json"
     assert "RECALIB_HTTP_MAX_HEADER_BYTES" in response.json()["detail"]
     assert client.get("/v1/jobs").status_code == 200
+
+
+def test_the_web_submit_form_streams_files_over_the_json_cap(
+    tmp_path: Path, redis_conn, redis_url: str
+) -> None:
+    """The page's form (POST /submit, multipart) is an upload: RECALIB_MAX_UPLOAD_BYTES applies."""
+    settings = make_settings(tmp_path / "data", redis_url, max_request_bytes=MAX_REQUEST_BYTES)
+    with (
+        ApiThread(settings) as api,
+        httpx.Client(base_url=api.url, headers={"Origin": api.url}, timeout=30) as browser,
+    ):
+        token = re.search(r'name="csrf_token" value="([^"]+)"', browser.get("/submit").text)
+        assert token is not None
+        big = b"m" * (4 * MAX_REQUEST_BYTES)
+        response = browser.post(
+            "/submit",
+            data={"csrf_token": token.group(1)},
+            files={"model": ("model.pt2", big), "calibration": ("calib.npz", b"c" * 10)},
+        )
+        assert response.status_code == 303, response.text[:500]
+        sizes = {f["filename"]: f["bytes"] for f in browser.get("/v1/files").json()["items"]}
+        assert sizes["model.pt2"] == len(big)
