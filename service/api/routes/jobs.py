@@ -35,7 +35,7 @@ _SEQ_RE = re.compile(r"^[0-9]{1,16}$")
     response_model=JobPublic,
     responses={
         200: {"model": JobPublic, "description": "The job this Idempotency-Key created before."},
-        **problem_responses(400, 401, 403, 404, 422, 503),
+        **problem_responses(400, 401, 403, 404, 413, 422, 503),
     },
     summary="Create a recalibration job (queued)",
 )
