@@ -9,8 +9,14 @@ from rq.job import Job
 from rq.job import JobStatus as RqStatus
 
 from recalib.contract import JobCreate, JobOptions, JobRecord, JobStatus, Phase, Progress
-from recalib.errors import IdempotencyKeyReusedError, InvalidOptionError, NotFoundError
+from recalib.errors import (
+    ConflictError,
+    IdempotencyKeyReusedError,
+    InvalidOptionError,
+    NotFoundError,
+)
 from recalib.jobs.job_store import JobStore
+from recalib.jobs.keys import events_key, job_key
 from recalib.jobs.records import Stored, load, update_record, utcnow
 from recalib.settings import Settings
 
@@ -159,3 +165,27 @@ def test_counts_and_duration_histogram_follow_finished_jobs(store: JobStore) -> 
     assert dict(buckets)[30.0] == 0 and dict(buckets)[60.0] == 1
     assert buckets[-1] == (float("inf"), 1)
     assert [le for le, _ in buckets] == sorted(le for le, _ in buckets)
+
+
+def test_an_unreadable_record_is_409_for_its_tenant_404_for_others_and_not_listed(
+    store: JobStore,
+) -> None:
+    good, _ = store.create("default", _request())
+    bad, _ = store.create("default", _request(seed=1))
+    store.conn.hset(
+        job_key(bad.id), "record", b'{"id": "%s", "tenant": "default"}' % bad.id.encode()
+    )
+    with pytest.raises(ConflictError, match="unreadable"):
+        store.get("default", bad.id)
+    with pytest.raises(ConflictError):
+        store.cancel("default", bad.id)
+    with pytest.raises(NotFoundError):
+        store.get("someone-else", bad.id)
+    assert [job.id for job in store.list("default").items] == [good.id]
+
+
+def test_an_unreadable_event_is_skipped(store: JobStore) -> None:
+    record, _ = store.create("default", _request())
+    store.conn.rpush(events_key(record.id), b"{not an event")
+    store.cancel("default", record.id)
+    assert [e.status for e in store.events("default", record.id)] == ["queued", "cancelled"]
