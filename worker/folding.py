@@ -252,7 +252,7 @@ def _scripted_layer(module: torch.jit.ScriptModule, mean: Any) -> tuple[str, str
 def save_folded(
     result: FoldResult,
     loaded: LoadedModel,
-    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor],
     out_dir: Path,
 ) -> Artifact:
     """Save the folded model as ``<stem>.folded.pt2`` (TorchScript input: ``<stem>.folded<ext>``).
@@ -260,8 +260,8 @@ def save_folded(
     Args:
         result: from :func:`fold_batchnorm`.
         loaded: the model it came from (name and format).
-        example_inputs: one batch (a tensor or a tuple of positional tensors) to trace export with;
-            batch dimension 0 is exported as dynamic.
+        example_inputs: one batch (a tensor, a tuple of positional tensors or a dict of keyword
+            tensors) to trace export with; batch dimension 0 is exported as dynamic.
         out_dir: where to write.
     """
     out_dir = Path(out_dir)
@@ -271,9 +271,13 @@ def save_folded(
         out_path = out_dir / f"{stem}.folded{loaded.source_path.suffix or '.pt'}"
         torch.jit.save(result.module, str(out_path))
         return artifact(out_path, "torchscript")
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    args = tuple(_two_rows(a) for a in args)
-    program = _export(result.module, args, loaded.source_path)
+    if isinstance(example_inputs, dict):
+        kwargs = {name: _two_rows(value) for name, value in example_inputs.items()}
+        program = _export(result.module, (), loaded.source_path, kwargs)
+    else:
+        args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+        args = tuple(_two_rows(a) for a in args)
+        program = _export(result.module, args, loaded.source_path)
     out_path = out_dir / f"{stem}.folded.pt2"
     torch.export.save(program, out_path)
     return artifact(out_path, "pt2")
@@ -286,15 +290,21 @@ def _two_rows(x: Any) -> Any:
     return x.to("cpu") if isinstance(x, torch.Tensor) else x
 
 
-def _export(module: nn.Module, args: tuple[Any, ...], path: Path) -> torch.export.ExportedProgram:
+def _export(
+    module: nn.Module, args: tuple[Any, ...], path: Path, kwargs: dict[str, Any] | None = None
+) -> torch.export.ExportedProgram:
     batch = torch.export.Dim("batch", min=1)
-    dims = tuple({0: batch} if isinstance(a, torch.Tensor) and a.ndim > 0 else None for a in args)
+
+    def dim(a: Any) -> Any:
+        return {0: batch} if isinstance(a, torch.Tensor) and a.ndim > 0 else None
+
+    dims: Any = {k: dim(v) for k, v in kwargs.items()} if kwargs else tuple(dim(a) for a in args)
     try:
-        return torch.export.export(module, args, dynamic_shapes=dims)
+        return torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=dims)
     except Exception as exc:  # a model that fixes its batch size: export it static
         logger.warning("dynamic-batch export failed (%s); exporting with a fixed batch", exc)
     try:
-        return torch.export.export(module, args)
+        return torch.export.export(module, args, kwargs=kwargs)
     except Exception as exc:
         raise InvalidModelError(
             f"{path.name}: the folded model cannot be exported with torch.export: "

@@ -6,7 +6,12 @@ batches): ``loading`` → ``evaluating`` (original statistics) → ``recalibrati
 (new statistics) → ``saving`` (checkpoint, then the folded copy when ``options.fold``).
 
 Which samples calibrate and which evaluate: :mod:`worker.splits` (recorded in ``report.data``).
-Batch sizes a ``.pt2`` program fixes or bounds are honoured: :mod:`worker.batch_limits`.
+Batch sizes a ``.pt2`` program fixes or bounds are honoured: :mod:`worker.batch_limits`. Bad
+input is refused before the first pass (:mod:`worker.preflight`), which also decides what the
+evaluation measures (``options.task``: :mod:`worker.evaluation.task`). Several inputs reach the
+model by keyword, a ``.pt2`` program's positionally in ``input_names`` order. Without labels (or
+with task ``none``) the after-pass also measures how far every output moved
+(``report.output_change``).
 """
 
 from __future__ import annotations
@@ -19,27 +24,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from recalib.contract import FoldReport, JobSpec, Phase, Progress, Report
-from recalib.errors import (
-    InvalidDataError,
-    JobCancelledError,
-    NoBatchNormError,
-    NotFoundError,
-    RecalibError,
-)
+from recalib.errors import JobCancelledError
 from worker import report as reporting
-from worker.batch_limits import (
-    BatchLimits,
-    batch_limits,
-    probe_indices,
-    shape_guards_as_data_errors,
-)
+from worker.batch_limits import batch_limits, probe_indices, shape_guards_as_data_errors
 from worker.devices import resolve_device
-from worker.engine import RecalibrationResult, find_bn_layers, recalibrate
-from worker.evaluation import Evaluation, evaluate, infer_num_classes, max_output_diff
+from worker.engine import RecalibrationResult, call_model, positional_call, recalibrate
+from worker.evaluation import Evaluation, ReferenceBuffers, evaluate, max_output_diff
 from worker.folding import fold_batchnorm, save_folded
-from worker.formats.data import DataLimits, SampleSet, check_labels, make_loader, open_samples
-from worker.formats.models import LoadedModel, load_model
-from worker.splits import DataPlan, plan_data
+from worker.formats.data import SampleSet, make_loader
+from worker.preflight import check_job, load_job
 
 logger = logging.getLogger(__name__)
 
@@ -112,18 +105,24 @@ class _Job:
     def run(self) -> Report:
         self.progress.start(Phase.loading)
         with self.timer("load"):
-            self.loaded, self.plan = _load(self.spec)
+            self.loaded, self.plan = load_job(self.spec)
             self.device = resolve_device(self.options.device)
             self.model = self.loaded.module.to(self.device)
             if self.options.channels_last:  # Module.to takes memory_format; the stubs lack it
                 self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             self.limits = batch_limits(self.loaded)
-            _check_model(self.model, self.plan, self.limits)
+            self.call_fn = positional_call if self.loaded.program is not None else call_model
+            self.task = check_job(
+                self.model, self.loaded, self.plan, self.limits, self.options, self.call_fn
+            )
+        logger.info("evaluating as %s (%s)", self.task.task, self.task.reason)
         eval_batch_size = self.limits.fit(self.options.eval_batch_size, "evaluating")
         self.eval_loader = self._loader(self.plan.eval_set, self.plan.eval_indices, eval_batch_size)
         before = self._evaluate("evaluate_before")
+        label_free = self.task.task == "none" or not self.plan.labeled
+        reference = ReferenceBuffers(self.model) if label_free else None
         result = self._recalibrate()
-        after = self._evaluate("evaluate_after")
+        after = self._evaluate("evaluate_after", reference)
 
         self.progress.start(Phase.saving)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +145,7 @@ class _Job:
             folded=folded,
             device=self.device,
             timings_s=self.timer.finish(),
+            task=self.task,
         )
         reporting.write_report(report, self.out_dir)
         return report
@@ -154,7 +154,7 @@ class _Job:
         pin_memory = self.device.type == "cuda"
         return make_loader(samples, indices=indices, batch_size=batch_size, pin_memory=pin_memory)
 
-    def _evaluate(self, step: str) -> Evaluation:
+    def _evaluate(self, step: str, reference: ReferenceBuffers | None = None) -> Evaluation:
         total = len(self.eval_loader)
         self.progress.start(Phase.evaluating, total)
         with self.timer(step), shape_guards_as_data_errors(self.limits):
@@ -162,6 +162,10 @@ class _Job:
                 self.model,
                 self.eval_loader,
                 labeled=self.plan.labeled,
+                plan=self.task,
+                ignore_index=self.options.ignore_index,
+                call_fn=self.call_fn,
+                reference=reference,
                 device=self.device,
                 autocast_dtype=self.autocast_dtype,
                 channels_last=self.options.channels_last,
@@ -189,6 +193,7 @@ class _Job:
                 channels_last=options.channels_last,
                 autocast_dtype=self.autocast_dtype,
                 batch_size_range=(self.limits.min_size, self.limits.max_size),
+                call_fn=self.call_fn,
                 total_batches=len(loader),
                 progress=self.progress.batches(Phase.recalibrating),
                 should_stop=self.should_stop,
@@ -215,6 +220,7 @@ class _Job:
                 self.eval_loader,
                 device=self.device,
                 min_batch_size=self.limits.min_size,
+                call_fn=self.call_fn,
                 should_stop=self.should_stop,
             )
         finally:
@@ -223,71 +229,12 @@ class _Job:
         example_size = self.limits.fit(2)
         indices = probe_indices(plan.calibration_indices, example_size)
         example = plan.calibration.get_batch(indices)[0]
-        artifact = save_folded(result, loaded, (example,), self.out_dir)
+        if isinstance(example, dict) and loaded.program is not None:
+            example = tuple(example.values())  # a program takes its inputs in order
+        artifact = save_folded(result, loaded, example, self.out_dir)
         return FoldReport(
             artifact=artifact,
             folded=result.folded,
             not_folded=result.not_folded,
             max_abs_diff=diff,
         )
-
-
-def _load(spec: JobSpec) -> tuple[LoadedModel, DataPlan]:
-    for path, field in (
-        (spec.model_path, "model_path"),
-        (spec.calibration_path, "calibration_path"),
-        (spec.eval_path, "eval_path"),
-    ):
-        if path is not None and not Path(path).is_file():
-            raise NotFoundError(f"{field}: no such file: {path}", file=path)
-    loaded = load_model(
-        spec.model_path,
-        arch=spec.arch,
-        arch_kwargs=spec.arch_kwargs,
-        allow_unsafe_pickle=spec.allow_unsafe_pickle,
-        arch_allowlist=tuple(spec.arch_allowlist),
-    )
-    limits = DataLimits(
-        max_archive_members=spec.max_archive_members,
-        max_archive_bytes=spec.max_archive_bytes,
-        max_image_pixels=spec.max_image_pixels,
-    )
-    preprocess = spec.options.preprocess
-    calibration = open_samples(spec.calibration_path, preprocess=preprocess, limits=limits)
-    eval_set = None
-    if spec.eval_path is not None:
-        eval_set = open_samples(spec.eval_path, preprocess=preprocess, limits=limits)
-    return loaded, plan_data(calibration, eval_set, spec.options)
-
-
-def _check_model(model: torch.nn.Module, plan: DataPlan, limits: BatchLimits) -> None:
-    """Fail before any evaluation: the model needs BN layers, each data set must fit the input
-    sizes the model fixes, the model must run on a small batch of each (two samples, or the
-    batch size it takes) and give (N, classes) logits; labels must lie in [0, classes)."""
-    layers, skipped = find_bn_layers(model)
-    if not layers:
-        detail = f" ({len(skipped)} skipped: {skipped[0].reason})" if skipped else ""
-        raise NoBatchNormError(
-            "model has no BatchNorm layers whose statistics can be re-estimated" + detail
-        )
-    num_classes = 0
-    data_sets = [(plan.calibration, plan.calibration_indices)]
-    if plan.eval_set is not plan.calibration:
-        data_sets.append((plan.eval_set, plan.eval_indices))
-    for samples, indices in data_sets:
-        if not indices:
-            raise InvalidDataError("the data file holds no samples", file=str(samples.path))
-        probe = samples.get_batch(probe_indices(indices, limits.fit(2)))[0]
-        limits.check_samples(probe, samples)
-        try:
-            num_classes = infer_num_classes(model, probe)
-        except RecalibError:
-            raise
-        except Exception as exc:  # the model is user code: any failure here is a bad input
-            raise InvalidDataError(
-                f"the model fails on samples of shape {tuple(probe.shape[1:])} from "
-                f"{Path(samples.path).name}: {str(exc).splitlines()[0]}",
-                file=str(samples.path),
-            ) from exc
-        if samples.has_labels:
-            check_labels(samples, num_classes)

@@ -21,8 +21,10 @@ from recalib.contract import (
     FoldReport,
     JobSpec,
     LayerChange,
+    OutputChange,
     Report,
     SkippedLayer,
+    TaskDecision,
 )
 from worker.devices import describe_device
 from worker.evaluation import Evaluation, decide_verdict, prediction_change
@@ -30,6 +32,7 @@ from worker.report_html import write_report_html
 
 if TYPE_CHECKING:
     from worker.engine import RecalibrationResult
+    from worker.evaluation import TaskPlan
     from worker.formats.models import LoadedModel
     from worker.splits import DataPlan
 
@@ -94,8 +97,9 @@ def build_report(
     folded: FoldReport | None,
     device: torch.device,
     timings_s: dict[str, float],
+    task: TaskPlan | None = None,
 ) -> Report:
-    """The :class:`Report` of one finished job."""
+    """The :class:`Report` of one finished job; ``task`` is what the evaluation measured."""
     return Report(
         recalib_version=recalib.__version__,
         model_format=loaded.format,
@@ -120,6 +124,22 @@ def build_report(
         options=spec.options,
         device=describe_device(device),
         timings_s=timings_s,
+        task=_task_decision(task),
+        output_change=after.output_change
+        if isinstance(after.output_change, OutputChange)
+        else None,
+    )
+
+
+def _task_decision(task: TaskPlan | None) -> TaskDecision | None:
+    if task is None:
+        return None
+    return TaskDecision(
+        task=task.task,
+        requested=task.requested,
+        output_key=task.output_key,
+        output=task.output,
+        reason=task.reason,
     )
 
 

@@ -3,9 +3,11 @@
 Formats, detected by content:
 
 - tensor files (:mod:`.tensors`): ``.npz``, ``.safetensors`` or ``.pt`` holding ``inputs``
-  (float, N×…) and optional ``labels`` (int, N).
+  (float, N×…; or several arrays named by ``input_names``) and optional ``labels`` (int, N class
+  ids, or N×H×W segmentation masks).
 - image archives (:mod:`.images`): ``.zip``, ``.tar``, ``.tar.gz``/``.tgz`` (also bz2/xz tars),
-  in class-folder layout ``<class>/<image>`` (labeled) or flat (unlabeled).
+  in class-folder layout ``<class>/<image>`` (labeled) or flat (unlabeled), or as segmentation
+  data ``images/<name>.<ext>`` + ``masks/<name>.png`` (:mod:`.masks`).
 
 :func:`make_loader` batches a :class:`SampleSet` in exactly the order of the given indices, so
 runs are deterministic; a batch is fetched in one call (tensor files index their array once).
@@ -17,13 +19,14 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from recalib import defaults
 from recalib.contract import Preprocess
-from recalib.errors import InvalidDataError
+from recalib.errors import InvalidDataError, InvalidOptionError
 
 MAX_SKIPPED_EXAMPLES = 20
 
@@ -48,6 +51,9 @@ class SampleSet(Dataset):
     """An indexable data set of ``(input float32 tensor, label int)``; label -1 when unlabeled.
 
     ``skipped_entries``/``skipped_examples`` count and name (≤ 20) archive entries left out.
+    ``label_shape`` is ``()`` for class ids and ``(H, W)`` for segmentation masks;
+    ``input_names`` the arrays each sample's inputs come from (several: batches of inputs are
+    dicts name → tensor, in this order).
     """
 
     path: Path
@@ -56,6 +62,15 @@ class SampleSet(Dataset):
     sample_shape: tuple[int, ...]
     skipped_entries: int = 0
     skipped_examples: list[str] = field(default_factory=list)
+    label_shape: tuple[int, ...] = ()
+    input_names: tuple[str, ...] = ("inputs",)
+
+    @property
+    def label_kind(self) -> Literal["class", "mask"] | None:
+        """``class`` (one id per sample), ``mask`` (N×H×W) or None (unlabeled)."""
+        if not self.has_labels:
+            return None
+        return "mask" if self.label_shape else "class"
 
     def __len__(self) -> int:
         return self.num_samples
@@ -66,12 +81,18 @@ class SampleSet(Dataset):
         inputs, labels = self.get_batch([i])
         return inputs[0], int(labels[0])
 
-    def get_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs (float32, ``len(indices)×sample_shape``) and labels (int64, -1 if unlabeled)."""
+    def get_batch(self, indices: Sequence[int]) -> tuple[Any, torch.Tensor]:
+        """Inputs (float32, ``len(indices)×sample_shape``; a dict name → tensor with several
+        ``input_names``) and labels (int64, -1 if unlabeled; masks ``len(indices)×H×W``)."""
         raise NotImplementedError
 
+    def get_labels(self, indices: Sequence[int]) -> torch.Tensor:
+        """The labels of ``indices`` (int64) without decoding any input; -1 when unlabeled."""
+        return self.get_batch(indices)[1]
+
     def labels(self) -> torch.Tensor | None:
-        """All labels (int64) without decoding any input, or None when unlabeled."""
+        """All class-id labels (int64) without decoding any input, or None when unlabeled (or
+        masks: read those in chunks with :meth:`get_labels`)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -84,6 +105,7 @@ def open_samples(
     preprocess: Preprocess | None = None,
     limits: DataLimits = DataLimits(),  # frozen: a shared default is safe
     work_dir: Path | None = None,
+    input_names: Sequence[str] = ("inputs",),
 ) -> SampleSet:
     """Open a data file of any supported format (see the module docstring).
 
@@ -93,6 +115,8 @@ def open_samples(
         limits: archive safety limits.
         work_dir: where a compressed tar's image bytes are spooled (an anonymous temporary file,
             default the system temp dir); nothing is ever extracted by member name.
+        input_names: the arrays of a tensor file fed to the model (``options.input_names``);
+            an image archive holds one input, so it takes one name only.
 
     Raises:
         InvalidDataError: naming the file and the problem (missing/ill-shaped arrays, bad dtypes,
@@ -105,7 +129,14 @@ def open_samples(
     path = Path(path)
     kind = _detect(path)
     if kind in ("npz", "safetensors", "pt"):
-        return tensors.open_tensor_file(path, kind)
+        return tensors.open_tensor_file(path, kind, tuple(input_names))
+    if len(input_names) > 1:
+        raise InvalidOptionError(
+            f"{path.name} is an image archive, which holds one input per sample, but "
+            f"input_names lists {len(input_names)} ({list(input_names)}); give the inputs as "
+            "arrays of a tensor file (.npz, .safetensors, .pt)",
+            field="options.input_names",
+        )
     preprocess = preprocess or images.DEFAULT_PREPROCESS
     return images.open_image_archive(path, kind, preprocess, limits, work_dir)
 
@@ -177,7 +208,7 @@ class _Batches(Dataset):
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, k: int) -> tuple[Any, torch.Tensor]:
         return self.samples.get_batch(self.chunks[k])
 
 
@@ -189,7 +220,8 @@ def make_loader(
     pin_memory: bool = False,
     num_workers: int = 0,
 ) -> DataLoader:
-    """A loader of ``(inputs float32, labels int64)`` batches in the order of ``indices``.
+    """A loader of ``(inputs float32, labels int64)`` batches in the order of ``indices``
+    (inputs: a dict of tensors with several ``input_names``).
 
     Args:
         samples: the data set.
@@ -216,6 +248,8 @@ def check_labels(samples: SampleSet, num_classes: int) -> None:
     Raises:
         InvalidDataError: naming the file, the first bad label and its sample index.
     """
+    if samples.label_kind != "class":
+        return  # unlabeled, or masks (check_masks)
     labels = samples.labels()
     if labels is None or labels.numel() == 0:
         return
@@ -226,5 +260,38 @@ def check_labels(samples: SampleSet, num_classes: int) -> None:
             f"{Path(samples.path).name}: label {int(labels[i])} of sample {i} is outside the "
             f"model's {num_classes} classes (0..{num_classes - 1}); "
             f"{len(bad)} labels are out of range",
+            file=str(samples.path),
+        )
+
+
+MASK_CHECK_CHUNK = 64
+"""Masks decoded at a time while :func:`check_masks` scans a data set."""
+
+
+def check_masks(samples: SampleSet, num_classes: int, ignore_index: int) -> None:
+    """Check every mask value lies in ``[0, num_classes)`` or is ``ignore_index``.
+
+    Raises:
+        InvalidDataError: naming the file, the first bad value and its sample index.
+    """
+    if samples.label_kind != "mask":
+        return
+    bad_count, first = 0, None
+    for start in range(0, samples.num_samples, MASK_CHECK_CHUNK):
+        indices = list(range(start, min(start + MASK_CHECK_CHUNK, samples.num_samples)))
+        masks = samples.get_labels(indices)
+        bad = ((masks < 0) | (masks >= num_classes)) & (masks != ignore_index)
+        if bool(bad.any()):
+            per_sample = bad.flatten(1).any(dim=1)
+            bad_count += int(per_sample.sum())
+            if first is None:
+                i = int(per_sample.nonzero()[0])
+                first = (start + i, int(masks[i][bad[i]][0]))
+    if first is not None:
+        sample, value = first
+        raise InvalidDataError(
+            f"{Path(samples.path).name}: mask value {value} in sample {sample} is outside the "
+            f"model's {num_classes} classes (0..{num_classes - 1}) and is not ignore_index "
+            f"{ignore_index}; {bad_count} masks hold such values",
             file=str(samples.path),
         )

@@ -107,10 +107,7 @@ def to_tensor(image: Image.Image, preprocess: Preprocess) -> torch.Tensor:
     if preprocess.resize is not None:
         image = image.resize(resized_size(image.size, preprocess.resize), Image.Resampling.BILINEAR)
     if preprocess.center_crop is not None:
-        crop = preprocess.center_crop
-        left = round((image.width - crop) / 2.0)
-        top = round((image.height - crop) / 2.0)
-        image = image.crop((left, top, left + crop, top + crop))
+        image = image.crop(crop_box(image.size, preprocess.center_crop))
     array = np.asarray(image, dtype=np.uint8)
     tensor = torch.from_numpy(array.copy()).to(torch.float32).div_(255.0)
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
@@ -119,6 +116,13 @@ def to_tensor(image: Image.Image, preprocess: Preprocess) -> torch.Tensor:
     if preprocess.std is not None:
         tensor /= torch.tensor(preprocess.std).view(-1, 1, 1)
     return tensor.contiguous()
+
+
+def crop_box(size: tuple[int, int], crop: int) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of a centered ``crop``×``crop`` square."""
+    left = round((size[0] - crop) / 2.0)
+    top = round((size[1] - crop) / 2.0)
+    return left, top, left + crop, top + crop
 
 
 def resized_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
@@ -149,6 +153,7 @@ class _Scan:
         default_factory=list
     )
     candidates: list[tuple[str, ...]] = field(default_factory=list)
+    headers: dict[tuple[str, ...], tuple[tuple[int, int], str]] = field(default_factory=dict)
     skipped: int = 0
     examples: list[str] = field(default_factory=list)
 
@@ -201,7 +206,7 @@ def _probe(
         data = reader.read(member)
         with _quiet_bomb_warnings():
             image = Image.open(io.BytesIO(data))
-            size = image.size
+            size, mode = image.size, image.mode
             if size[0] * size[1] > limits.max_image_pixels:
                 scan.skip(name, f"{size[0]}×{size[1]} pixels, over max_image_pixels")
                 return
@@ -216,6 +221,7 @@ def _probe(
     if shape is None:
         scan.skip(name, f"{size[0]}×{size[1]} is smaller than center_crop after resize")
         return
+    scan.headers[member.parts] = (size, mode)
     scan.images.append((member.parts, reader.keep(member, data), shape))
 
 
@@ -246,6 +252,10 @@ def _samples(
         )
     labeled = depths == {2}
     classes = sorted({parts[strip] for parts in scan.candidates}) if labeled else []
+    if classes == ["images", "masks"]:
+        from worker.formats.masks import segmentation_samples
+
+        return segmentation_samples(path, reader, scan, strip, preprocess, limits)
     images = sorted(scan.images, key=lambda item: item[0])
     shapes = {shape for _, _, shape in images}
     if len(shapes) > 1:

@@ -3,9 +3,13 @@
 ``inputs``: a floating array (float16/bfloat16/float32/float64), N samples × at least one more
 dimension, all values finite; batches come out as float32. Integer inputs are refused rather than
 silently accepted: whether uint8 pixels mean [0, 255] or already-scaled values is a guess recalib
-will not make (convert them yourself, e.g. ``x.astype(np.float32) / 255``).
+will not make (convert them yourself, e.g. ``x.astype(np.float32) / 255``). A model with several
+inputs reads several such arrays, named by ``input_names`` (default the single ``inputs``), all
+with the same N; batches then come out as a dict name → tensor, in that order.
 
-``labels`` (optional): integers ≥ 0, one per sample. Other keys are ignored.
+``labels`` (optional): integers, one class id ≥ 0 per sample (N), or a segmentation mask per
+sample (N×H×W class ids, H×W the size of the first input's last two dimensions; their values are
+checked against the model's classes and ``ignore_index`` later). Other keys are ignored.
 
 Nothing is unpickled: ``.npz`` is read with ``allow_pickle=False`` (object arrays fail), ``.pt``
 with ``torch.load(weights_only=True)`` (memory-mapped when possible). The finiteness check walks
@@ -15,6 +19,7 @@ the inputs in chunks, so it never holds a second full-size copy.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,44 +37,70 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass
 class TensorSamples(SampleSet):
-    """Samples held as one ``inputs`` tensor (and ``labels``), indexed a batch at a time."""
+    """Samples held as input tensors (and ``labels``), indexed a batch at a time."""
 
     inputs: torch.Tensor = field(default_factory=lambda: torch.empty(0), repr=False)
     label_tensor: torch.Tensor | None = field(default=None, repr=False)
+    named_inputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def get_batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(self, indices: Any) -> tuple[Any, torch.Tensor]:
         index = torch.as_tensor(list(indices), dtype=torch.long)
-        inputs = self.inputs[index].to(torch.float32)
+        if len(self.named_inputs) > 1:
+            inputs: Any = {k: v[index].to(torch.float32) for k, v in self.named_inputs.items()}
+        else:
+            inputs = self.inputs[index].to(torch.float32)
+        return inputs, self.get_labels(index)
+
+    def get_labels(self, indices: Any) -> torch.Tensor:
+        index = torch.as_tensor(list(indices), dtype=torch.long)
         if self.label_tensor is None:
-            return inputs, torch.full((len(index),), -1, dtype=torch.long)
-        return inputs, self.label_tensor[index]
+            return torch.full((len(index),), -1, dtype=torch.long)
+        return self.label_tensor[index].to(torch.long)
 
     def labels(self) -> torch.Tensor | None:
-        return self.label_tensor
+        return None if self.label_tensor is None else self.label_tensor.to(torch.long)
 
 
-def open_tensor_file(path: Path, kind: str) -> TensorSamples:
+def open_tensor_file(
+    path: Path, kind: str, input_names: Sequence[str] = ("inputs",)
+) -> TensorSamples:
     """Read and validate a tensor file (``kind``: ``npz``, ``safetensors`` or ``pt``)."""
-    arrays = {"npz": _read_npz, "safetensors": _read_safetensors, "pt": _read_pt}[kind](path)
-    inputs = _check_inputs(arrays.get("inputs"), path, sorted(arrays))
+    wanted = (*input_names, "labels")
+    reader = {"npz": _read_npz, "safetensors": _read_safetensors, "pt": _read_pt}[kind]
+    arrays = reader(path, wanted)
+    named = {
+        name: _check_inputs(arrays.get(name), path, sorted(arrays), name, input_names)
+        for name in input_names
+    }
+    first = named[input_names[0]]
+    for name, tensor in named.items():
+        if len(tensor) != len(first):
+            raise InvalidDataError(
+                f"{path.name}: input {name!r} holds {len(tensor)} samples and "
+                f"{input_names[0]!r} {len(first)}; every input needs one row per sample",
+                file=str(path),
+            )
     labels = arrays.get("labels")
-    label_tensor = None if labels is None else _check_labels(labels, len(inputs), path)
+    label_tensor = None if labels is None else _check_labels(labels, first, path)
     return TensorSamples(
         path=path,
         has_labels=label_tensor is not None,
-        num_samples=len(inputs),
-        sample_shape=tuple(inputs.shape[1:]),
-        inputs=inputs,
+        num_samples=len(first),
+        sample_shape=tuple(first.shape[1:]),
+        label_shape=() if label_tensor is None else tuple(label_tensor.shape[1:]),
+        input_names=tuple(input_names),
+        inputs=first,
         label_tensor=label_tensor,
+        named_inputs=named,
     )
 
 
-def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+def _read_npz(path: Path, wanted: Sequence[str]) -> dict[str, torch.Tensor]:
     arrays: dict[str, torch.Tensor] = {}
     try:
         with np.load(path, allow_pickle=False) as npz:
             for key in npz.files:
-                if key in ("inputs", "labels"):
+                if key in wanted:
                     arrays[key] = _from_numpy(npz[key], path, key)
                 else:
                     arrays[key] = torch.empty(0)  # listed in messages only
@@ -95,13 +126,12 @@ def _from_numpy(array: np.ndarray, path: Path, key: str) -> torch.Tensor:
         ) from exc
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, wanted: Sequence[str]) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             names = list(handle.keys())  # a safe_open handle is not iterable
-            wanted = ("inputs", "labels")
             return {k: handle.get_tensor(k) if k in wanted else torch.empty(0) for k in names}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise InvalidDataError(
@@ -110,7 +140,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def _read_pt(path: Path) -> dict[str, torch.Tensor]:
+def _read_pt(path: Path, wanted: Sequence[str]) -> dict[str, torch.Tensor]:
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -139,28 +169,38 @@ def _read_pt(path: Path) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in obj.items()}
 
 
-def _check_inputs(inputs: torch.Tensor | None, path: Path, keys: list[str]) -> torch.Tensor:
+def _check_inputs(
+    inputs: torch.Tensor | None, path: Path, keys: list[str], key: str, names: Sequence[str]
+) -> torch.Tensor:
     name = path.name
     if inputs is None:
-        raise InvalidDataError(f"{name} has no 'inputs' array (found: {keys})", file=str(path))
+        named = (
+            ""
+            if tuple(names) == ("inputs",)
+            else f", which options.input_names {list(names)} lists"
+        )
+        raise InvalidDataError(
+            f"{name} has no {key!r} array{named} (found: {keys})", file=str(path)
+        )
+    what = "inputs" if key == "inputs" else f"input {key!r}"
     if inputs.ndim < 2:
         raise InvalidDataError(
-            f"{name}: inputs must be N samples × features (at least 2 dimensions), got shape "
+            f"{name}: {what} must be N samples × features (at least 2 dimensions), got shape "
             f"{tuple(inputs.shape)}",
             file=str(path),
         )
     if len(inputs) == 0:
-        raise InvalidDataError(f"{name}: inputs hold zero samples", file=str(path))
+        raise InvalidDataError(f"{name}: {what} hold zero samples", file=str(path))
     if inputs.dtype not in _FLOATS:
         raise InvalidDataError(
-            f"{name}: inputs are {str(inputs.dtype).removeprefix('torch.')}, not floating point; "
+            f"{name}: {what} are {str(inputs.dtype).removeprefix('torch.')}, not floating point; "
             "convert and scale them yourself (e.g. uint8 pixels to float32 / 255)",
             file=str(path),
         )
     bad = _first_non_finite(inputs)
     if bad is not None:
         raise InvalidDataError(
-            f"{name}: inputs hold NaN or infinite values (first in sample {bad})", file=str(path)
+            f"{name}: {what} hold NaN or infinite values (first in sample {bad})", file=str(path)
         )
     return inputs
 
@@ -175,18 +215,20 @@ def _first_non_finite(inputs: torch.Tensor) -> int | None:
     return None
 
 
-def _check_labels(labels: torch.Tensor, n: int, path: Path) -> torch.Tensor:
-    name = path.name
+def _check_labels(labels: torch.Tensor, inputs: torch.Tensor, path: Path) -> torch.Tensor:
+    name, n = path.name, len(inputs)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise InvalidDataError(
             f"{name}: labels must be integers (class indices), got "
             f"{str(labels.dtype).removeprefix('torch.')}",
             file=str(path),
         )
+    if labels.ndim == 3 and len(labels) == n:
+        return _check_masks(labels, inputs, path)
     if labels.ndim != 1 or len(labels) != n:
         raise InvalidDataError(
             f"{name}: labels must be one integer per sample, shape ({n},); got "
-            f"{tuple(labels.shape)}",
+            f"{tuple(labels.shape)} (segmentation masks: one H×W mask per sample, N×H×W)",
             file=str(path),
         )
     labels = labels.to(torch.long)
@@ -196,3 +238,15 @@ def _check_labels(labels: torch.Tensor, n: int, path: Path) -> torch.Tensor:
             f"{name}: labels must be ≥ 0; sample {i} has label {int(labels[i])}", file=str(path)
         )
     return labels
+
+
+def _check_masks(masks: torch.Tensor, inputs: torch.Tensor, path: Path) -> torch.Tensor:
+    """Segmentation masks N×H×W: H×W must be the inputs' last two dimensions."""
+    if inputs.ndim >= 3 and tuple(masks.shape[1:]) != tuple(inputs.shape[-2:]):
+        raise InvalidDataError(
+            f"{path.name}: the masks (labels) are {masks.shape[1]}×{masks.shape[2]} pixels but "
+            f"the inputs are {inputs.shape[-2]}×{inputs.shape[-1]} (shape "
+            f"{tuple(inputs.shape)}); every mask must have its image's size",
+            file=str(path),
+        )
+    return masks  # kept in its integer type (uint8 masks stay small), widened per batch
