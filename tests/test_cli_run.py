@@ -101,6 +101,7 @@ def test_fail_if_worse_exits_3(digits_case, digits_files, tmp_path) -> None:
         (["--autocast", "fp8"], "--autocast"),
         (["--resize", "-3"], "--resize"),
         (["--arch-kwargs", "[1, 2]"], "--arch-kwargs"),
+        (["--arch-kwargs", '{"a": NaN}'], "--arch-kwargs"),  # JSON, but the contract refuses it
     ],
 )
 def test_bad_option_is_one_line_exit_2(digits_files, tmp_path, args, flag) -> None:
