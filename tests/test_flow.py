@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from recalib import layout
+from tests.bn_oracle import assert_statistics_equal, digits_net, digits_oracle, one_sample
 from tests.live import (
     REPO_ROOT,
     Stack,
@@ -65,15 +66,31 @@ def _body(ids: dict[str, str], **options: object) -> dict[str, object]:
 
 @pytest.mark.slow
 def test_digits_job_end_to_end(
-    client: httpx.Client, live_stack: Stack, digits_ids, digits_case, tmp_path: Path
+    client: httpx.Client,
+    live_stack: Stack,
+    digits_ids,
+    digits_case,
+    digits_files: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
     job = create_job(client, _body(digits_ids))
     done = wait_for_job(client, job["id"], FINAL, timeout_s=120)
     assert done["status"] == "succeeded", done["error"]
     assert done["attempts"] == 1
     report = done["result"]
-    assert report["before"]["top1"] < 0.2
-    assert report["after"]["top1"] > 0.8
+    # What the numbers must equal, computed here: the source model, and an oracle whose BN
+    # statistics this test pooled over the job's calibration batches (tests/bn_oracle.py).
+    source, oracle, statistics = digits_oracle(
+        digits_files["model"], digits_files["calibration"], digits_files["evaluation"]
+    )
+    eval_inputs, eval_labels = digits_case.shifted_evaluation
+    step = one_sample(eval_labels)
+    assert report["before"]["top1"] == pytest.approx(
+        accuracy(source, eval_inputs, eval_labels), abs=step
+    )
+    assert report["after"]["top1"] == pytest.approx(
+        accuracy(oracle, eval_inputs, eval_labels), abs=step
+    )
     events = client.get(f"/v1/jobs/{job['id']}/events").json()
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert [e["status"] for e in events][:2] == ["queued", "running"]
@@ -90,8 +107,8 @@ def test_digits_job_end_to_end(
     path = tmp_path / "recalibrated.pt2"
     path.write_bytes(checkpoint.content)
     model = torch.export.load(path).module()
-    eval_inputs, eval_labels = digits_case.shifted_evaluation
-    assert accuracy(model, eval_inputs, eval_labels) > 0.8  # the new statistics are in it
+    assert_statistics_equal(digits_net(path), statistics)  # the new statistics are in it
+    assert accuracy(model, eval_inputs, eval_labels) == pytest.approx(report["after"]["top1"])
     old_mean = digits_case.model.features[1].running_mean
     new_mean = dict(model.named_buffers())["features.1.running_mean"]
     assert not torch.allclose(old_mean, new_mean)
