@@ -1,0 +1,74 @@
+"""A model with two inputs and a structured output, and its BN oracle, for the multi-input tests.
+
+:class:`TwoView` reads a digit (``x``) and its mirror image (``y``) through two BN branches and
+returns a named tuple ``(logits, embedding)``, as a multi-head model would. Its weights come from
+the trained digits model (both branches share the trained features' weights, so it classifies
+well), the BN statistics of each branch are its own. :func:`pooled_two_view` is the oracle: the
+pooled statistics torch's own BN layers see when called ``model(x=..., y=...)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from functools import partial
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from worker.digits import DigitsNet
+
+
+class TwoViewOutput(NamedTuple):
+    embedding: torch.Tensor
+    logits: torch.Tensor
+
+
+class TwoView(nn.Module):
+    """Two DigitsNet feature branches (x and mirrored y), averaged into the digits head."""
+
+    def __init__(self, digits: DigitsNet | None = None) -> None:
+        super().__init__()
+        digits = digits or DigitsNet()
+        self.left = copy.deepcopy(digits.features)
+        self.right = copy.deepcopy(digits.features)
+        self.head = copy.deepcopy(digits.head)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> TwoViewOutput:
+        embedding = 0.5 * (self.left(x) + self.right(torch.flip(y, dims=[3])))
+        return TwoViewOutput(embedding, self.head(embedding))
+
+
+def pooled_two_view(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    order: Sequence[int],
+    batch_size: int,
+    sizes: Sequence[int] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Pooled per-channel mean / unbiased variance of every BN layer's input over the batches
+    (``batch_size`` each, or the given ``sizes``)."""
+    model = copy.deepcopy(model).eval()
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm):
+            module.train()
+            handles.append(module.register_forward_pre_hook(partial(_collect, seen, name)))
+    try:
+        with torch.no_grad():
+            for idx in torch.as_tensor(list(order)).split(list(sizes) if sizes else batch_size):
+                model(x=x[idx], y=y[idx])
+    finally:
+        for handle in handles:
+            handle.remove()
+    pooled = {name: torch.cat(chunks, dim=1) for name, chunks in seen.items()}
+    return {name: (v.mean(1), v.var(1)) for name, v in pooled.items()}
+
+
+def _collect(seen: dict[str, list[torch.Tensor]], name: str, module: nn.Module, args) -> None:
+    x = args[0].detach().double()
+    seen.setdefault(name, []).append(x.transpose(0, 1).reshape(x.shape[1], -1))
