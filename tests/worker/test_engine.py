@@ -15,6 +15,12 @@ from recalib.errors import (
     NoBatchNormError,
     StatisticsUnchangedError,
 )
+from tests.bn_oracle import (
+    assert_statistics_equal,
+    one_sample,
+    pooled_bn_statistics,
+    with_statistics,
+)
 from worker.digits import DigitsNet, accuracy
 from worker.engine import recalibrate
 
@@ -98,13 +104,20 @@ def test_population_is_insensitive_to_batch_split(digits_case, target) -> None:
     torch.testing.assert_close(a.features[1].running_var, b.features[1].running_var)
 
 
-def test_recovers_accuracy_on_shifted_digits(digits_case, target) -> None:
+def test_matches_the_pooled_oracle_on_shifted_digits(digits_case, target) -> None:
+    """The recalibrated model is the model whose BN statistics are the pooled statistics of each
+    BN layer's inputs over the target data (computed here without the engine), and so scores
+    what that oracle scores."""
     model = copy.deepcopy(digits_case.model)
-    before = accuracy(model, *digits_case.shifted_evaluation)
+    order = list(range(len(target)))
+    statistics = pooled_bn_statistics(digits_case.model, target, order, batch_size=64)
+    oracle = with_statistics(digits_case.model, statistics)
     result = recalibrate(model, target.split(64))
-    after = accuracy(model, *digits_case.shifted_evaluation)
-    assert before < 0.2
-    assert after > 0.8
+    assert_statistics_equal(model, statistics)
+    labels = digits_case.shifted_evaluation[1]
+    assert accuracy(model, *digits_case.shifted_evaluation) == pytest.approx(
+        accuracy(oracle, *digits_case.shifted_evaluation), abs=one_sample(labels)
+    )
     assert result.layers == ["features.1", "features.4", "head.1"]
     assert all(change.mean_shift_std > 0.05 for change in result.changes)
 
@@ -185,7 +198,11 @@ def test_tolerance_stops_early_with_fewer_samples(digits_case, target) -> None:
     result = recalibrate(model, many.split(64), tolerance=0.05, tolerance_window=3)
     assert result.stopped_early
     assert result.samples < len(many)
-    assert accuracy(model, *digits_case.shifted_evaluation) > 0.8
+    # What it stored is exactly the pooled statistics of the samples it used (computed here).
+    used = list(range(result.samples))
+    assert_statistics_equal(
+        model, pooled_bn_statistics(digits_case.model, many, used, batch_size=64)
+    )
 
 
 def test_single_sample_batch_is_merged(digits_case, target) -> None:
