@@ -57,13 +57,14 @@ COPY service ./service
 RUN pip install --no-deps . \
     && python3 -c "import sys, service.main; sys.exit('torch imported' if 'torch' in sys.modules else 0)"
 USER 10001:10001
-# uvicorn reads UVICORN_HOST/UVICORN_PORT; the healthcheck follows the same port.
+# service.server runs uvicorn with the RECALIB_HTTP_* limits; it reads UVICORN_HOST/UVICORN_PORT
+# as the uvicorn command does, and the healthcheck follows the same port.
 ENV UVICORN_HOST=0.0.0.0 \
     UVICORN_PORT=8000
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ['UVICORN_PORT']}/healthz\", timeout=4)"]
-CMD ["uvicorn", "--factory", "service.main:create_app"]
+CMD ["python3", "-m", "service.server"]
 
 # The worker imports the job layer, never service/: the image has neither FastAPI nor service/
 # (the build fails if either is there).

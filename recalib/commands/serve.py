@@ -72,12 +72,15 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         import uvicorn
 
+        from service.server import uvicorn_options
+
         uvicorn.run(
             "service.main:create_app",
             factory=True,
             host=host,
             port=port,
             log_level=settings.log_level.lower(),
+            **uvicorn_options(get_settings()),
         )
     return 0
 
