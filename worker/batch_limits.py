@@ -18,10 +18,12 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from recalib.errors import InvalidDataError
+from worker.engine.inputs import first_tensor
 from worker.formats.data import SampleSet
 from worker.formats.export_program import ProgramInput, program_input
 from worker.formats.models import LoadedModel
@@ -60,12 +62,13 @@ class BatchLimits:
             return f"exactly {self.min_size}"
         return f"{self.min_size} to {self.max_size or 'any number of'}"
 
-    def check_samples(self, probe: torch.Tensor, samples: SampleSet) -> None:
+    def check_samples(self, probe: Any, samples: SampleSet) -> None:
         """Raise :class:`InvalidDataError` if ``probe`` (a batch of ``samples``) does not fit a
-        fixed non-batch dimension or the rank of the program's input."""
+        fixed non-batch dimension or the rank of the program's input (its first input, when
+        there are several)."""
         if self.program is None:
             return
-        expected, shape = self.program.shape, tuple(probe.shape)
+        expected, shape = self.program.shape, tuple(first_tensor(probe).shape)
         data = f"the samples of shape {shape[1:]} from {Path(samples.path).name}"
         program = f"{self.model_name} was exported for inputs of shape {self.program.describe()}"
         fix = "export the model with torch.export dynamic_shapes making that dimension dynamic"

@@ -146,14 +146,12 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def check_input_names(model: torch.nn.Module, loaded: LoadedModel, names: list[str]) -> None:
-    """Several inputs must fit the forward: a ``.pt2`` program takes as many, in order; another
-    model must have an argument of each name (or ``**kwargs``).
+    """The inputs must fit the forward: a ``.pt2`` program takes as many as ``input_names`` lists,
+    in order; another model given several must have an argument of each name (or ``**kwargs``).
 
     Raises:
         InvalidOptionError: naming ``options.input_names`` and the forward's arguments.
     """
-    if len(names) < 2:
-        return
     if loaded.program is not None:
         expected = list(loaded.program.graph_signature.user_inputs)
         if len(expected) != len(names):
@@ -163,6 +161,8 @@ def check_input_names(model: torch.nn.Module, loaded: LoadedModel, names: list[s
                 field="options.input_names",
             )
         return
+    if len(names) < 2:
+        return  # one input is passed positionally, whatever its name
     arguments = _forward_arguments(model)
     if arguments is None:
         return

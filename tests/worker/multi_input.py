@@ -29,8 +29,9 @@ class TwoViewOutput(NamedTuple):
 class TwoView(nn.Module):
     """Two DigitsNet feature branches (x and mirrored y), averaged into the digits head."""
 
-    def __init__(self, digits: DigitsNet | None = None) -> None:
+    def __init__(self, digits: DigitsNet | None = None, as_dict: bool = False) -> None:
         super().__init__()
+        self.as_dict = as_dict  # torch.export cannot save a program returning a named tuple
         digits = digits or DigitsNet()
         self.left = copy.deepcopy(digits.features)
         self.right = copy.deepcopy(digits.features)
@@ -39,6 +40,12 @@ class TwoView(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> TwoViewOutput:
         embedding = 0.5 * (self.left(x) + self.right(torch.flip(y, dims=[3])))
         return TwoViewOutput(embedding, self.head(embedding))
+
+    def as_program(self) -> nn.Module:
+        """The same model returning ``{"embedding", "logits"}`` (for ``torch.export``)."""
+        model = copy.deepcopy(self)
+        model.forward = lambda x, y: TwoView.forward(model, x, y)._asdict()  # type: ignore[method-assign]
+        return model
 
 
 def pooled_two_view(

@@ -115,8 +115,9 @@ def _walk(output: Any, parts: list[str]) -> Any:
 def auto_logits(output: Any) -> tuple[torch.Tensor | None, str | None]:
     """The logits of an output without ``output_key``, and the key they were found at.
 
-    A tensor is itself; a dict or named tuple gives its ``out``/``logits`` entry, else its only
-    tensor; a plain tuple or list its first item when that is a tensor. Otherwise none.
+    A tensor is itself; a dict or named tuple gives its ``out``/``logits`` entry, or its only
+    entry when that is a tensor; a plain tuple or list its first item when that is a tensor.
+    Otherwise none (an embedding beside other outputs is not taken for logits).
     """
     if isinstance(output, torch.Tensor):
         return output, None
@@ -127,9 +128,8 @@ def auto_logits(output: Any) -> tuple[torch.Tensor | None, str | None]:
                 value = select(output, name)
                 if isinstance(value, torch.Tensor):
                     return value, name
-        tensors = [name for name in named if isinstance(select(output, name), torch.Tensor)]
-        if len(tensors) == 1:
-            return select(output, tensors[0]), tensors[0]
+        if len(named) == 1 and isinstance(select(output, named[0]), torch.Tensor):
+            return select(output, named[0]), named[0]
         return None, None
     if isinstance(output, list | tuple) and output and isinstance(output[0], torch.Tensor):
         return output[0], "0"
