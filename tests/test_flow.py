@@ -25,17 +25,12 @@ from tests.live import (
     REPO_ROOT,
     Stack,
     create_job,
-    digits_ids,
     free_port,
-    live_redis_url,
-    live_stack,
     upload,
     wait_for_job,
     wait_until,
 )
 from worker.digits import accuracy
-
-__all__ = ["digits_ids", "live_redis_url", "live_stack"]  # fixtures used by this module
 
 FINAL = {"succeeded", "failed", "cancelled"}
 

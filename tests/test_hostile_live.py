@@ -33,16 +33,11 @@ from tests.live import (
     REPO_ROOT,
     Stack,
     create_job,
-    digits_ids,
-    live_redis_url,
-    live_stack,
     upload,
     wait_for_job,
     wait_until,
 )
 from tests.unwritable import unwritable
-
-__all__ = ["digits_ids", "live_redis_url", "live_stack"]  # fixtures used by this module
 
 pytestmark = pytest.mark.slow
 FINAL = {"succeeded", "failed", "cancelled"}

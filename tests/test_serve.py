@@ -25,14 +25,15 @@ from recalib.commands.supervisor import Backoff, worker_env
 from tests.live import (
     FAST_ENV,
     REPO_ROOT,
+    ApiThread,
     Proc,
     create_job,
     free_port,
+    make_settings,
     upload,
     wait_for_job,
     wait_until,
 )
-from tests.service.live_api import ApiThread, make_settings
 
 API_KEY = "serve-test-key"
 SECRETS = {

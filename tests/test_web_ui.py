@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.live import Stack, create_job, live_redis_url, upload, wait_for_job
-
-__all__ = ["live_redis_url"]  # fixture used by this module
+from tests.live import Stack, create_job, upload, wait_for_job
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -11,7 +11,7 @@ import pytest
 
 from recalib.errors import InvalidOptionError, UnauthorizedError
 from service.auth import ApiKeys
-from tests.service.live_api import ApiThread, make_settings
+from tests.live import ApiThread, make_settings
 
 KEY_A = "alice-key-0123456789"
 KEY_B = "bob-key-9876543210"

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from recalib import layout
-from tests.service.live_api import ApiProcess, ApiThread, make_settings
+from tests.live import ApiThread, Stack, make_settings
 
 MAX_UPLOAD_BYTES = 4 * 1024 * 1024
 
@@ -193,22 +193,19 @@ def test_client_disconnect_mid_upload_leaves_nothing(api: ApiThread, tmp_path: P
 def test_api_killed_mid_upload_leaves_nothing_after_restart(
     tmp_path: Path, redis_conn, redis_url: str
 ) -> None:
-    settings = make_settings(tmp_path / "data", redis_url, max_upload_bytes=MAX_UPLOAD_BYTES)
-    data_dir = tmp_path / "data"
-    api = ApiProcess(settings).start()
-    try:
-        sock = _send_partial_upload(api.url, declared=3_000_000, sent=1_500_000)
+    with Stack(redis_url, tmp_path, RECALIB_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES)) as stack:
+        data_dir = stack.data_dir
+        stack.start_api()
+        sock = _send_partial_upload(stack.url, declared=3_000_000, sent=1_500_000)
         assert _wait_for(lambda: any(p.suffix == ".part" for p in _leftovers(data_dir)))
-        api.kill()
+        stack.kill_api()
         sock.close()
         assert any(p.suffix == ".part" for p in _leftovers(data_dir))  # the crash left it
-        api = ApiProcess(settings, port=api.port).start()
+        stack.start_api(port=stack.port)
         assert _leftovers(data_dir) == []  # removed at start-up
-        listed = httpx.get(f"{api.url}/v1/files", timeout=10).json()["items"]
+        listed = httpx.get(f"{stack.url}/v1/files", timeout=10).json()["items"]
         assert listed == []
         upload = httpx.post(
-            f"{api.url}/v1/files", params={"filename": "again.pt2"}, content=b"z" * 1000
+            f"{stack.url}/v1/files", params={"filename": "again.pt2"}, content=b"z" * 1000
         )
         assert upload.status_code == 201
-    finally:
-        api.stop()

@@ -21,13 +21,9 @@ from recalib import defaults
 from tests.live import (
     Stack,
     create_job,
-    digits_ids,
-    live_redis_url,
     upload,
     wait_for_job,
 )
-
-__all__ = ["digits_ids", "live_redis_url"]  # fixtures used by this module
 
 pytestmark = pytest.mark.slow
 

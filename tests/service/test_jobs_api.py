@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.live_api import ApiThread, make_settings
+from tests.live import ApiThread, make_settings
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.service.live_api import REPO_ROOT
+from tests.live import REPO_ROOT
 
 PROBE = """
 import sys

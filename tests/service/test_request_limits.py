@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from recalib import defaults, layout
-from tests.service.live_api import ApiThread, make_settings
+from tests.live import ApiThread, make_settings
 
 MAX_REQUEST_BYTES = 64 * 1024
 IDLE_TIMEOUT_S = 1.0

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.live_api import REPO_ROOT, free_port
+from tests.live import REPO_ROOT, free_port
 
 KEEPALIVE_S = 1
 MAX_CONNECTIONS = 3

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from recalib import layout
-from tests.service.live_api import ApiThread, make_settings
+from tests.live import ApiThread, make_settings
 from tests.unwritable import unwritable
 
 

@@ -19,7 +19,7 @@ from recalib import layout
 from recalib.contract import JobError, JobStatus, Report
 from recalib.jobs import states
 from service.web.session import CSRF_COOKIE, KEY_COOKIE
-from tests.service.live_api import ApiThread, make_settings
+from tests.live import ApiThread, make_settings
 
 KEY_A = "alice-key-0123456789"
 KEY_B = "bob-key-9876543210"
