@@ -50,6 +50,22 @@ REAPER_INTERVAL_S = 5.0
 WORKER_HEARTBEAT_S = 10
 RETENTION_S = 7 * 24 * 3600
 
+WORKER_MODE = "warm"
+"""``warm``: each worker runs jobs in one long-lived runner process (torch, the device and recent
+models stay loaded); ``fork``: each job in a fresh process forked from the worker."""
+
+RUNNER_MAX_JOBS = 200
+"""A warm runner is replaced after this many jobs (Celery's max-tasks-per-child)."""
+
+RUNNER_MAX_RSS_MB = 8192
+"""A warm runner whose resident memory passed this after a job is replaced (0: never)."""
+
+MODEL_CACHE_BYTES = 2 * 1024**3
+"""Tensor bytes of loaded models a warm runner keeps for later jobs on the same model (0: none)."""
+
+DATA_WORKERS = -1
+"""DataLoader processes decoding image archives; -1: min(8, CPU cores - 1)."""
+
 ARCH_ALLOWLIST = ("torchvision.models", "timm")
 """Module prefixes an ``arch`` (``module:callable``) may be imported from."""
 

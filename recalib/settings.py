@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -110,6 +110,44 @@ class Settings(BaseSettings):
         ),
     )
     worker_device: str = Field("auto", description="Device of `recalib worker`: auto, cpu, cuda:N.")
+    worker_mode: Literal["warm", "fork"] = Field(
+        defaults.WORKER_MODE,
+        description=(
+            "`warm`: each worker keeps one runner process (spawned, never forked) that has torch, "
+            "the device and recent models loaded and runs the jobs one after another; `fork`: "
+            "each job runs in a fresh process forked from the worker (pays torch's first-use "
+            "costs every job)."
+        ),
+    )
+    runner_max_jobs: int = Field(
+        defaults.RUNNER_MAX_JOBS,
+        ge=1,
+        description="A warm runner is replaced by a fresh one after this many jobs.",
+    )
+    runner_max_rss_mb: int = Field(
+        defaults.RUNNER_MAX_RSS_MB,
+        ge=0,
+        description=(
+            "A warm runner whose resident memory is over this after a job is replaced, MiB "
+            "(0: never)."
+        ),
+    )
+    model_cache_bytes: int = Field(
+        defaults.MODEL_CACHE_BYTES,
+        ge=0,
+        description=(
+            "Tensor bytes of loaded models a warm runner keeps (LRU, by content sha256), so a "
+            "later job on the same model skips loading it; 0 disables the cache."
+        ),
+    )
+    data_workers: int = Field(
+        defaults.DATA_WORKERS,
+        ge=-1,
+        description=(
+            "DataLoader processes decoding image archives while the model computes (0: in the "
+            "job's own process); -1: min(8, CPU cores - 1)."
+        ),
+    )
     retention_s: int = Field(
         defaults.RETENTION_S,
         ge=0,

@@ -1,5 +1,10 @@
-"""Faults, with real processes: killed work horses and workers, a run stuck in one batch, a job
+"""Faults, with real processes: killed job runners and workers, a run stuck in one batch, a job
 timeout, a Redis restart, many jobs at once, a data directory the worker cannot write.
+
+The workers run in the default (warm) mode: the process doing a job's work is the worker's warm
+runner (``python -m worker.runner.warm``), which RQ's work horse only proxies; killing it is
+what the OOM killer does. ``tests/test_warm_faults.py`` has the warm mode's own faults (a killed
+proxy horse, recycling, the model cache).
 
 Heartbeats are 1 s and reaper passes 0.5 s here (``tests.live.FAST_ENV``), so the reaper's bound
 ``3·H + R`` is 3.5 s; the measured recovery times are attached to each test (``record_property``).
@@ -134,6 +139,19 @@ def _left_running_at(client: httpx.Client, job_id: str, after: int) -> float:
     return time.monotonic()
 
 
+def runner_pids(worker_pid: int) -> list[int]:
+    """The warm runner(s) among a worker's processes (its session)."""
+    pids = []
+    for pid in session_pids(worker_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker.runner.warm" in cmdline:
+            pids.append(pid)
+    return pids
+
+
 def _worker_of(stack: Stack, job_id: str) -> str:
     stored = load(stack.conn, job_id)
     assert stored is not None and stored.record.worker is not None
@@ -141,7 +159,7 @@ def _worker_of(stack: Stack, job_id: str) -> str:
 
 
 @pytest.mark.slow
-def test_killed_work_horse_job_is_run_again(
+def test_killed_job_runner_job_is_run_again(
     client: httpx.Client, stack: Stack, digits_ids, longer_calibration_id, record_property
 ) -> None:
     ids = digits_ids | {"calibration": longer_calibration_id}
@@ -149,20 +167,22 @@ def test_killed_work_horse_job_is_run_again(
     _running_in(client, job_id, "recalibrating")
     assert client.get(f"/v1/jobs/{job_id}/checkpoint").status_code == 409
     worker = stack.workers[_worker_of(stack, job_id)]
-    horses = [pid for pid in session_pids(worker.pid) if pid != worker.pid]
-    assert len(horses) == 1
+    runners = runner_pids(worker.pid)
+    assert len(runners) == 1
     seen = len(client.get(f"/v1/jobs/{job_id}/events").json())
     killed_at = time.monotonic()
-    os.kill(horses[0], signal.SIGKILL)  # what the OOM killer does
+    os.kill(runners[0], signal.SIGKILL)  # what the OOM killer does
     recovered_s = _left_running_at(client, job_id, seen) - killed_at
-    record_property("horse_kill_to_requeued_s", round(recovered_s, 2))
-    assert recovered_s < 3.0  # the worker itself sees its horse die
+    record_property("runner_kill_to_requeued_s", round(recovered_s, 2))
+    assert recovered_s < 3.0  # the worker itself sees its runner die
     done = wait_for_job(client, job_id, FINAL, timeout_s=120)
     assert done["status"] == "succeeded", done["error"]
     assert done["attempts"] == 2
     messages = [e["message"] or "" for e in client.get(f"/v1/jobs/{job_id}/events").json()]
     assert any("killed by SIGKILL" in m and "attempt 1 of 2" in m for m in messages), messages
     assert worker.alive()
+    replaced = runner_pids(worker.pid)
+    assert len(replaced) == 1 and replaced != runners  # a new runner took its place
     job_dir = layout.job_dir(stack.data_dir, job_id)
     assert sorted(p.name for p in job_dir.iterdir()) == ["attempt-2"]  # attempt 1 is gone
 
@@ -202,6 +222,7 @@ def test_a_run_stuck_in_one_batch_is_stopped_on_cancel(
     job_id = create_job(client, _body(stuck_ids, batch_size=4_000))["id"]
     _running_in(client, job_id, "recalibrating")
     name = _worker_of(stack, job_id)
+    stuck_runners = runner_pids(stack.workers[name].pid)
     cancelled_at = time.monotonic()
     assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelling"
     done = wait_for_job(client, job_id, FINAL, timeout_s=30)
@@ -213,6 +234,8 @@ def test_a_run_stuck_in_one_batch_is_stopped_on_cancel(
     assert "stopped by user" in stack.workers[name].log()  # RQ's stop-job reached the worker
     assert took_s < 12, f"{took_s:.1f} s"
     assert stack.workers[name].alive()
+    replaced = runner_pids(stack.workers[name].pid)  # the stuck runner was killed and replaced
+    assert len(stuck_runners) == 1 and len(replaced) == 1 and replaced != stuck_runners
 
 
 @pytest.mark.slow

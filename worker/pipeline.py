@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from recalib.contract import FoldReport, JobSpec, Phase, Progress, Report
 from recalib.errors import JobCancelledError
@@ -33,6 +32,7 @@ from worker.evaluation import Evaluation, ReferenceBuffers, evaluate, max_output
 from worker.folding import fold_batchnorm, save_folded
 from worker.formats.data import SampleSet, make_loader
 from worker.preflight import check_job, load_job
+from worker.runtime import RunClock, TimedBatches, halve_on_oom, loader_workers
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def run_job(
     *,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    data_workers: int = 0,
 ) -> Report:
     """Recalibrate ``spec.model_path`` on ``spec.calibration_path`` and evaluate before/after.
 
@@ -78,12 +79,13 @@ def run_job(
         spec: paths, options and the operator's limits.
         on_progress: called at each phase start and after each batch (never more often).
         should_stop: polled between batches; True raises :class:`JobCancelledError`.
+        data_workers: DataLoader processes decoding image archives (:mod:`worker.runtime`).
 
     Raises:
         UserError: a subclass naming the file or option at fault, for any bad input.
         JobCancelledError: ``should_stop`` returned True.
     """
-    return _Job(spec, on_progress, should_stop).run()
+    return _Job(spec, on_progress, should_stop, data_workers).run()
 
 
 class _Job:
@@ -94,8 +96,10 @@ class _Job:
         spec: JobSpec,
         on_progress: Callable[[Progress], None] | None,
         should_stop: Callable[[], bool] | None,
+        data_workers: int = 0,
     ) -> None:
         self.spec, self.options = spec, spec.options
+        self.data_workers, self.clock = data_workers, RunClock()
         self.should_stop = should_stop
         self.progress = _Reporter(on_progress, should_stop)
         self.timer = reporting.Timer()
@@ -116,13 +120,19 @@ class _Job:
                 self.model, self.loaded, self.plan, self.limits, self.options, self.call_fn
             )
         logger.info("evaluating as %s (%s)", self.task.task, self.task.reason)
-        eval_batch_size = self.limits.fit(self.options.eval_batch_size, "evaluating")
-        self.eval_loader = self._loader(self.plan.eval_set, self.plan.eval_indices, eval_batch_size)
-        before = self._evaluate("evaluate_before")
+        self.eval_batch_size = self.limits.fit(self.options.eval_batch_size, "evaluating")
+        self.eval_loader = self._loader(
+            self.plan.eval_set, self.plan.eval_indices, self.eval_batch_size
+        )
+        before = self._evaluate_halving("evaluate_before")
         label_free = self.task.task == "none" or not self.plan.labeled
         reference = ReferenceBuffers(self.model) if label_free else None
-        result = self._recalibrate()
-        after = self._evaluate("evaluate_after", reference)
+        batch_size = self.limits.fit(self.options.batch_size, "calibrating")
+        result = halve_on_oom(
+            self._recalibrate, batch_size, step="recalibrate", clock=self.clock,
+            min_size=self.limits.min_size,
+        )  # fmt: skip
+        after = self._evaluate_halving("evaluate_after", reference)
 
         self.progress.start(Phase.saving)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,12 +157,39 @@ class _Job:
             timings_s=self.timer.finish(),
             task=self.task,
         )
+        runtime = self.clock.summary(
+            data_workers=loader_workers(self.plan.calibration, self.data_workers),
+            pinned_memory=self.device.type == "cuda",
+        )
+        report = report.model_copy(update={"runtime": runtime})
         reporting.write_report(report, self.out_dir)
         return report
 
-    def _loader(self, samples: SampleSet, indices: list[int], batch_size: int) -> DataLoader:
+    def _loader(self, samples: SampleSet, indices: list[int], batch_size: int) -> TimedBatches:
         pin_memory = self.device.type == "cuda"
-        return make_loader(samples, indices=indices, batch_size=batch_size, pin_memory=pin_memory)
+        workers = loader_workers(samples, self.data_workers)
+        return TimedBatches(
+            make_loader(
+                samples, indices=indices, batch_size=batch_size, pin_memory=pin_memory,
+                num_workers=workers,
+            ),
+            self.clock,
+        )  # fmt: skip
+
+    def _evaluate_halving(self, step: str, reference: ReferenceBuffers | None = None) -> Evaluation:
+        """:meth:`_evaluate`, run again with half the batch size after out-of-memory errors."""
+
+        def at(batch_size: int) -> Evaluation:
+            if batch_size != self.eval_batch_size:
+                self.eval_batch_size = batch_size
+                self.eval_loader = self._loader(
+                    self.plan.eval_set, self.plan.eval_indices, batch_size
+                )
+            return self._evaluate(step, reference)
+
+        return halve_on_oom(
+            at, self.eval_batch_size, step=step, clock=self.clock, min_size=self.limits.min_size
+        )
 
     def _evaluate(self, step: str, reference: ReferenceBuffers | None = None) -> Evaluation:
         total = len(self.eval_loader)
@@ -175,9 +212,8 @@ class _Job:
                 should_stop=self.should_stop,
             )
 
-    def _recalibrate(self) -> RecalibrationResult:
+    def _recalibrate(self, batch_size: int) -> RecalibrationResult:
         options = self.options
-        batch_size = self.limits.fit(options.batch_size, "calibrating")
         loader = self._loader(self.plan.calibration, self.plan.calibration_indices, batch_size)
         self.progress.start(Phase.recalibrating, len(loader))
         with self.timer("recalibrate"), shape_guards_as_data_errors(self.limits):

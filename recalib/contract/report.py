@@ -173,6 +173,39 @@ class FoldReport(Output):
     max_abs_diff: float = Field(description="Largest |folded − unfolded| output over the data.")
 
 
+class OomRetry(Output):
+    """A pass that ran out of device memory and was run again with half the batch size."""
+
+    step: str = Field(description="`evaluate_before`, `recalibrate`, `evaluate_after` or `fold`.")
+    batch_size: int = Field(description="Samples per batch that ran out of memory.")
+    retried_with: int = Field(description="Samples per batch of the next try.")
+
+
+class Runtime(Output):
+    """How the run used the machine: data loading against compute, memory retries."""
+
+    data_workers: int = Field(
+        description="DataLoader processes decoding the data (image archives); 0: in the run's "
+        "own process."
+    )
+    pinned_memory: bool = Field(description="Batches were pinned for the copy to the GPU.")
+    data_wait_s: float = Field(
+        description="Seconds the evaluation and calibration passes waited for their next batch."
+    )
+    compute_s: float = Field(
+        description="Seconds of those passes otherwise: forward passes and their bookkeeping."
+    )
+    data_bound: bool = Field(
+        description="`data_wait_s > compute_s`: faster data loading would speed the run up more "
+        "than a faster device."
+    )
+    oom_retries: list[OomRetry] = Field(
+        default_factory=list,
+        description="Passes that ran out of device memory and ran again with half the batch "
+        "size (down to 2). `population` statistics do not depend on the batch size.",
+    )
+
+
 class Report(Output):
     """``report.json``: the result of one recalibration."""
 
@@ -201,4 +234,8 @@ class Report(Output):
     )
     output_change: OutputChange | None = Field(
         None, description="Label-free evaluations (task none, or no labels): outputs' movement."
+    )
+    runtime: Runtime | None = Field(
+        None,
+        description="Data loading against compute, out-of-memory retries; older reports lack it.",
     )

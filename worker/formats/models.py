@@ -10,16 +10,21 @@ Formats, detected by content (the extension is only a hint):
 
 :meth:`LoadedModel.save` writes ``<stem>.recalibrated<ext>`` (the input's extension) with the
 module's current statistics, in the input's format and container.
+
+:func:`load_model` reads the file (:func:`read_model`) unless a :func:`model_source` is active,
+which answers instead: a warm runner's model cache (:mod:`worker.runner.model_cache`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import struct
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -92,7 +97,42 @@ def artifact(path: Path, format: Literal["pt2", "torchscript", "safetensors", "p
     )
 
 
+ModelSource = Callable[..., LoadedModel]
+"""Called as :func:`read_model` is (path, then the same keyword arguments)."""
+_SOURCE: ContextVar[ModelSource | None] = ContextVar("recalib_model_source", default=None)
+
+
+@contextlib.contextmanager
+def model_source(source: ModelSource) -> Iterator[None]:
+    """Within the block (this thread or task), :func:`load_model` is answered by ``source``."""
+    token = _SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
+
+
 def load_model(
+    path: Path | str,
+    *,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, object] | None = None,
+    allow_unsafe_pickle: bool = False,
+    arch_allowlist: Sequence[str] = defaults.ARCH_ALLOWLIST,
+) -> LoadedModel:
+    """:func:`read_model`, or the active :func:`model_source`'s answer for the same call."""
+    source = _SOURCE.get()
+    load = read_model if source is None else source
+    return load(
+        path,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        allow_unsafe_pickle=allow_unsafe_pickle,
+        arch_allowlist=arch_allowlist,
+    )
+
+
+def read_model(
     path: Path | str,
     *,
     arch: str | None = None,

@@ -1,15 +1,20 @@
 """The worker process: RQ's forking ``Worker``, one job at a time, on one device.
 
-Each job runs in a fresh work horse forked from this process, so a crash, a leak or a wedged GPU
-context dies with the horse. RQ's ``SimpleWorker`` is not used: it runs jobs in-process, ignores
-the stop-job command and stops heart-beating during a job.
+RQ forks a work horse per job from this process, so heartbeats, RQ's stop-job command, the job
+timeout and warm/cold shutdown all work on the horse as RQ intends. RQ's ``SimpleWorker`` is not
+used: it runs jobs in-process, ignores the stop-job command and stops heart-beating during a job.
+What the horse does depends on ``RECALIB_WORKER_MODE``:
 
-CUDA must never be initialised in this parent process: a CUDA context does not survive
-``fork()``, and every forked horse would fail on its first CUDA call. So this process never calls
-``torch.cuda.*``; it imports torch (to share the import with its horses) but detects the device in
-a short-lived subprocess (:func:`detect_device`).
+- ``warm`` (default): this process never imports torch. It keeps a warm runner
+  (:mod:`worker.runner.supervise`, :mod:`worker.runner.warm`: a spawned process with torch, the
+  device and a model cache loaded once) and each horse, cheap to fork, hands its run to it and
+  waits (:mod:`worker.runner.proxy`). A runner that dies, or whose horse is killed (cancel's
+  stop-job, the timeout, a cold shutdown), is replaced; the job is reconciled as below.
+- ``fork``: the horse runs the job itself, paying torch's first-use costs every job. CUDA must
+  then never be initialised here (a CUDA context does not survive ``fork()``): this process
+  imports torch for its horses but never calls ``torch.cuda.*``.
 
-On top of RQ, :class:`RecalibWorker`
+Either way the device is detected in a short-lived subprocess, and :class:`RecalibWorker`
 
 - writes the worker's whole hash in ``recalib:worker:<name>`` (device, state, current job, pid,
   hostname) at every RQ heartbeat, so ``live_workers()`` lists it, the reaper can tell it died,
@@ -17,25 +22,22 @@ On top of RQ, :class:`RecalibWorker`
 - checks that its data directory is the API's (:mod:`recalib.jobs.data_dir`): at start (it
   refuses to start, in one line naming ``RECALIB_DATA_DIR``) and before each job (the job fails
   with that message instead of "the uploaded file no longer exists");
-- ends the record of a run whose horse died (killed, out of memory, stopped by a cancel) as
-  soon as the horse exits: cancelled, re-queued or failed (:func:`recalib.jobs.states.recover_run`);
-- makes a horse die with its worker (``PR_SET_PDEATHSIG``), so no orphan keeps running a job
-  that the reaper will give to another worker.
+- ends the record of a run whose horse (or runner) died (killed, out of memory, stopped by a
+  cancel) as soon as the horse exits: cancelled, re-queued or failed
+  (:func:`recalib.jobs.states.recover_run`);
+- makes a horse and the runner die with their worker (``PR_SET_PDEATHSIG``), so no orphan keeps
+  running a job that the reaper will give to another worker.
 
 SIGTERM (``docker stop``) is RQ's warm shutdown: the running job finishes first. A second
-SIGTERM (or SIGINT) is a cold shutdown: the horse is killed and the job handed back (re-queued).
+SIGTERM (or SIGINT) is a cold shutdown: the horse (and the runner) is killed and the job handed
+back (re-queued).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import secrets
-import signal
 import socket
-import subprocess
-import sys
 from typing import Any
 
 import redis
@@ -49,44 +51,39 @@ from recalib.jobs import data_dir, records, workers
 from recalib.jobs.connection import connect_redis, redis_url, require_redis
 from recalib.jobs.states import fail_unstarted, recover_run, requeue_lost
 from recalib.settings import Settings, get_settings
+from worker.runner.procs import (
+    default_worker_name,
+    describe_wait_status,
+    detect_device,
+    die_with_parent,
+)
+from worker.runner.protocol import RUNNER_LOST_EXIT
+from worker.runner.supervise import RunnerProcess
 
 logger = logging.getLogger(__name__)
 
-DETECT_DEVICE = (
-    "import torch\n"
-    "print('cuda:0' if torch.cuda.is_available() else "
-    "'mps' if torch.backends.mps.is_available() else 'cpu')"
-)
-_PR_SET_PDEATHSIG = 1
-
-
-def detect_device(timeout_s: float = 120.0) -> str:
-    """``cuda:0`` if this process could use CUDA, else ``mps`` or ``cpu``, asked of a subprocess.
-
-    A subprocess, because initialising CUDA here would break the forked work horses.
-    """
-    result = subprocess.run(
-        [sys.executable, "-c", DETECT_DEVICE],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-    device = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    if result.returncode != 0 or not device:
-        logger.warning("device detection failed (%s); using cpu", result.stderr.strip()[-300:])
-        return "cpu"
-    return device
+__all__ = ["RecalibWorker", "default_worker_name", "detect_device", "run_worker"]
 
 
 class RecalibWorker(Worker):
-    """RQ's forking worker plus recalib's worker registry and run reconciliation."""
+    """RQ's forking worker plus recalib's worker registry, run reconciliation and (warm mode,
+    ``runner`` given) the warm runner its horses hand their runs to."""
 
-    def __init__(self, *args: Any, settings: Settings, device: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        settings: Settings,
+        device: str,
+        runner: RunnerProcess | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.settings = settings
         self.device = device
+        self.runner = runner
         self.registry_ttl_s = workers.worker_ttl_s(settings)
         self._horse_exit = ""
+        self._horse_status: int | None = None
+        self._who_died = "the work horse"
         # The whole registry hash, written at every beat: a Redis that lost it (restarted
         # without persistence, flushed) gets all of it back at the next beat, not just a state.
         self._registry: dict[str, str | int] = {
@@ -124,23 +121,53 @@ class RecalibWorker(Worker):
 
     # -- runs ------------------------------------------------------------------------------
 
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        if self.runner is not None:
+            self.runner.start()  # imports torch while the worker registers and waits for jobs
+        try:
+            return bool(super().work(*args, **kwargs))
+        finally:
+            if self.runner is not None:
+                self.runner.close()
+
+    def dequeue_job_and_maintain_ttl(self, *args: Any, **kwargs: Any) -> Any:
+        """Take a job only once the runner is ready (its start never counts against a job)."""
+        if self.runner is not None:
+            self.runner.ensure()
+            self.runner.wait_ready(tick=self.heartbeat, tick_s=self.settings.worker_heartbeat_s)
+        return super().dequeue_job_and_maintain_ttl(*args, **kwargs)
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         job_id = str(job.args[0]) if job.args else ""
         self._beat(state="busy", current_job=job_id)
         self._refuse_if_wrong_data_dir(job_id, job.id)
-        self._horse_exit = ""
+        self._horse_exit, self._horse_status = "", None
+        self._who_died = "the work horse"
+        if self.runner is not None:
+            self.runner.ensure()
+            self.runner.export()  # read by the horse forked next
         try:
             super().execute_job(job, queue)
         except SystemExit:  # cold shutdown: the horse was killed; hand the job back
+            if self.runner is not None:
+                self.runner.kill()  # before the record is touched: it was running the job
             reason = "the worker was shut down while running the job"
             self._reconcile(job_id, job.id, reason, handing_back=True)
             raise
         finally:
             self._beat(current_job="")
-        reason = "the work horse died while running the job"
+        if self.runner is not None:  # a runner whose run did not end cleanly is replaced first
+            self.runner.after_job(clean=self._horse_status == 0)
+        reason = f"{self._who_died} died while running the job"
         if self._horse_exit:
             reason += f" ({self._horse_exit}; out of memory?)"
         self._reconcile(job_id, job.id, reason)
+
+    def wait_for_horse(self) -> tuple[int | None, int | None, Any]:
+        pid, status, rusage = super().wait_for_horse()
+        if pid:
+            self._horse_status = status
+        return pid, status, rusage
 
     def _refuse_if_wrong_data_dir(self, job_id: str, rq_job_id: str) -> None:
         """Fail a queued job, naming ``RECALIB_DATA_DIR``, when this worker's data directory is
@@ -159,12 +186,14 @@ class RecalibWorker(Worker):
     def handle_work_horse_killed(
         self, job: Job, retpid: int | None, ret_val: int | None, rusage: Any
     ) -> None:
-        if ret_val is None:  # RQ killed it itself: 60 s past the job timeout
-            self._horse_exit = "killed by its worker after the job timeout"
-        elif os.WIFSIGNALED(ret_val):
-            self._horse_exit = f"killed by {signal.Signals(os.WTERMSIG(ret_val)).name}"
+        lost = ret_val is not None and os.WIFEXITED(ret_val)
+        if self.runner is not None and lost and os.WEXITSTATUS(ret_val) == RUNNER_LOST_EXIT:
+            self._who_died = "the job runner"  # the horse saw its runner die: say how it died
+            self._horse_exit = self.runner.death()
         else:
-            self._horse_exit = f"exit status {os.WEXITSTATUS(ret_val)}"
+            self._horse_exit = describe_wait_status(ret_val)  # None: RQ killed it, past timeout
+            if self.runner is not None:
+                self.runner.kill()  # it was running the killed horse's job
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
 
     def _reconcile(
@@ -193,29 +222,8 @@ class RecalibWorker(Worker):
             logger.exception("job %s: run not reconciled; the reaper will", job_id)
 
     def main_work_horse(self, job: Job, queue: Queue) -> None:
-        _die_with_parent()
+        die_with_parent()
         super().main_work_horse(job, queue)
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent (the worker) dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        logger.debug("prctl(PR_SET_PDEATHSIG) unavailable")
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def default_worker_name() -> str:
-    """``<hostname>-<pid>-<random>``: a restarted container (same hostname, pid 1) must not
-    collide with its previous life, whose RQ worker key outlives it for a while."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 def run_worker(
@@ -246,29 +254,41 @@ def run_worker(
     device = device or settings.worker_device
     if device == "auto":
         device = detect_device()
-    os.environ["RECALIB_WORKER_DEVICE"] = device  # read by the task in the horse
+    os.environ["RECALIB_WORKER_DEVICE"] = device  # read by the task in the horse or runner
     get_settings.cache_clear()
     settings = settings.model_copy(update={"worker_device": device})
-    _preload()
+    name = name or default_worker_name()
+    runner = RunnerProcess(settings, name) if settings.worker_mode == "warm" else None
+    _preload(with_pipeline=runner is None)
     beat_s = settings.worker_heartbeat_s
     worker = RecalibWorker(
         [settings.queue_name],
-        name=name or default_worker_name(),
+        name=name,
         connection=redis.Redis.from_url(redis_url(settings)),
         worker_ttl=beat_s + 15,  # RQ blocks on the queue for worker_ttl - 15 s between beats
         job_monitoring_interval=beat_s,  # beats while a horse runs
         settings=settings,
         device=device,
+        runner=runner,
     )
-    logger.info("worker %s on %s, queue %s", worker.name, device, settings.queue_name)
+    logger.info(
+        "worker %s on %s, queue %s, %s mode",
+        worker.name,
+        device,
+        settings.queue_name,
+        settings.worker_mode,
+    )
     return bool(worker.work(burst=burst, logging_level=settings.log_level))
 
 
-def _preload() -> None:
-    """Import the task and the pipeline (torch) once, here, so that each forked horse starts
-    with them loaded. Importing torch does not initialise CUDA; nothing here may call it."""
+def _preload(*, with_pipeline: bool) -> None:
+    """Import the task (and in fork mode the pipeline, torch) once, here, so that each forked
+    horse starts with them loaded. Importing torch does not initialise CUDA; nothing here may
+    call it. A warm worker imports only the torch-free task: its runner has the pipeline."""
     try:
-        import worker.pipeline
-        import worker.runner.task  # noqa: F401
+        import worker.runner.task
+
+        if with_pipeline:
+            import worker.pipeline  # noqa: F401
     except ImportError:
         logger.exception("the pipeline cannot be imported; jobs will fail until it can")

@@ -14,16 +14,21 @@ record ``running``, builds a :class:`JobSpec` from the uploaded files, calls
   probe write into the run's directory tells);
 - anything else → ``failed`` as ``internal-error`` with a short message (traceback in the log).
 
-A run whose horse dies is ended by its worker (:mod:`worker.runner.process`) or the reaper.
-The torch-heavy pipeline is imported when a run starts, never at import time, so the worker's
-parent process can import this module (and fork) without touching CUDA.
+In a warm worker (``RECALIB_WORKER_MODE=warm``) the horse hands the run to the worker's warm
+runner (:mod:`worker.runner.proxy`), which executes the same :class:`_Run` with its model cache.
+A run whose horse (or runner) dies is ended by its worker (:mod:`worker.runner.process`) or the
+reaper. The torch-heavy pipeline is imported when a run starts, never at import time, so the
+worker's parent process can import this module (and fork) without importing torch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 import redis
 from rq import get_current_job
@@ -43,28 +48,47 @@ from recalib.jobs.connection import redis_url
 from recalib.jobs.file_store import FileStore, storage_error
 from recalib.settings import Settings, get_settings
 from worker.runner.progress import ProgressWriter
+from worker.runner.proxy import run_in_runner, warm_runner_socket
+
+if TYPE_CHECKING:
+    from worker.runner.model_cache import ModelCache
 
 logger = logging.getLogger(__name__)
 
 
 def run_recalibration(job_id: str) -> None:
     """Run job ``job_id`` once (an RQ task; enqueued by dotted path by the API)."""
+    if warm_runner_socket() is not None:  # a warm worker's horse: its runner does the run
+        run_in_runner(job_id)
+        return
     settings = get_settings()
     rq_job = get_current_job()
     conn = redis.Redis.from_url(redis_url(settings))
     try:
         record = _start(conn, settings, job_id, rq_job.id if rq_job else None)
         if record is not None:
-            _Run(conn, settings, record).execute()
+            _Run(conn, settings, record, data_workers=data_workers(settings)).execute()
     finally:
         conn.close()
 
 
+def data_workers(settings: Settings) -> int:
+    """DataLoader processes decoding image archives: ``RECALIB_DATA_WORKERS``, or with -1
+    (auto) min(8, CPU cores - 1)."""
+    if settings.data_workers >= 0:
+        return settings.data_workers
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
 def _start(
-    conn: redis.Redis, settings: Settings, job_id: str, rq_job_id: str | None
+    conn: redis.Redis,
+    settings: Settings,
+    job_id: str,
+    rq_job_id: str | None,
+    worker_name: str | None = None,
 ) -> JobRecord | None:
     """Mark the job running on this worker; None if it is cancelled, gone or not this run's."""
-    worker_name = os.environ.get("RQ_WORKER_ID", f"pid-{os.getpid()}")
+    worker_name = worker_name or os.environ.get("RQ_WORKER_ID", f"pid-{os.getpid()}")
     record = states.start_run(conn, job_id, rq_job_id, worker_name, settings.job_max_attempts)
     if record is None:
         logger.info("job %s: not started (cancelled, deleted, or a stale run)", job_id)
@@ -72,10 +96,20 @@ def _start(
 
 
 class _Run:
-    """One attempt of one job."""
+    """One attempt of one job; with a ``model_cache`` (a warm runner's) the model may come from
+    an earlier job's load, and image archives are decoded by ``data_workers`` processes."""
 
-    def __init__(self, conn: redis.Redis, settings: Settings, record: JobRecord) -> None:
+    def __init__(
+        self,
+        conn: redis.Redis,
+        settings: Settings,
+        record: JobRecord,
+        *,
+        model_cache: ModelCache | None = None,
+        data_workers: int = 0,
+    ) -> None:
         self.conn, self.settings, self.record = conn, settings, record
+        self.model_cache, self.data_workers = model_cache, data_workers
         self.attempt = record.attempts
         self.data_dir = settings.data_dir
         self.files = FileStore(settings.data_dir, conn, settings.max_upload_bytes)
@@ -86,10 +120,16 @@ class _Run:
     def execute(self) -> None:
         try:
             spec = self._spec()
-            from worker.pipeline import run_job  # torch: only in the work horse
+            from worker.pipeline import run_job  # torch: only in the work horse or runner
 
-            report = run_job(spec, on_progress=self.progress, should_stop=self.progress.should_stop)
-            self._finish(JobStatus.succeeded, result=report)
+            with self._model_source():
+                report = run_job(
+                    spec,
+                    on_progress=self.progress,
+                    should_stop=self.progress.should_stop,
+                    data_workers=self.data_workers,
+                )
+            self.finish(JobStatus.succeeded, result=report)
         except Exception as exc:
             self._end_with(exc)
 
@@ -98,17 +138,17 @@ class _Run:
         wraps whatever user code raises, RQ's timeout alarm included, in a UserError)."""
         chain = _chain(exc)
         if any(isinstance(e, JobTimeoutException) for e in chain):
-            self._finish(JobStatus.failed, error=states.timeout_error(self.settings))
+            self.finish(JobStatus.failed, error=states.timeout_error(self.settings))
         elif any(isinstance(e, JobCancelledError) for e in chain):
-            self._finish(JobStatus.cancelled)
+            self.finish(JobStatus.cancelled)
         elif isinstance(exc, UserError | ServiceUnavailableError):
-            self._finish(
+            self.finish(
                 JobStatus.failed, error=JobError(type=error_type_name(exc), message=str(exc))
             )
         elif (storage := self._storage_error(chain)) is not None:
             logger.error("job %s: %s", self.record.id, storage)
             error = JobError(type=storage.type_slug, message=str(storage))
-            self._finish(JobStatus.failed, error=error)
+            self.finish(JobStatus.failed, error=error)
         else:
             logger.exception("job %s: internal error", self.record.id)
             self._fail_internal(exc)
@@ -132,7 +172,7 @@ class _Run:
         message += f"{detail}); the worker log has the details"
         if isinstance(exc, RecalibError):
             message = exc.message
-        self._finish(JobStatus.failed, error=JobError(type="internal-error", message=message))
+        self.finish(JobStatus.failed, error=JobError(type="internal-error", message=message))
 
     # -- inputs and outputs ----------------------------------------------------------------
 
@@ -160,12 +200,26 @@ class _Run:
             max_image_pixels=s.max_image_pixels,
         )
 
+    def _model_source(self) -> contextlib.AbstractContextManager[None]:
+        """In a warm runner, models come from its cache, keyed by the upload's sha256."""
+        if self.model_cache is None:
+            return contextlib.nullcontext()
+        from worker.formats.models import model_source
+
+        try:
+            model_file = self.record.request.model_file
+            sha256: str | None = self.files.get(self.record.tenant, model_file).sha256
+        except RecalibError:
+            sha256 = None  # the cache hashes the file itself
+        return model_source(functools.partial(self.model_cache.load, sha256=sha256))
+
     def _input(self, file_id: str, role: str) -> str:
         return str(self.files.materialize(file_id, self.attempt_dir / INPUTS_DIR / role, role))
 
-    def _finish(
+    def finish(
         self, status: JobStatus, *, result: Report | None = None, error: JobError | None = None
     ) -> None:
+        """End the record (if this run still owns it), then this run's directory."""
         record = states.finish_run(
             self.conn,
             self.record.id,
