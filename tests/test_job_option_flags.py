@@ -24,7 +24,11 @@ FIELDS = {
 }
 # Values the metadata cannot suggest (a pattern-constrained string); a new field of such a type
 # fails test_every_field_has_an_example until it gets one here.
-EXAMPLES: dict[str, tuple[str, object]] = {"device": ("cpu", "cpu")}
+EXAMPLES: dict[str, tuple[str, object]] = {
+    "device": ("cpu", "cpu"),
+    "output_key": ("aux.0", "aux.0"),
+    "input_names": ("image, depth", ["image", "depth"]),
+}
 
 
 def _flag(name: str) -> str:

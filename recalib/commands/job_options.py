@@ -64,10 +64,11 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         InvalidOptionError: a value the contract refuses, naming its flag.
     """
     values: dict[str, Any] = {}
-    for name in option_fields():
+    for name, field in option_fields().items():
         value = getattr(args, name, None)
         if value is not None:
-            values[name] = value
+            is_list = _is_list(field.annotation)
+            values[name] = [p.strip() for p in value.split(",")] if is_list else value
     preprocess: dict[str, Any] = {}
     for name, field in preprocess_fields().items():
         value = getattr(args, _PREPROCESS_DEST + name, None)

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from recalib.commands import require
+from recalib.commands import report_text, require
 from recalib.commands.job_options import add_option_flags, flag, options_from_args
 from recalib.contract import JobSpec, Progress, Report, Verdict
 from recalib.errors import EXIT_OK, EXIT_WORSE, InvalidOptionError, NotFoundError
@@ -116,28 +116,25 @@ def main(args: argparse.Namespace) -> int:
 def summary(report: Report, out_dir: Path) -> str:
     """A short human-readable table of the report."""
     rows = [("", "before", "after")]
-    for label, key in (
-        ("top-1", "top1"),
-        ("top-5", "top5"),
-        ("loss (nats)", "loss"),
-        ("confidence", "mean_confidence"),
-        ("entropy (nats)", "mean_entropy"),
-    ):
-        before, after = (getattr(m, key) if m else None for m in (report.before, report.after))
-        if before is not None or after is not None:
-            rows.append((label, _number(before), _number(after)))
+    rows += [(label, _number(b), _number(a)) for label, b, a in report_text.metric_rows(report)]
     lines = [f"{a:<16}{b:>10}{c:>10}" for a, b, c in rows]
+    for extra in (report_text.task_line(report), report_text.output_change_text(report)):
+        if extra:
+            lines.append(extra)
     evaluated = report.after.samples if report.after else 0
     change = report.prediction_change
+    pixels = "pixel " if report_text.task_of(report) == "segmentation" else ""
     lines.append(
         f"verdict: {report.verdict.value}"
         + f" on {evaluated} samples of {_EVALUATED_ON[report.data.evaluated_on]}"
-        + (f", predictions changed: {change:.1%}" if change is not None else "")
+        + (f", {pixels}predictions changed: {change:.1%}" if change is not None else "")
     )
-    if report.verdict is Verdict.worse and report.before and report.after:
+    headline = report_text.headline(report)
+    if report.verdict is Verdict.worse and headline is not None:
+        name, before, after = headline
         lines.append(
-            f"warning: top-1 accuracy is LOWER after recalibration ({report.before.top1:.4f} → "
-            f"{report.after.top1:.4f}); keep the original model for this data"
+            f"warning: {name} is LOWER after recalibration ({before:.4f} → {after:.4f}); keep "
+            "the original model for this data"
         )
     if report.skipped_layers:
         lines.append(f"skipped BN layers: {', '.join(s.name for s in report.skipped_layers)}")

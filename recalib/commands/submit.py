@@ -16,6 +16,7 @@ from typing import Any
 
 from recalib import defaults
 from recalib.client import RecalibClient
+from recalib.commands import report_text
 from recalib.commands.job_options import add_option_flags, options_from_args
 from recalib.contract import JobPublic, JobStatus, Verdict
 from recalib.errors import (
@@ -141,10 +142,12 @@ def _summary(job: JobPublic) -> str:
         error = f": [{job.error.type}] {job.error.message}" if job.error else ""
         return f"job {job.id} {job.status.value}{error}"
     report = job.result
-    before = report.before.top1 if report.before else None
-    after = report.after.top1 if report.after else None
-    accuracy = f", top1 {_fmt(before)} → {_fmt(after)}" if before is not None else ""
-    return f"job {job.id} succeeded: verdict {report.verdict.value}{accuracy}"
+    headline = report_text.headline(report)
+    metric = f", {headline[0]} {_fmt(headline[1])} → {_fmt(headline[2])}" if headline else ""
+    moved = report_text.output_change_text(report)
+    moved_text = f", {moved}" if moved and not headline else ""
+    task = f" ({report_text.task_of(report)})" if report.task is not None else ""
+    return f"job {job.id} succeeded: verdict {report.verdict.value}{task}{metric}{moved_text}"
 
 
 def _fmt(value: float | None) -> str:
