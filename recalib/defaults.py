@@ -73,6 +73,25 @@ MAX_ARCHIVE_MEMBERS = 100_000
 MAX_ARCHIVE_BYTES = 8 * 1024**3
 MAX_IMAGE_PIXELS = 50_000_000
 
+WEBHOOK_RETRY_S = 3600
+"""A webhook delivery is retried (backoff 1, 2, 4 … s) until this long after its event."""
+
+WEBHOOK_MAX_BACKOFF_S = 300.0
+"""Longest wait between two attempts of a webhook delivery."""
+
+WEBHOOK_PROGRESS_INTERVAL_S = 10.0
+"""At most one ``progress`` webhook per job per this many seconds (of the job's events)."""
+
+WEBHOOK_CONNECT_TIMEOUT_S = 3.0
+WEBHOOK_TIMEOUT_S = 10.0
+"""One webhook attempt: connecting, then the whole attempt (the receiver's answer included)."""
+
+WEBHOOK_POLL_S = 0.5
+"""How often the API's webhook sender looks for new job events and due deliveries."""
+
+WEBHOOK_PARALLEL = 8
+"""Deliveries one sender pass attempts at once (a slow receiver holds one of them)."""
+
 BATCH_SIZE = 64
 """Calibration batch size, samples."""
 

@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from recalib import defaults
@@ -180,11 +180,35 @@ class Settings(BaseSettings):
             "`minio.internal,10.0.0.0/8`). Empty: only public addresses."
         ),
     )
+    webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated `tenant:whsec_<base64>` entries (`*:` for any tenant): the secret "
+            "that signs a tenant's webhooks (Standard Webhooks). A job may ask for a webhook "
+            "only when its tenant has one."
+        ),
+    )
+    webhook_retry_s: int = Field(
+        defaults.WEBHOOK_RETRY_S,
+        ge=0,
+        description=(
+            "A webhook delivery is retried (backoff 1, 2, 4 … s, at most "
+            f"{defaults.WEBHOOK_MAX_BACKOFF_S:g} s apart) until this long after its event, then "
+            "marked failed."
+        ),
+    )
+    webhook_progress_interval_s: float = Field(
+        defaults.WEBHOOK_PROGRESS_INTERVAL_S,
+        ge=0,
+        description="At most one `progress` webhook per job per this many seconds.",
+    )
     host: str = Field(defaults.HOST, description="`recalib serve` bind address.")
     port: int = Field(defaults.PORT, ge=1, le=65535, description="`recalib serve` port.")
     log_level: str = Field("INFO", description="Python logging level.")
 
-    @field_validator("api_keys", "arch_allowlist", "outbound_allow_hosts", mode="before")
+    @field_validator(
+        "api_keys", "arch_allowlist", "outbound_allow_hosts", "webhook_secrets", mode="before"
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

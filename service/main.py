@@ -15,15 +15,17 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from recalib import __version__
+from recalib import __version__, defaults
 from recalib.jobs import data_dir
 from recalib.jobs.artifact_store import ArtifactStore
 from recalib.jobs.connection import connect_redis
 from recalib.jobs.file_store import FileStore
 from recalib.jobs.job_store import JobStore
 from recalib.jobs.recovery import Reaper
+from recalib.jobs.webhook_sender import WebhookSender
+from recalib.jobs.webhook_signing import WebhookSecrets
 from recalib.settings import Settings, get_settings
-from service import reaper
+from service import reaper, webhooks
 from service.api.main import api_router
 from service.auth import ApiKeys
 from service.limits import RequestLimits
@@ -56,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.redis = conn
     app.state.api_keys = ApiKeys(settings.api_keys)
+    app.state.webhook_secrets = WebhookSecrets(settings.webhook_secrets)  # bad entries fail here
     app.state.job_store = JobStore(conn, settings)
     app.state.file_store = FileStore(settings.data_dir, conn, settings.max_upload_bytes)
     app.state.artifact_store = ArtifactStore(settings.data_dir)
@@ -101,11 +104,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     data_dir.publish(state.redis, state.settings.data_dir)  # so a worker can tell it has another
     reaper_ = Reaper(state.redis, state.settings, state.file_store, state.artifact_store)
     thread, stop = reaper.start(reaper_, state.settings.reaper_interval_s)
+    sender = WebhookSender(state.redis, state.settings, state.webhook_secrets)
+    sender_thread, sender_stop = webhooks.start(sender, defaults.WEBHOOK_POLL_S)
     logger.info("recalib API %s ready; data in %s", __version__, state.settings.data_dir)
     try:
         yield
     finally:
         stop.set()
+        sender_stop.set()
         thread.join(timeout=reaper.JOIN_S)
+        sender_thread.join(timeout=webhooks.JOIN_S)
         state.file_store.uploads.close()
         state.redis.close()

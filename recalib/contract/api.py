@@ -15,6 +15,7 @@ from pydantic import Field
 from recalib.contract.base import Input, JsonObject, Output
 from recalib.contract.options import JobOptions
 from recalib.contract.report import Report
+from recalib.contract.webhooks import Webhook
 from recalib.ids import FILE_ID_PATTERN, JOB_ID_PATTERN
 
 T = TypeVar("T")
@@ -86,6 +87,9 @@ class JobCreate(Input):
         ),
     )
     options: JobOptions = Field(default_factory=JobOptions)
+    webhook: Webhook | None = Field(
+        None, description="Send the job's events to this URL, signed (Standard Webhooks)."
+    )
 
 
 class JobError(Output):

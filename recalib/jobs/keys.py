@@ -16,6 +16,12 @@ All keys lie under ``recalib:``::
     workers, worker:<name>        live worker names; each worker's hash (expires without beats)
     reaper:lock                   held by the API process whose reaper is making a pass
     data-dir                      hash: the API's data directory (marker ``id``, ``path``, ``host``)
+    job:<id>:webhook              hash: how far the sender has read the job's events (``cursor``,
+                                  ``last_status``, ``last_progress_at``)
+    job:<id>:deliveries           hash delivery id → WebhookDeliveryRecord JSON
+    webhooks:watch                ids of jobs with a webhook whose events are not all read yet
+    webhooks:due                  zset ``<job id>:<delivery id>`` → next attempt, epoch s
+    webhooks:lock                 held by the API process whose sender is making a pass
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ DURATION_KEY = PREFIX + "stats:duration"
 WORKERS_KEY = PREFIX + "workers"
 REAPER_LOCK_KEY = PREFIX + "reaper:lock"
 DATA_DIR_KEY = PREFIX + "data-dir"
+WEBHOOK_WATCH_KEY = PREFIX + "webhooks:watch"
+WEBHOOK_DUE_KEY = PREFIX + "webhooks:due"
+WEBHOOK_LOCK_KEY = PREFIX + "webhooks:lock"
 
 
 def as_text(value: bytes | str) -> str:
@@ -64,3 +73,11 @@ def file_sha_key(tenant: str) -> str:
 
 def worker_key(name: str) -> str:
     return f"{PREFIX}worker:{name}"
+
+
+def webhook_state_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:webhook"
+
+
+def deliveries_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:deliveries"

@@ -31,9 +31,11 @@ from recalib.jobs.keys import (
     FINISHED_KEY,
     STATUS_COUNTS_KEY,
     as_text,
+    deliveries_key,
     events_key,
     idem_key,
     job_key,
+    webhook_state_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -190,6 +192,7 @@ def delete_job(conn: redis.Redis, record: JobRecord) -> None:
     """Forget a job entirely (retention): record, events, indexes, counters."""
     with conn.pipeline() as pipe:
         pipe.delete(job_key(record.id), events_key(record.id))
+        pipe.delete(webhook_state_key(record.id), deliveries_key(record.id))
         pipe.srem(ACTIVE_KEY, record.id)
         pipe.zrem(FINISHED_KEY, record.id)
         pipe.hincrby(STATUS_COUNTS_KEY, record.status.value, -1)

@@ -30,6 +30,7 @@ from recalib.jobs import queue
 from recalib.jobs.keys import (
     ACTIVE_KEY,
     STATUS_COUNTS_KEY,
+    WEBHOOK_WATCH_KEY,
     events_key,
     job_index_key,
     job_key,
@@ -83,6 +84,8 @@ def create(
         pipe.rpush(events_key(record.id), event_of(1, record, "queued").model_dump_json())
         pipe.zadd(job_index_key(record.tenant), {f"{seq:012d}:{record.id}": 0})
         pipe.sadd(ACTIVE_KEY, record.id)
+        if record.request.webhook is not None:  # the webhook sender follows its events
+            pipe.sadd(WEBHOOK_WATCH_KEY, record.id)
         pipe.hincrby(STATUS_COUNTS_KEY, JobStatus.queued.value, 1)
         return None
 

@@ -15,7 +15,8 @@ from fastapi.responses import StreamingResponse
 from recalib.contract import JobCreate, JobEvent, JobPublic, JobRecord, JobStatus, Page
 from recalib.errors import InvalidOptionError, UserError
 from recalib.jobs.job_store import JobStore
-from service.api.deps import FileStoreDep, JobIdPath, JobStoreDep, TenantDep
+from recalib.jobs.webhooks import check_webhook
+from service.api.deps import FileStoreDep, JobIdPath, JobStoreDep, SettingsDep, TenantDep
 from service.problems import problem_responses
 
 logger = logging.getLogger(__name__)
@@ -45,10 +46,12 @@ def create_job(
     tenant: TenantDep,
     jobs: JobStoreDep,
     files: FileStoreDep,
+    settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> JobPublic:
     """Queue a job over uploaded files; the same ``Idempotency-Key`` + body give the same job."""
     files.require_job_inputs(tenant, body)
+    check_webhook(body.webhook, tenant, settings)
     record, created = jobs.create(tenant, body, idempotency_key=idempotency_key)
     response.status_code = status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK
     response.headers["Location"] = f"/v1/jobs/{record.id}"
