@@ -29,11 +29,15 @@ REPORT_HTML_FILE = "report.html"
 _METRICS = (
     ("top-1 accuracy", "top1", "{:.4f}"),
     ("top-5 accuracy", "top5", "{:.4f}"),
+    ("mean IoU", "mean_iou", "{:.4f}"),
+    ("pixel accuracy", "pixel_accuracy", "{:.4f}"),
     ("loss (nats)", "loss", "{:.4f}"),
     ("mean confidence", "mean_confidence", "{:.4f}"),
     ("mean entropy (nats)", "mean_entropy", "{:.4f}"),
     ("samples", "samples", "{:d}"),
+    ("labeled pixels", "pixels", "{:d}"),
 )
+_HEADLINE = (("top-1", "top1"), ("mean IoU", "mean_iou"))
 
 _TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -54,9 +58,13 @@ gap:.1rem 1rem;margin:.4rem 0}dt{color:#4a5568}dd{margin:0}
 </style></head><body>
 <h1>recalib report: {{ title }}</h1>
 <p><span class="verdict {{ r.verdict.value }}" id="verdict">{{ r.verdict.value }}</span>
-{% if top1 %} top-1 {{ top1[0] }} → {{ top1[1] }}{% endif %}
+{% if top1 %} {{ top1[2] }} {{ top1[0] }} → {{ top1[1] }}{% endif %}
 {% if r.prediction_change is not none %}
- · {{ "%.1f"|format(100 * r.prediction_change) }}% of predictions changed{% endif %}</p>
+ · {{ "%.1f"|format(100 * r.prediction_change) }}% of predictions changed{% endif %}
+{% if r.output_change and r.output_change.relative_l2 is not none %}
+ · outputs moved {{ "%.2f"|format(100 * r.output_change.relative_l2) }}% (relative L2)
+{%- if r.output_change.shape_changed %}, {{ r.output_change.shape_changed }} output tensors
+ changed shape{% endif %}{% endif %}</p>
 <h2>Summary</h2>
 <table id="metrics"><tr><th>metric</th><th>before</th><th>after</th></tr>
 {% for label, before, after in metrics %}
@@ -71,6 +79,9 @@ gap:.1rem 1rem;margin:.4rem 0}dt{color:#4a5568}dd{margin:0}
 estimator {{ r.calibration.estimator.value }}
 {%- if r.calibration.stopped_early %}, stopped early{% endif %}</dd>
 <dt>evaluated on</dt><dd>{{ evaluated_on }}</dd>
+{% if r.task %}<dt>task</dt><dd id="task">{{ r.task.task }} <span class="muted">({{ r.task.reason }}
+{%- if r.task.output_key %}; logits at output[{{ r.task.output_key }}]{% endif %};
+output {{ r.task.output }})</span></dd>{% endif %}
 <dt>device</dt><dd>{{ r.device }}</dd>
 <dt>time</dt><dd>{{ "%.2f"|format(r.timings_s.get("total", 0)) }} s
 <span class="muted">({% for k, v in r.timings_s.items() if k != "total" %}{{ k }}
@@ -92,7 +103,7 @@ running standard deviation, and the ratio of new to old variance.</p>
 <td>{{ "%.4f"|format(layer.var_ratio) }}</td></tr>{% endfor %}</table></details>
 {% if r.skipped_layers %}<p>Skipped: {% for s in r.skipped_layers %}{{ s.name }} ({{ s.reason }})
 {%- if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
-{% if class_svg %}<h2>Accuracy per class</h2>
+{% if class_svg %}<h2>{{ class_title }} per class</h2>
 <figure id="per-class">{{ class_svg }}</figure>{% endif %}
 {% if confidence_svg %}<h2>Confidence</h2>
 <p class="muted">Distribution of the max-softmax probability over the evaluated samples.</p>
@@ -128,6 +139,7 @@ def render_report_html(report: Report) -> str:
     """The page for ``report``; plots whose data the report lacks are left out."""
     before, after = report.before, report.after
     class_svg = confidence_svg = layer_svg = None
+    class_title = "Accuracy"
     with report_plots.DRAW_LOCK:
         if report.layers:
             layer_svg = report_plots.layer_drift(report.layers)
@@ -135,13 +147,21 @@ def render_report_html(report: Report) -> str:
             class_svg = report_plots.per_class_accuracy(
                 before.per_class_accuracy, after.per_class_accuracy
             )
+        elif before and after and before.per_class_iou and after.per_class_iou:
+            class_title = "IoU"
+            class_svg = report_plots.per_class_accuracy(
+                before.per_class_iou, after.per_class_iou, metric="IoU"
+            )
         if before and after and before.confidence_histogram and after.confidence_histogram:
             confidence_svg = report_plots.confidence_histograms(
                 before.confidence_histogram, after.confidence_histogram
             )
-    top1 = None
-    if before and after and before.top1 is not None and after.top1 is not None:
-        top1 = (f"{before.top1:.4f}", f"{after.top1:.4f}")
+    top1 = None  # the metric the verdict compares: (before, after, name)
+    for name, key in _HEADLINE:
+        old, new = (getattr(m, key) if m else None for m in (before, after))
+        if old is not None and new is not None:
+            top1 = (f"{old:.4f}", f"{new:.4f}", name)
+            break
     evaluated_on = _EVALUATED_ON.get(report.data.evaluated_on, "?")
     return _template.render(
         r=report,
@@ -151,6 +171,7 @@ def render_report_html(report: Report) -> str:
         evaluated_on=evaluated_on.format(report.data.eval_file),
         layer_svg=Markup(layer_svg) if layer_svg else None,
         class_svg=Markup(class_svg) if class_svg else None,
+        class_title=class_title,
         confidence_svg=Markup(confidence_svg) if confidence_svg else None,
     )
 

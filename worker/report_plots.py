@@ -96,12 +96,15 @@ def _short(name: str, limit: int = 40) -> str:
     return name if len(name) <= limit else "…" + name[-(limit - 1) :]
 
 
-def per_class_accuracy(before: Sequence[float | None], after: Sequence[float | None]) -> str:
+def per_class_accuracy(
+    before: Sequence[float | None], after: Sequence[float | None], metric: str = "top-1 accuracy"
+) -> str:
     """Grouped bars (before, after) per class; a scatter of after vs before above
-    ``MAX_CLASS_BARS`` classes. Classes without samples get no mark."""
+    ``MAX_CLASS_BARS`` classes. Classes without samples get no mark. ``metric`` names the values
+    (``IoU`` for segmentation)."""
     classes = max(len(before), len(after))
     if classes > MAX_CLASS_BARS:
-        return _class_scatter(before, after)
+        return _class_scatter(before, after, metric)
     figure = _figure(2.8)
     axes = figure.subplots()
     width = 0.4
@@ -117,13 +120,15 @@ def per_class_accuracy(before: Sequence[float | None], after: Sequence[float | N
             bar.set_gid(f"class-{label}-{k}")
     axes.set_xticks(range(classes), [str(k) for k in range(classes)])
     axes.set_xlabel("class (label index)", fontsize=8)
-    axes.set_ylabel("top-1 accuracy", fontsize=8)
+    axes.set_ylabel(metric, fontsize=8)
     axes.set_ylim(0, 1.05)
     _finish(axes)
     return to_svg(figure)
 
 
-def _class_scatter(before: Sequence[float | None], after: Sequence[float | None]) -> str:
+def _class_scatter(
+    before: Sequence[float | None], after: Sequence[float | None], metric: str
+) -> str:
     figure = _figure(4.5)
     axes = figure.subplots()
     axes.plot([0, 1], [0, 1], color="#cbd5e0", linewidth=0.8)
@@ -132,7 +137,7 @@ def _class_scatter(before: Sequence[float | None], after: Sequence[float | None]
             continue
         (dot,) = axes.plot([b], [a], "o", color=AFTER_COLOR, markersize=3, alpha=0.7)
         dot.set_gid(f"class-after-{k}")
-    axes.set_xlabel("top-1 accuracy before (per class)", fontsize=8)
+    axes.set_xlabel(f"{metric} before (per class)", fontsize=8)
     axes.set_ylabel("after", fontsize=8)
     axes.set_xlim(-0.02, 1.02)
     axes.set_ylim(-0.02, 1.02)

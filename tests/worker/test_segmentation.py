@@ -102,6 +102,9 @@ def test_mean_iou_before_and_after_match_the_bn_oracle(seg_case, seg_files, tmp_
     assert 0 < report.prediction_change <= 1 and report.output_change is None
     saved = out_model(tmp_path, report, model)
     assert_statistics_equal(saved, statistics)
+    page = (tmp_path / "report.html").read_text()
+    assert f"mean IoU {before.mean_iou:.4f} → {after.mean_iou:.4f}" in page
+    assert "<h2>IoU per class</h2>" in page and 'id="task">segmentation' in page
 
 
 def out_model(out_dir: Path, report, model: str) -> torch.nn.Module:
