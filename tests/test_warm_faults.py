@@ -1,0 +1,189 @@
+"""Warm workers with real processes: the runner that outlives jobs, and what may go wrong around it.
+
+The worker ``w1`` recycles its runner every 3 jobs (``RECALIB_RUNNER_MAX_JOBS=3``); tests run in
+file order and count on it. Faults common to both modes (killed runner, stuck batch, timeout,
+warm/cold shutdown) are in ``tests/test_faults.py``, which runs in the default (warm) mode.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from recalib.jobs.records import load
+from tests.live import Stack, create_job, session_pids, upload, wait_for_job, wait_until
+from tests.test_faults import runner_pids
+
+FINAL = {"succeeded", "failed", "cancelled"}
+REAPER_BOUND_S = 3 * 1 + 0.5  # tests.live.FAST_ENV: 1 s beats, 0.5 s reaper passes
+
+
+@pytest.fixture(scope="module")
+def stack(live_redis_url: str, tmp_path_factory: pytest.TempPathFactory):
+    with Stack(live_redis_url, tmp_path_factory.mktemp("warm"), OMP_NUM_THREADS="1") as stack:
+        stack.start_api()
+        stack.start_worker("w1", RECALIB_RUNNER_MAX_JOBS="3")
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack):
+    with stack.client() as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def long_calibration_id(client: httpx.Client, digits_case, tmp_path_factory) -> str:
+    """40,000 unlabeled shifted digits: at batch_size 2 a job recalibrates for minutes."""
+    inputs = np.tile(digits_case.shifted_calibration[0], (112, 1, 1, 1))[:40_000]
+    path = tmp_path_factory.mktemp("long") / "long.npz"
+    np.savez(path, inputs=inputs)
+    return upload(client, path)
+
+
+def _body(ids: dict[str, str], **options: object) -> dict[str, object]:
+    return {
+        "model_file": ids["model"],
+        "calibration_file": ids["calibration"],
+        "eval_file": ids.get("evaluation"),
+        "options": options,
+    }
+
+
+def _run(client: httpx.Client, ids: dict[str, str], **options: object) -> dict:
+    done = wait_for_job(client, create_job(client, _body(ids, **options))["id"], FINAL, 180)
+    assert done["status"] == "succeeded", done["error"]
+    return done
+
+
+def _maps_torch(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def _one_runner(worker_pid: int) -> int:
+    runners = wait_until(lambda: runner_pids(worker_pid), 30, "the worker's runner")
+    assert len(runners) == 1, runners
+    return int(runners[0])
+
+
+@pytest.mark.slow
+def test_jobs_share_one_warm_runner_and_its_cached_model(
+    client: httpx.Client, stack: Stack, digits_ids
+) -> None:
+    worker = stack.workers["w1"]
+    runner = _one_runner(worker.pid)
+    first = _run(client, digits_ids, seed=1)
+    second = _run(client, digits_ids, seed=2)
+    assert runner_pids(worker.pid) == [runner]  # the same runner ran both
+    log = worker.log()
+    assert log.count("from the runner's cache") == 1  # the second job skipped loading the model
+    assert re.search(rf"job {second['id']} attempt 1: succeeded", log)
+    assert not _maps_torch(worker.pid)  # the worker itself never loads torch
+    assert _maps_torch(runner)
+    assert first["result"]["runtime"]["oom_retries"] == []
+
+
+@pytest.mark.slow
+def test_the_runner_is_recycled_after_its_job_limit(
+    client: httpx.Client, stack: Stack, digits_ids
+) -> None:
+    worker = stack.workers["w1"]
+    old = _one_runner(worker.pid)
+    _run(client, digits_ids, seed=3)  # the third job of this runner: recycled after it
+    wait_until(lambda: runner_pids(worker.pid) not in ([], [old]), 30, "a new runner")
+    new = _one_runner(worker.pid)
+    assert new != old
+    assert "3 jobs (RECALIB_RUNNER_MAX_JOBS)" in worker.log()
+    hits = worker.log().count("from the runner's cache")
+    _run(client, digits_ids, seed=4)
+    assert worker.log().count("from the runner's cache") == hits  # a new runner: a new cache
+
+
+@pytest.mark.slow
+def test_a_killed_horse_takes_its_runner_and_the_job_runs_again(
+    client: httpx.Client, stack: Stack, digits_ids, long_calibration_id, record_property
+) -> None:
+    worker = stack.workers["w1"]
+    ids = digits_ids | {"calibration": long_calibration_id}
+    job_id = create_job(client, _body(ids, batch_size=2))["id"]
+    wait_until(
+        lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["phase"] == "recalibrating",
+        90,
+        "the long job to recalibrate",
+    )
+    runner = _one_runner(worker.pid)
+    horses = [p for p in session_pids(worker.pid) if p not in (worker.pid, runner)]
+    assert len(horses) == 1, horses
+    seen = len(client.get(f"/v1/jobs/{job_id}/events").json())
+    killed_at = time.monotonic()
+    os.kill(horses[0], signal.SIGKILL)
+
+    def requeued() -> bool:
+        events = client.get(f"/v1/jobs/{job_id}/events", params={"after": seen}).json()
+        return any(e["status"] == "queued" for e in events)
+
+    wait_until(requeued, 30, "the job to be queued again", every_s=0.05)
+    record_property("horse_kill_to_requeued_s", round(time.monotonic() - killed_at, 2))
+    assert time.monotonic() - killed_at < 5.0
+    assert runner not in runner_pids(worker.pid)  # killed with the horse's run
+    messages = [e["message"] or "" for e in client.get(f"/v1/jobs/{job_id}/events").json()]
+    assert any("work horse died" in m and "killed by SIGKILL" in m for m in messages), messages
+    wait_until(
+        lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["phase"] == "recalibrating",
+        90,
+        "the second attempt to recalibrate",
+    )
+    assert client.get(f"/v1/jobs/{job_id}").json()["attempts"] == 2
+    assert _one_runner(worker.pid) != runner  # a new runner runs attempt 2
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    done = wait_for_job(client, job_id, FINAL, timeout_s=30)
+    assert done["status"] == "cancelled"
+    assert worker.alive()
+
+
+@pytest.mark.slow
+def test_the_runner_and_horse_die_with_their_worker(
+    client: httpx.Client, stack: Stack, digits_ids, long_calibration_id, record_property
+) -> None:
+    worker = stack.workers["w1"]
+    ids = digits_ids | {"calibration": long_calibration_id}
+    job_id = create_job(client, _body(ids, batch_size=2, seed=5))["id"]
+    wait_until(
+        lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["phase"] == "recalibrating",
+        90,
+        "the long job to recalibrate",
+    )
+    children = [p for p in session_pids(worker.pid) if p != worker.pid]
+    assert len(children) >= 2  # the runner and the horse
+    killed_at = time.monotonic()
+    os.kill(worker.pid, signal.SIGKILL)  # the worker alone, not its session
+    wait_until(lambda: session_pids(worker.pid) == [], 10, "the runner and horse to die")
+    record_property("worker_kill_to_children_gone_s", round(time.monotonic() - killed_at, 2))
+
+    def left_running() -> bool:
+        return client.get(f"/v1/jobs/{job_id}").json()["status"] != "running"
+
+    wait_until(left_running, REAPER_BOUND_S + 5, "the reaper to recover the job")
+    stored = load(stack.conn, job_id)
+    assert stored is not None and stored.record.status.value == "queued"
+    assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    stack.workers.pop("w1").stop()
+
+
+@pytest.mark.slow
+def test_a_fork_mode_worker_runs_jobs_in_its_horses(
+    client: httpx.Client, stack: Stack, digits_ids
+) -> None:
+    worker = stack.start_worker("f1", RECALIB_WORKER_MODE="fork")
+    done = _run(client, digits_ids, seed=6)
+    assert load(stack.conn, done["id"]).record.worker == "f1"  # type: ignore[union-attr]
+    assert runner_pids(worker.pid) == []
+    assert "fork mode" in worker.log()
+    assert _maps_torch(worker.pid)  # a forking worker preloads torch for its horses
