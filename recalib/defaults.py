@@ -66,6 +66,15 @@ MODEL_CACHE_BYTES = 2 * 1024**3
 DATA_WORKERS = -1
 """DataLoader processes decoding image archives; -1: min(8, CPU cores - 1)."""
 
+PRESIGNED_EXPIRY_S = 3600
+"""Lifetime of presigned URLs of the object store (direct uploads and downloads)."""
+
+DIRECT_UPLOAD_PART_BYTES = 64 * 1024**2
+"""Part size of a direct (presigned multipart) upload; larger for files over 640 GiB."""
+
+INPUT_CACHE_BYTES = 20 * 1024**3
+"""Bytes of inputs fetched by URI that a worker keeps, by sha256."""
+
 ARCH_ALLOWLIST = ("torchvision.models", "timm")
 """Module prefixes an ``arch`` (``module:callable``) may be imported from."""
 

@@ -202,6 +202,53 @@ class Settings(BaseSettings):
         ge=0,
         description="At most one `progress` webhook per job per this many seconds.",
     )
+    storage_url: str = Field(
+        "",
+        description=(
+            "Where uploads and artifacts live: empty for RECALIB_DATA_DIR on this machine (the "
+            "API and the workers then share it), or `s3://bucket/prefix` for S3-compatible "
+            "object storage (workers then need no shared volume). Credentials come from the "
+            "standard AWS chain: environment, profile, instance role."
+        ),
+    )
+    s3_endpoint_url: str = Field(
+        "",
+        description=(
+            "Endpoint of an S3-compatible store (e.g. `http://seaweedfs:8333`); empty: AWS S3 "
+            "(region from AWS_REGION or the profile)."
+        ),
+    )
+    s3_public_endpoint_url: str = Field(
+        "",
+        description=(
+            "Endpoint that clients reach for presigned URLs when it differs from "
+            "RECALIB_S3_ENDPOINT_URL (the API's view of the store); empty: the same."
+        ),
+    )
+    presigned_downloads: bool = Field(
+        False,
+        description=(
+            "With S3 storage, artifact downloads answer 307 to a presigned URL of the store "
+            "instead of streaming through the API."
+        ),
+    )
+    presigned_expiry_s: int = Field(
+        defaults.PRESIGNED_EXPIRY_S,
+        ge=60,
+        le=7 * 24 * 3600,
+        description=(
+            "Lifetime of presigned URLs (direct uploads, downloads); a direct upload not "
+            "completed by then is aborted by retention."
+        ),
+    )
+    input_cache_bytes: int = Field(
+        defaults.INPUT_CACHE_BYTES,
+        ge=0,
+        description=(
+            "Bytes of inputs fetched by URI a worker keeps on local disk, by sha256 (least "
+            "recently used evicted first); 0: no cache."
+        ),
+    )
     host: str = Field(defaults.HOST, description="`recalib serve` bind address.")
     port: int = Field(defaults.PORT, ge=1, le=65535, description="`recalib serve` port.")
     log_level: str = Field("INFO", description="Python logging level.")

@@ -20,8 +20,10 @@ from recalib.jobs import data_dir
 from recalib.jobs.artifact_store import ArtifactStore
 from recalib.jobs.connection import connect_redis
 from recalib.jobs.file_store import FileStore
+from recalib.jobs.inputs import fetch_context
 from recalib.jobs.job_store import JobStore
 from recalib.jobs.recovery import Reaper
+from recalib.jobs.storage import open_storage, scratch_root
 from recalib.jobs.webhook_sender import WebhookSender
 from recalib.jobs.webhook_signing import WebhookSecrets
 from recalib.settings import Settings, get_settings
@@ -60,8 +62,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.api_keys = ApiKeys(settings.api_keys)
     app.state.webhook_secrets = WebhookSecrets(settings.webhook_secrets)  # bad entries fail here
     app.state.job_store = JobStore(conn, settings)
-    app.state.file_store = FileStore(settings.data_dir, conn, settings.max_upload_bytes)
-    app.state.artifact_store = ArtifactStore(settings.data_dir)
+    storage = open_storage(settings)
+    app.state.storage = storage
+    app.state.file_store = FileStore(storage, conn, settings.max_upload_bytes)
+    app.state.artifact_store = ArtifactStore(storage, scratch_root(settings))
+    app.state.file_store.uri_context = fetch_context(settings, storage)  # URIs checked at create
     app.state.metrics_registry = metrics_registry(
         ServiceCollector(conn, settings, app.state.job_store, app.state.file_store)
     )
@@ -100,13 +105,13 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
     state.api_keys.log_mode()
-    state.file_store.uploads.open()
-    data_dir.publish(state.redis, state.settings.data_dir)  # so a worker can tell it has another
+    state.file_store.open()
+    data_dir.publish(state.redis, state.settings, state.storage)  # a worker can tell its own
     reaper_ = Reaper(state.redis, state.settings, state.file_store, state.artifact_store)
     thread, stop = reaper.start(reaper_, state.settings.reaper_interval_s)
     sender = WebhookSender(state.redis, state.settings, state.webhook_secrets)
     sender_thread, sender_stop = webhooks.start(sender, defaults.WEBHOOK_POLL_S)
-    logger.info("recalib API %s ready; data in %s", __version__, state.settings.data_dir)
+    logger.info("recalib API %s ready; data in %s", __version__, state.storage.describe())
     try:
         yield
     finally:
@@ -114,5 +119,5 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         sender_stop.set()
         thread.join(timeout=reaper.JOIN_S)
         sender_thread.join(timeout=webhooks.JOIN_S)
-        state.file_store.uploads.close()
+        state.file_store.close()
         state.redis.close()

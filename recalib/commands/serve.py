@@ -63,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
         if n_workers and withheld:
             logger.info("workers start without %s", ", ".join(withheld))
         if n_workers:
-            _publish_data_dir(redis_url, data_dir)  # before the API does: the workers check it
+            _publish_data_dir(redis_url)  # before the API does: the workers check it
         supervisor.start_workers(n_workers, env)
         sys.stdout.write(
             f"recalib API on http://{host}:{port} (docs: /docs); data in {data_dir}; "
@@ -85,14 +85,14 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _publish_data_dir(redis_url: str, data_dir: Path) -> None:
+def _publish_data_dir(redis_url: str) -> None:
     import redis
 
     from recalib.jobs import data_dir as data_dirs
 
     conn = redis.Redis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
     try:
-        data_dirs.publish(conn, data_dir)
+        data_dirs.publish(conn, get_settings())
     finally:
         conn.close()
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Generic, Self, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, model_validator
 
 from recalib.contract.base import Input, JsonObject, Output
 from recalib.contract.options import JobOptions
@@ -50,6 +51,30 @@ class JobStatus(StrEnum):
 
 
 FileId = Annotated[str, Field(pattern=FILE_ID_PATTERN, examples=["f_3kq0cV2m9xLr8tQw"])]
+
+INPUT_URI_SCHEMES = ("s3", "https")
+"""Schemes of ``*_uri`` inputs (the worker's fetchers: :mod:`recalib.jobs.uri_fetch`)."""
+
+
+def _input_uri(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in INPUT_URI_SCHEMES or not parts.netloc or not parts.path.strip("/"):
+        schemes = ", ".join(f"{s}://" for s in INPUT_URI_SCHEMES)
+        raise ValueError(f"{value[:100]!r} is not a URI of an object ({schemes})")
+    if parts.username or parts.password:
+        raise ValueError("credentials do not belong in a URI: the worker's own are used")
+    return value
+
+
+InputUri = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=2048,
+        examples=["s3://models/resnet18.pt2", "https://example.com/data/calib.npz"],
+    ),
+    AfterValidator(_input_uri),
+]
 JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN, examples=["j_Zx81bQe0LsP3mNaa"])]
 
 
@@ -70,9 +95,20 @@ class FileRecord(FilePublic):
 class JobCreate(Input):
     """``POST /v1/jobs`` body."""
 
-    model_file: FileId
-    calibration_file: FileId
+    model_file: FileId | None = Field(None, description="An uploaded file; or `model_uri`.")
+    calibration_file: FileId | None = Field(
+        None, description="An uploaded file; or `calibration_uri`."
+    )
     eval_file: FileId | None = None
+    model_uri: InputUri | None = Field(
+        None,
+        description=(
+            "The model by URI instead of upload: `s3://bucket/key` (read with the worker's "
+            "credentials) or `https://`; fetched by the worker under RECALIB_MAX_UPLOAD_BYTES."
+        ),
+    )
+    calibration_uri: InputUri | None = Field(None, description="Calibration data by URI.")
+    eval_uri: InputUri | None = Field(None, description="Evaluation data by URI.")
     arch: str | None = Field(
         None,
         max_length=256,
@@ -87,6 +123,19 @@ class JobCreate(Input):
         ),
     )
     options: JobOptions = Field(default_factory=JobOptions)
+
+    @model_validator(mode="after")
+    def _one_source_each(self) -> Self:
+        for role, required in (("model", True), ("calibration", True), ("eval", False)):
+            given = [
+                f"{role}_{kind}" for kind in ("file", "uri") if getattr(self, f"{role}_{kind}")
+            ]
+            if len(given) > 1:
+                raise ValueError(f"give {role}_file or {role}_uri, not both")
+            if required and not given:
+                raise ValueError(f"{role}_file (an upload) or {role}_uri is required")
+        return self
+
     webhook: Webhook | None = Field(
         None, description="Send the job's events to this URL, signed (Standard Webhooks)."
     )

@@ -135,6 +135,17 @@ class CalibrationSummary(Output):
     )
 
 
+class InputSource(Output):
+    """Where one input of the job came from, and exactly what it was."""
+
+    role: Literal["model", "calibration", "eval"]
+    file_id: str | None = Field(None, description="The upload, when the input was one.")
+    uri: str | None = Field(None, description="The URI, when the input was given by one.")
+    sha256: str
+    bytes: int
+    cached: bool = Field(False, description="A URI input served from the worker's cache.")
+
+
 class DataSplit(Output):
     """Which samples served what: indices into the files, in file order."""
 
@@ -157,6 +168,11 @@ class DataSplit(Output):
     )
     skipped_entries: int = Field(0, description="Archive entries skipped (not images, corrupt).")
     skipped_examples: list[str] = Field(default_factory=list, description="Up to 20 of them.")
+    sources: list[InputSource] = Field(
+        default_factory=list,
+        description="Each input's upload id or URI with its sha256 and size (older reports lack "
+        "it).",
+    )
 
 
 class Artifact(Output):

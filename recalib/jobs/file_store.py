@@ -1,19 +1,18 @@
-"""Uploaded files: content and metadata on disk (``recalib.layout``), a per-tenant index in Redis.
+"""Uploaded files: content and metadata in the store (:mod:`recalib.jobs.storage`), a per-tenant
+index in Redis.
 
-The disk is the truth: ``files/<id>`` is the content, ``files/<id>.json`` its :class:`FileRecord`.
-Both are committed by atomic rename, content first, so a file whose metadata exists is complete.
-Redis holds only the listing order and a sha256 → id lookup per tenant; entries whose metadata has
-gone (a crash) are dropped when a listing meets them. The API (upload, list, delete), the worker
-(:meth:`FileStore.materialize`) and retention (:meth:`FileStore.remove`) all go through this class.
+The store is the truth: ``files/<id>`` is the content, ``files/<id>.json`` its :class:`FileRecord`.
+Both are committed whole (atomic rename on disk, a completed upload in S3), content first, so a
+file whose metadata exists is complete. Redis holds only the listing order and a sha256 → id
+lookup per tenant; entries whose metadata has gone (a crash) are dropped when a listing meets
+them. The API (upload, list, delete), the worker (:meth:`FileStore.materialize`) and retention
+(:meth:`FileStore.remove`) all go through this class.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import re
-import shutil
 import unicodedata
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -21,39 +20,34 @@ from pathlib import Path
 
 import redis
 
-from recalib import layout
 from recalib.contract import FilePublic, FileRecord, JobCreate, Page
 from recalib.errors import InvalidOptionError, NotFoundError, ServiceUnavailableError
 from recalib.ids import FILE_ID_RE, new_file_id
 from recalib.jobs.keys import as_text, file_index_key, file_sha_key
-from recalib.jobs.upload_area import PartFile, UploadArea
+from recalib.jobs.storage import (
+    LocalStorage,
+    ObjectMissingError,
+    Storage,
+    UploadPart,
+    storage_error,
+)
+from recalib.jobs.uri_fetch import FetchContext, check_uri
+
+__all__ = ["FileStore", "sanitize_filename", "storage_error"]
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CURSOR_RE = re.compile(r"^\d{17}:f_[A-Za-z0-9_-]{16,64}$")
 _UNSAFE_CHARS_RE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_FILENAME_CHARS = 128
-
-STORAGE_ERRNOS = frozenset(
-    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
-    | {errno.ENOTDIR, errno.EEXIST}
-)
-"""OS errors that mean "the data directory cannot be written" (full, read-only, not ours, or a
-file where a directory belongs), not a bug of ours."""
+FILES_PREFIX = "files/"
 
 
-def storage_error(exc: BaseException, data_dir: Path, who: str) -> ServiceUnavailableError | None:
-    """The 503 error for ``exc`` if it is a storage failure (see ``STORAGE_ERRNOS``), else None.
+def content_key(file_id: str) -> str:
+    return f"{FILES_PREFIX}{file_id}"
 
-    ``who`` is the process that needs the write (``"API"``, ``"worker"``): the fix is its.
-    """
-    if not isinstance(exc, OSError) or exc.errno not in STORAGE_ERRNOS:
-        return None
-    where = exc.filename or data_dir
-    return ServiceUnavailableError(
-        f"the {who} cannot write {where}: {exc.strerror or exc}; make the data directory "
-        f"(RECALIB_DATA_DIR={data_dir}) writable for the {who}, with free space",
-        file=str(where),
-    )
+
+def meta_key(file_id: str) -> str:
+    return f"{FILES_PREFIX}{file_id}.json"
 
 
 def sanitize_filename(name: str | None) -> str:
@@ -73,62 +67,74 @@ def sanitize_filename(name: str | None) -> str:
 
 
 class FileStore:
-    """Uploaded files of all tenants. Methods raise :class:`NotFoundError` for another tenant's."""
+    """Uploaded files of all tenants. Methods raise :class:`NotFoundError` for another tenant's.
 
-    def __init__(self, data_dir: Path, conn: redis.Redis, max_upload_bytes: int) -> None:
-        self.data_dir = data_dir
+    ``storage`` is the store (a path means the local directory there, as before).
+    """
+
+    def __init__(self, storage: Storage | Path, conn: redis.Redis, max_upload_bytes: int) -> None:
+        self.storage: Storage = (
+            LocalStorage(storage) if isinstance(storage, str | Path) else storage
+        )
         self.conn = conn
         self.max_upload_bytes = max_upload_bytes
-        self.uploads = UploadArea(data_dir)
         self.committed_bytes = 0  # bytes of uploads committed by this process (a counter)
+        self.uri_context: FetchContext | None = None  # the API's: checks URIs at create time
+
+    @property
+    def data_dir(self) -> Path | None:
+        """The local data directory, None with object storage."""
+        return self.storage.root if isinstance(self.storage, LocalStorage) else None
+
+    def open(self) -> None:
+        """Prepare for uploads (removes what killed processes left in the local upload area)."""
+        with self.writing():
+            self.storage.open()
+
+    def close(self) -> None:
+        self.storage.close()
 
     # -- writing ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
-        """Turn a storage failure inside the block into :class:`ServiceUnavailableError` (503)
-        naming the directory; other errors pass unchanged."""
-        try:
+        """Turn a failure of the store inside the block into :class:`ServiceUnavailableError`
+        (503) naming it; other errors pass unchanged."""
+        with self.storage.guard():
             yield
-        except OSError as exc:
-            error = storage_error(exc, self.data_dir, "API")
-            if error is None:
-                raise
-            raise error from exc
 
-    def new_part(self) -> tuple[str, PartFile]:
-        """A new file id and the part file its upload is written to (capped in size)."""
+    def new_part(self) -> tuple[str, UploadPart]:
+        """A new file id and the upload its content is written to (capped in size)."""
         file_id = new_file_id()
         with self.writing():
-            return file_id, self.uploads.new_part(file_id, self.max_upload_bytes)
+            return file_id, self.storage.new_upload(content_key(file_id), self.max_upload_bytes)
 
-    def commit(self, tenant: str, file_id: str, part: PartFile, filename: str) -> FileRecord:
+    def commit(self, tenant: str, file_id: str, part: UploadPart, filename: str) -> FileRecord:
         """Make a finished part the file ``file_id`` of ``tenant``; nothing is left on failure
-        (:class:`ServiceUnavailableError` when the data directory cannot be written)."""
+        (:class:`ServiceUnavailableError` when the store cannot be written)."""
         with self.writing():
-            return self._commit(tenant, file_id, part, filename)
+            self.storage.commit_upload(part, content_key(file_id))
+            return self.adopt(tenant, file_id, part.bytes, part.sha256, filename)
 
-    def _commit(self, tenant: str, file_id: str, part: PartFile, filename: str) -> FileRecord:
+    def adopt(self, tenant: str, file_id: str, size: int, sha256: str, filename: str) -> FileRecord:
+        """Make the content already at ``files/<file_id>`` (verified by the caller) a file of
+        ``tenant``: metadata, then the index. On failure the content is deleted too."""
         record = FileRecord(
             id=file_id,
             filename=sanitize_filename(filename),
-            bytes=part.bytes,
-            sha256=part.sha256,
+            bytes=size,
+            sha256=sha256,
             created_at=datetime.now(UTC),
             tenant=tenant,
         )
-        content, meta = self._paths(file_id)
-        content.parent.mkdir(parents=True, exist_ok=True)
-        meta_part = part.path.with_suffix(".json")
         try:
-            os.replace(part.path, content)
-            meta_part.write_text(record.model_dump_json())
-            os.replace(meta_part, meta)
+            with self.writing():
+                self.storage.put_bytes(meta_key(file_id), record.model_dump_json().encode())
             self._index(record)
         except BaseException:
-            for path in (meta, meta_part, content, part.path):
-                with contextlib.suppress(OSError):  # best effort: the directory may be the fault
-                    path.unlink(missing_ok=True)
+            for key in (meta_key(file_id), content_key(file_id)):
+                with contextlib.suppress(Exception):  # best effort: the store may be the fault
+                    self.storage.delete(key)
             raise
         self.committed_bytes += record.bytes
         return record
@@ -145,43 +151,67 @@ class FileStore:
         are put back: the file stays whole, listed and usable, and the delete can be retried.
         """
         self._unindex(record)
-        content, meta = self._paths(record.id)
         try:
             with self.writing():
-                meta.unlink(missing_ok=True)
+                self.storage.delete(meta_key(record.id))
         except ServiceUnavailableError:
             self._index(record)
             raise
         with self.writing():
-            content.unlink(missing_ok=True)
+            self.storage.delete(content_key(record.id))
 
     def records(self) -> Iterator[FileRecord]:
         """Every stored file's record, of all tenants (for retention)."""
-        for meta in layout.files_dir(self.data_dir).glob("f_*.json"):
+        with self.writing():
+            metas = [i.key for i in self.storage.list(FILES_PREFIX) if i.key.endswith(".json")]
+        for key in metas:
             try:
-                yield FileRecord.model_validate_json(meta.read_bytes())
+                raw = self.storage.get_bytes(key)
+                if raw is not None:
+                    yield FileRecord.model_validate_json(raw)
             except (OSError, ValueError):
                 continue
 
+    def remove_orphans(self, cutoff_s: float) -> int:
+        """Delete content older than ``cutoff_s`` (epoch) that has no metadata: what a process
+        killed between writing an upload's content and its metadata left. Returns how many."""
+        with self.writing():
+            infos = list(self.storage.list(FILES_PREFIX))
+            keys = {info.key for info in infos}
+            removed = 0
+            for info in infos:
+                name = info.key.removeprefix(FILES_PREFIX)
+                if not FILE_ID_RE.match(name) or info.modified_s >= cutoff_s:
+                    continue
+                if meta_key(name) not in keys:
+                    self.storage.delete(info.key)
+                    removed += 1
+        return removed
+
     def materialize(self, file_id: str, target_dir: Path, role: str) -> Path:
-        """The content of ``file_id`` at ``target_dir/<its filename>`` (a hard link when it can).
+        """The content of ``file_id`` at ``target_dir/<its filename>`` (a hard link when the
+        store is local and it can, else a download).
 
         Raises :class:`NotFoundError` naming ``role`` when the file is gone.
         """
         record = self._read(file_id)
+        gone = (
+            f"the {role} file {file_id} no longer exists (uploads are deleted after "
+            "RECALIB_RETENTION_S); upload it again and submit a new job"
+        )
         if record is None:
-            raise NotFoundError(
-                f"the {role} file {file_id} no longer exists (uploads are deleted after "
-                "RECALIB_RETENTION_S); upload it again and submit a new job",
-                file=file_id,
-            )
+            raise NotFoundError(gone, file=file_id)
         target = target_dir / Path(record.filename).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        content = self._paths(file_id)[0]
         try:
-            os.link(content, target)  # same filesystem: no copy
-        except OSError:
-            shutil.copyfile(content, target)
+            with self.storage.guard("worker"):
+                self.storage.download(content_key(file_id), target)
+        except ObjectMissingError as exc:
+            raise NotFoundError(
+                f"the {role} file {file_id} ({record.filename}): its content is missing from "
+                f"{self.storage.describe()}, deleted outside recalib; upload it again and "
+                "submit a new job",
+                file=file_id,
+            ) from exc
         return target
 
     # -- reading ---------------------------------------------------------------------------
@@ -220,7 +250,10 @@ class FileStore:
         return Page[FilePublic](items=items, next_cursor=next_cursor)
 
     def require_job_inputs(self, tenant: str, request: JobCreate) -> None:
-        """Check that every file a job names exists for ``tenant`` (the error names the field)."""
+        """Check that every file a job names exists for ``tenant``, and its URIs as far as the
+        API can tell (:attr:`uri_context`; the error names the field)."""
+        if self.uri_context is not None:
+            check_job_uris(request, self.uri_context)
         for field in ("model_file", "calibration_file", "eval_file"):
             file_id = getattr(request, field)
             if file_id is not None:
@@ -241,12 +274,15 @@ class FileStore:
         return Page[FilePublic](items=[record])
 
     def _read(self, file_id: str) -> FileRecord | None:
-        content, meta = self._paths(file_id)
-        try:
-            record = FileRecord.model_validate_json(meta.read_bytes())
-        except FileNotFoundError:
-            return None
-        return record if content.exists() else None
+        """The record of ``file_id``; None when its metadata (or, on disk, content) is gone."""
+        with self.writing():
+            raw = self.storage.get_bytes(meta_key(file_id))
+            if raw is None:
+                return None
+            record = FileRecord.model_validate_json(raw)
+            if self.storage.is_local and self.storage.info(content_key(file_id)) is None:
+                return None
+        return record
 
     def _index(self, record: FileRecord) -> None:
         with self.conn.pipeline() as pipe:
@@ -261,10 +297,14 @@ class FileStore:
         if current is not None and as_text(current) == record.id:
             self.conn.hdel(sha_key, record.sha256)
 
-    def _paths(self, file_id: str) -> tuple[Path, Path]:
-        return layout.file_path(self.data_dir, file_id), layout.file_meta_path(
-            self.data_dir, file_id
-        )
+
+def check_job_uris(request: JobCreate, ctx: FetchContext) -> None:
+    """Refuse a job whose URIs can be known bad now: a forbidden host, an object that does not
+    exist or is over the cap (the error names the field)."""
+    for role in ("model", "calibration", "eval"):
+        uri = getattr(request, f"{role}_uri")
+        if uri is not None:
+            check_uri(uri, f"{role}_uri", ctx)
 
 
 def _index_member(record: FileRecord) -> str:

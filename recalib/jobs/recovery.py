@@ -44,6 +44,7 @@ from recalib.jobs.file_store import FileStore
 from recalib.jobs.keys import ACTIVE_KEY, FINISHED_KEY, REAPER_LOCK_KEY, as_text, events_key
 from recalib.jobs.records import Stored, utcnow
 from recalib.jobs.states import recover_run, requeue_lost
+from recalib.jobs.storage import open_storage, scratch_root
 from recalib.jobs.workers import read_worker
 from recalib.settings import Settings
 
@@ -66,8 +67,11 @@ class Reaper:
     ) -> None:
         self.conn = conn
         self.settings = settings
-        self.files = files or FileStore(settings.data_dir, conn, settings.max_upload_bytes)
-        self.artifacts = artifacts or ArtifactStore(settings.data_dir)
+        if files is None or artifacts is None:
+            storage = open_storage(settings)
+            files = files or FileStore(storage, conn, settings.max_upload_bytes)
+            artifacts = artifacts or ArtifactStore(storage, scratch_root(settings))
+        self.files, self.artifacts = files, artifacts
         self._last_retention = float("-inf")
 
     def run_once(self) -> list[str]:

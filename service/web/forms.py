@@ -19,7 +19,7 @@ from streaming_form_data.targets import BaseTarget
 from recalib.contract import FileRecord
 from recalib.errors import InvalidDataError, PayloadTooLargeError, UserError
 from recalib.jobs.file_store import FileStore
-from recalib.jobs.upload_area import PartFile
+from recalib.jobs.storage import UploadPart as PartFile
 from service.uploads import MULTIPART_OVERHEAD_BYTES, SLICE_BYTES, check_declared_length
 
 FILE_FIELDS = ("model", "calibration", "evaluation")

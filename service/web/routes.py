@@ -80,8 +80,10 @@ def job_page(request: Request, job_id: JobIdPath) -> Response:
     except (RecalibError, redis.RedisError) as exc:
         return error_page(request, exc)
     artifacts: ArtifactStore = request.app.state.artifact_store
-    out_dir = artifacts.output_dir(record)
-    has_html = out_dir is not None and (out_dir / REPORT_HTML_FILE).is_file()
+    try:
+        has_html = artifacts.output_info(record, REPORT_HTML_FILE) is not None
+    except RecalibError:  # the store is down: the page still shows the job
+        has_html = False
     options = record.request.options.model_dump(mode="json", exclude_defaults=True)
     return render(
         request,

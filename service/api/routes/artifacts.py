@@ -1,10 +1,12 @@
 """``/v1/jobs/{id}/checkpoint|report|folded``: artifacts of succeeded jobs.
 
-Served from ``jobs/<id>/out/`` only (attempt directories never are), with the sha256 as ``ETag``
-(``If-None-Match`` → 304), a ``Content-Disposition`` named after the uploaded model, and HTTP
-Range requests (Starlette's ``FileResponse``: 206, multipart/byteranges). Range errors are
-checked here first so that they, too, are problem documents. ``HEAD`` gives the same status and
-headers without the body.
+Served from the attempt the job's record names (``output_attempt``) only, with the sha256 as
+``ETag`` (``If-None-Match`` → 304), a ``Content-Disposition`` named after the model, and HTTP
+Range requests (local store: Starlette's ``FileResponse``, 206 and multipart/byteranges; object
+store: one range streamed from the store, :mod:`service.object_response`). With
+``RECALIB_PRESIGNED_DOWNLOADS`` and object storage, a 307 to a presigned URL of the store
+instead. Range errors are checked here first so that they, too, are problem documents. ``HEAD``
+gives the same status and headers without the body.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path as FsPath
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import anyio
-from fastapi import APIRouter, Header, Response
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import FileResponse, RedirectResponse
 from starlette.exceptions import HTTPException
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
@@ -24,7 +28,17 @@ from recalib.contract import JobRecord, JobStatus, Report
 from recalib.errors import ConflictError, NotFoundError
 from recalib.jobs.artifact_store import ArtifactStore
 from recalib.jobs.file_store import FileStore
-from service.api.deps import ArtifactStoreDep, FileStoreDep, JobIdPath, JobStoreDep, TenantDep
+from recalib.jobs.storage import ObjectInfo
+from recalib.settings import Settings
+from service.api.deps import (
+    ArtifactStoreDep,
+    FileStoreDep,
+    JobIdPath,
+    JobStoreDep,
+    SettingsDep,
+    TenantDep,
+)
+from service.object_response import object_response
 from service.problems import problem_responses
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
@@ -35,7 +49,7 @@ Which = Literal["checkpoint", "report", "folded"]
 
 @dataclass(frozen=True)
 class ArtifactFile:
-    path: FsPath
+    key: str  # in the store
     sha256: str
     download_name: str
     media_type: str
@@ -54,15 +68,16 @@ def resolve_artifact(
             f"job {record.id} is {record.status.value}: artifacts exist only once it succeeded",
             field=which,
         )
-    out_dir = artifacts.output_dir(record)
-    if out_dir is None:
+    prefix = artifacts.output_prefix(record)
+    if prefix is None:
         raise NotFoundError(f"the artifacts of job {record.id} are not stored", field=which)
     stem = _model_stem(record, files, tenant)
     report = record.result
     if which == "report":
-        path = out_dir / REPORT_FILE
-        sha256 = _sha256_of(path) if path.is_file() else ""
-        return ArtifactFile(path, sha256, f"{stem}.report.json", "application/json")
+        content = artifacts.output_bytes(record, REPORT_FILE)  # a few kB
+        sha256 = hashlib.sha256(content).hexdigest() if content is not None else ""
+        key = prefix + REPORT_FILE
+        return ArtifactFile(key, sha256, f"{stem}.report.json", "application/json")
     artifact = report.checkpoint if which == "checkpoint" else None
     if which == "folded":
         if report.folded is None:
@@ -75,26 +90,20 @@ def resolve_artifact(
         raise NotFoundError(f"unknown artifact {which}")
     label = "recalibrated" if which == "checkpoint" else "folded"
     suffix = FsPath(artifact.file).suffix
-    path = out_dir / FsPath(artifact.file).name
-    return ArtifactFile(
-        path, artifact.sha256, f"{stem}.{label}{suffix}", "application/octet-stream"
-    )
+    key = prefix + FsPath(artifact.file).name
+    return ArtifactFile(key, artifact.sha256, f"{stem}.{label}{suffix}", "application/octet-stream")
 
 
 def _model_stem(record: JobRecord, files: FileStore, tenant: str) -> str:
+    request = record.request
+    if request.model_file is None:  # given by URI: its last path segment
+        name = PurePosixPath(urlsplit(request.model_uri or "").path).name
+        return FsPath(name).stem or record.id
     try:
-        name = files.get(tenant, record.request.model_file).filename
+        name = files.get(tenant, request.model_file).filename
     except NotFoundError:  # the upload was deleted since; the job id still names it
         return record.id
     return FsPath(name).stem or record.id
-
-
-def _sha256_of(path: FsPath) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _etag_matches(if_none_match: str, etag: str) -> bool:
@@ -122,26 +131,58 @@ async def _serve(
     which: Which,
     job_id: str,
     tenant: str,
+    request: Request,
     jobs: JobStoreDep,
     files: FileStoreDep,
     artifacts: ArtifactStore,
+    settings: Settings,
     if_none_match: str | None,
     range_header: str | None,
     if_range: str | None,
 ) -> Response:
     record = await anyio.to_thread.run_sync(jobs.get, tenant, job_id)
     art = await anyio.to_thread.run_sync(resolve_artifact, record, which, artifacts, files, tenant)
-    if not art.path.is_file():
+    storage = artifacts.storage
+    info = await anyio.to_thread.run_sync(_info, artifacts, art.key)
+    if info is None:
         raise NotFoundError(f"the {which} of job {job_id} is no longer stored", field=which)
     if if_none_match and _etag_matches(if_none_match, art.etag):
         return Response(status_code=304, headers={"ETag": art.etag})
-    _check_range(range_header, if_range, art.etag, art.path.stat().st_size)
-    return FileResponse(
-        art.path,
+    headers = {"ETag": art.etag, "Cache-Control": "private, max-age=0, must-revalidate"}
+    local = storage.local_path(art.key)
+    if local is None and settings.presigned_downloads:
+        url = await anyio.to_thread.run_sync(
+            _presign, artifacts, art.key, art.download_name, settings.presigned_expiry_s
+        )
+        if url is not None:
+            return RedirectResponse(url, status_code=307, headers=headers)
+    _check_range(range_header, if_range, art.etag, info.bytes)
+    if local is not None:
+        return FileResponse(
+            local, media_type=art.media_type, filename=art.download_name, headers=headers
+        )
+    return object_response(
+        storage,
+        art.key,
+        info.bytes,
         media_type=art.media_type,
         filename=art.download_name,
-        headers={"ETag": art.etag, "Cache-Control": "private, max-age=0, must-revalidate"},
+        headers=headers,
+        range_header=range_header,
+        if_range=if_range,
+        etag=art.etag,
+        head=request.method == "HEAD",
     )
+
+
+def _info(artifacts: ArtifactStore, key: str) -> ObjectInfo | None:
+    with artifacts.storage.guard():
+        return artifacts.storage.info(key)
+
+
+def _presign(artifacts: ArtifactStore, key: str, filename: str, expires_s: int) -> str | None:
+    with artifacts.storage.guard():
+        return artifacts.storage.presign_get(key, filename, expires_s)
 
 
 def _doc(which: Which) -> dict[int | str, dict[str, Any]]:
@@ -155,6 +196,7 @@ def _doc(which: Which) -> dict[int | str, dict[str, Any]]:
         200: ok,
         206: {"description": "Part of the artifact (HTTP Range)."},
         304: {"description": "Unchanged (`If-None-Match` matched the ETag)."},
+        307: {"description": "A presigned URL of the store (RECALIB_PRESIGNED_DOWNLOADS)."},
         **problem_responses(400, 401, 404, 409, 416, 422, 503),
     }
 
@@ -162,10 +204,12 @@ def _doc(which: Which) -> dict[int | str, dict[str, Any]]:
 def _route(which: Which, summary: str) -> None:
     async def download(
         job_id: JobIdPath,
+        request: Request,
         tenant: TenantDep,
         jobs: JobStoreDep,
         files: FileStoreDep,
         artifacts: ArtifactStoreDep,
+        settings: SettingsDep,
         if_none_match: Annotated[str | None, Header(max_length=1024)] = None,
         range_header: Annotated[str | None, Header(alias="Range", max_length=1024)] = None,
         if_range: Annotated[str | None, Header(max_length=1024)] = None,
@@ -174,9 +218,11 @@ def _route(which: Which, summary: str) -> None:
             which,
             job_id,
             tenant,
+            request,
             jobs,
             files,
             artifacts,
+            settings,
             if_none_match,
             range_header,
             if_range,

@@ -1,17 +1,18 @@
-"""``/healthz`` (the process answers) and ``/readyz`` (Redis answers, storage is writable and,
-with ``RECALIB_READY_REQUIRES_WORKER``, a live worker can take the queue)."""
+"""``/healthz`` (the process answers) and ``/readyz`` (Redis answers, the store takes a probe
+write: the data directory, or the object store with our credentials; and, with
+``RECALIB_READY_REQUIRES_WORKER``, a live worker can take the queue)."""
 
 from __future__ import annotations
 
 import logging
-import secrets
-from pathlib import Path
 
 import redis
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from recalib.contract import Readiness, WorkerInfo
+from recalib.errors import RecalibError
+from recalib.jobs.storage import Storage, open_storage
 from recalib.jobs.workers import live_workers, worker_ttl_s
 from recalib.settings import Settings
 from service.api.deps import RedisDep, SettingsDep
@@ -32,15 +33,17 @@ def healthz() -> dict[str, str]:
     responses={503: {"model": Readiness, "description": "Not ready; `detail` says why."}},
     summary="Readiness: Redis answers, the data directory is writable (and a worker is alive)",
 )
-def readyz(conn: RedisDep, settings: SettingsDep) -> JSONResponse:
-    readiness = check_readiness(conn, settings)
+def readyz(request: Request, conn: RedisDep, settings: SettingsDep) -> JSONResponse:
+    readiness = check_readiness(conn, settings, request.app.state.storage)
     return JSONResponse(
         readiness.model_dump(mode="json"), status_code=200 if readiness.ready else 503
     )
 
 
-def check_readiness(conn: redis.Redis, settings: Settings) -> Readiness:
-    """Ping Redis, write and delete a probe file in the data directory, list live workers.
+def check_readiness(
+    conn: redis.Redis, settings: Settings, storage: Storage | None = None
+) -> Readiness:
+    """Ping Redis, write and delete a probe object in the store, list live workers.
 
     Not ready without a live worker only when ``settings.ready_requires_worker`` (``recalib
     serve``): an API deployed on its own must stay in rotation while its workers (re)start.
@@ -53,9 +56,10 @@ def check_readiness(conn: redis.Redis, settings: Settings) -> Readiness:
         workers = live_workers(conn, settings)
     except redis.RedisError as exc:
         problems.append(f"Redis does not answer ({type(exc).__name__})")
-    storage_ok = _storage_writable(settings.data_dir)
-    if not storage_ok:
-        problems.append(f"data directory {settings.data_dir} is not writable")
+    storage_problem = _storage_problem(storage or open_storage(settings))
+    storage_ok = storage_problem is None
+    if storage_problem is not None:
+        problems.append(storage_problem)
     workers_ok = bool(workers) or not settings.ready_requires_worker
     if redis_ok and not workers_ok:
         problems.append(
@@ -71,13 +75,13 @@ def check_readiness(conn: redis.Redis, settings: Settings) -> Readiness:
     )
 
 
-def _storage_writable(data_dir: Path) -> bool:
-    probe = data_dir / f".ready-{secrets.token_hex(4)}"
+def _storage_problem(storage: Storage) -> str | None:
+    """None when a probe object can be written and deleted, else what is wrong."""
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as exc:
-        logger.warning("readiness probe cannot write %s: %s", probe, exc)
-        return False
-    return True
+        storage.probe()
+    except RecalibError as exc:
+        logger.warning("readiness probe: %s", exc)
+        if storage.is_local:
+            return f"data directory {storage.url} is not writable"
+        return str(exc)
+    return None

@@ -10,16 +10,15 @@ nothing, framable only by this origin (the web page embeds it).
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Header, Response
-from fastapi.responses import FileResponse
 
 from recalib.errors import NotFoundError
 from service.api.deps import ArtifactStoreDep, FileStoreDep, JobIdPath, JobStoreDep, TenantDep
 from service.api.routes.artifacts import resolve_artifact
+from service.object_response import content_disposition
 from service.problems import problem_responses
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
@@ -56,14 +55,14 @@ async def download_report_html(
     report_json = await anyio.to_thread.run_sync(
         resolve_artifact, record, "report", artifacts, files, tenant
     )
-    path = report_json.path.with_name(REPORT_HTML_FILE)
-    if not path.is_file():
+    page = await anyio.to_thread.run_sync(artifacts.output_bytes, record, REPORT_HTML_FILE)
+    if page is None:
         raise NotFoundError(
             f"job {job_id} has no report.html (its worker could not draw it, or predates it); "
             f"report.json is at /v1/jobs/{job_id}/report",
             field="report.html",
         )
-    etag = f'"{await anyio.to_thread.run_sync(_sha256_of, path)}"'
+    etag = f'"{hashlib.sha256(page).hexdigest()}"'  # a page of ~100 KiB
     headers = {
         "ETag": etag,
         "Cache-Control": "private, max-age=0, must-revalidate",
@@ -74,14 +73,5 @@ async def download_report_html(
     if etag in tags or "*" in tags:
         return Response(status_code=304, headers=headers)
     stem = report_json.download_name.removesuffix(".report.json")
-    return FileResponse(
-        path,
-        media_type="text/html; charset=utf-8",
-        filename=f"{stem}.report.html",
-        content_disposition_type="inline",
-        headers=headers,
-    )
-
-
-def _sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()  # a page of ~100 KiB
+    headers["Content-Disposition"] = content_disposition(f"{stem}.report.html", "inline")
+    return Response(page, media_type="text/html; charset=utf-8", headers=headers)

@@ -1,0 +1,145 @@
+"""A run's inputs: uploads (by file id) or URIs, materialized in the run's directory.
+
+:class:`JobInputs` is what the worker's run uses: :meth:`JobInputs.materialize` puts each input
+at ``<dir>/<role>/<name>`` (an upload from the file store; a URI fetched through the worker's
+cache, :mod:`recalib.jobs.input_cache`, by :mod:`recalib.jobs.uri_fetch`), and
+:meth:`JobInputs.annotate` records where each came from, with its sha256, in ``report.data``.
+:func:`recalib.jobs.file_store.check_job_uris` is the API's create-time check of the URIs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
+
+from recalib.contract import InputSource, JobRecord, Report
+from recalib.jobs.file_store import FileStore, sanitize_filename
+from recalib.jobs.input_cache import InputCache
+from recalib.jobs.outbound import OutboundPolicy
+from recalib.jobs.storage import Storage
+from recalib.jobs.uri_fetch import FetchContext, Sink, fetch
+from recalib.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("model", "calibration", "eval")
+REPORT_FILE = "report.json"
+
+
+def fetch_context(settings: Settings, store: Storage | None) -> FetchContext:
+    return FetchContext(
+        policy=OutboundPolicy(settings.outbound_allow_hosts),
+        max_bytes=settings.max_upload_bytes,
+        store=store,
+        s3_endpoint_url=settings.s3_endpoint_url or None,
+    )
+
+
+def uri_filename(uri: str) -> str:
+    """The file name a URI's input gets (its last path segment; the extension tells the format)."""
+    return sanitize_filename(PurePosixPath(unquote(urlsplit(uri).path)).name)
+
+
+class JobInputs:
+    """The inputs of one run of ``record``'s job."""
+
+    def __init__(
+        self,
+        files: FileStore,
+        record: JobRecord,
+        ctx: FetchContext,
+        cache: InputCache,
+    ) -> None:
+        self.files, self.record, self.ctx, self.cache = files, record, ctx, cache
+        self.sources: dict[str, InputSource] = {}
+
+    def materialize(self, role: str, target_dir: Path) -> Path | None:
+        """The input ``role`` under ``target_dir``; None when the job has none such."""
+        request = self.record.request
+        file_id, uri = getattr(request, f"{role}_file"), getattr(request, f"{role}_uri")
+        if file_id is not None:
+            path = self.files.materialize(file_id, target_dir, role)
+            stored = self.files.get(self.record.tenant, file_id)
+            self.sources[role] = InputSource(
+                role=role, file_id=file_id, sha256=stored.sha256, bytes=stored.bytes
+            )
+            return path
+        if uri is None:
+            return None
+        return self._fetch(role, uri, target_dir)
+
+    def sha256_of(self, role: str) -> str | None:
+        source = self.sources.get(role)
+        return source.sha256 if source else None
+
+    def _fetch(self, role: str, uri: str, target_dir: Path) -> Path:
+        field = f"{role}_uri"
+        target = target_dir / uri_filename(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cached = self.cache.lookup(uri)
+        tmp = self.cache.tmp_path() if self.cache.enabled else target
+        sink = Sink(tmp, self.ctx.max_bytes, field, uri)
+        try:
+            try:
+                fetched = fetch(uri, field, sink, cached, self.ctx)
+            finally:
+                sink.close()
+            if fetched.not_modified and cached is not None:
+                tmp.unlink(missing_ok=True)
+                _link(cached.path, target)
+                source = InputSource(
+                    role=role, uri=uri, sha256=cached.sha256, bytes=cached.bytes, cached=True
+                )
+            else:
+                if self.cache.enabled:
+                    kept = self.cache.add(uri, fetched.validator, tmp, sink.sha256, sink.bytes)
+                    _link(kept, target)
+                source = InputSource(role=role, uri=uri, sha256=sink.sha256, bytes=sink.bytes)
+        except BaseException:
+            if tmp != target:
+                tmp.unlink(missing_ok=True)
+            raise
+        logger.info(
+            "job %s: %s %s: %d bytes, sha256 %s%s",
+            self.record.id,
+            field,
+            uri,
+            source.bytes,
+            source.sha256,
+            " (cached)" if source.cached else "",
+        )
+        self.sources[role] = source
+        return target
+
+    def annotate(self, report: Report, out_dir: Path) -> Report:
+        """``report`` with its inputs' sources in ``data.sources``; ``out_dir/report.json`` is
+        rewritten to match (atomically)."""
+        sources = [self.sources[role] for role in ROLES if role in self.sources]
+        data = report.data.model_copy(update={"sources": sources})
+        report = report.model_copy(update={"data": data})
+        path = out_dir / REPORT_FILE
+        if path.is_file():
+            tmp = path.with_name(f".{REPORT_FILE}.sources")
+            tmp.write_text(report.model_dump_json(indent=2), encoding="utf-8")
+            os.replace(tmp, path)
+        return report
+
+
+def _link(source: Path, target: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def run_inputs(files: FileStore, record: JobRecord, settings: Settings) -> JobInputs:
+    """The inputs of a worker's run: URIs fetched through the cache in the worker's data
+    directory (``<data_dir>/cache``, at most ``RECALIB_INPUT_CACHE_BYTES``)."""
+    cache = InputCache(Path(settings.data_dir) / "cache", settings.input_cache_bytes)
+    return JobInputs(files, record, fetch_context(settings, files.storage), cache)

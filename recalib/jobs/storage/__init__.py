@@ -1,0 +1,54 @@
+"""Where uploads and artifacts live: a local directory or S3-compatible object storage.
+
+``RECALIB_STORAGE_URL`` chooses: empty (the default) is ``RECALIB_DATA_DIR`` on this machine
+(:class:`LocalStorage`), ``s3://bucket/prefix`` an object store (:class:`S3Storage`, boto3;
+``RECALIB_S3_ENDPOINT_URL`` for stores other than AWS). The file store, the artifact store, the
+readiness probe and retention all go through :func:`open_storage`'s object.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recalib.errors import InvalidOptionError
+from recalib.jobs.storage.base import ObjectInfo, ObjectMissingError, Storage, UploadPart
+from recalib.jobs.storage.local import LocalStorage, storage_error
+from recalib.settings import Settings
+
+__all__ = [
+    "LocalStorage",
+    "ObjectInfo",
+    "ObjectMissingError",
+    "Storage",
+    "UploadPart",
+    "open_storage",
+    "scratch_root",
+    "storage_error",
+]
+
+
+def scratch_root(settings: Settings) -> Path:
+    """This machine's directory for the runs' working files when the store is not local."""
+    return Path(settings.data_dir) / "scratch"
+
+
+def open_storage(settings: Settings, who: str = "API") -> Storage:
+    """The store ``settings`` name (boto3 is imported only for ``s3://``); ``who`` (``API``,
+    ``worker``) is named in its errors: the credentials to fix are that process's."""
+    url = settings.storage_url.strip()
+    if not url:
+        return LocalStorage(settings.data_dir)
+    if url.startswith("s3://"):
+        from recalib.jobs.storage.s3 import S3Storage
+
+        return S3Storage(
+            url,
+            endpoint_url=settings.s3_endpoint_url or None,
+            public_endpoint_url=settings.s3_public_endpoint_url or None,
+            who=who,
+        )
+    raise InvalidOptionError(
+        f"RECALIB_STORAGE_URL={url!r}: use s3://bucket/prefix, or leave it empty for the local "
+        "data directory (RECALIB_DATA_DIR)",
+        field="RECALIB_STORAGE_URL",
+    )

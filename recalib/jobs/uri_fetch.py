@@ -1,0 +1,242 @@
+"""Inputs given by URI (``model_uri``...): one fetch function per scheme, in :data:`FETCHERS`.
+
+A fetch function gets the URI, a :class:`Sink` (writes, hashes and caps what it is given at
+``RECALIB_MAX_UPLOAD_BYTES``, like an upload) and what the cache holds for the URI; it returns
+the source's validator (ETag, Last-Modified) or says that the cached copy is still current. A
+scheme is added by writing its function (and, optionally, its create-time check in
+:data:`CHECKS`) and listing it in ``recalib.contract.api.INPUT_URI_SCHEMES``.
+
+Safety: ``https://`` URLs, every redirect included, and S3 endpoints named in a URI
+(``s3://bucket/key?endpoint=https://host``) reach only public addresses unless the operator
+lists them in ``RECALIB_OUTBOUND_ALLOW_HOSTS`` (:mod:`recalib.jobs.outbound`). ``s3://`` URIs
+without an endpoint use the operator's own (``RECALIB_S3_ENDPOINT_URL``, or AWS) and the
+worker's credentials; a URI never carries credentials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import httpx
+
+from recalib.errors import InvalidDataError, NotFoundError, PayloadTooLargeError, UserError
+from recalib.jobs.input_cache import CacheEntry
+from recalib.jobs.outbound import OutboundPolicy, guarded_client
+from recalib.jobs.storage import Storage
+
+CHUNK_BYTES = 1024 * 1024
+HTTP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class FetchContext:
+    """What every fetch needs: the policy, the cap, the configured store and S3 endpoint."""
+
+    policy: OutboundPolicy
+    max_bytes: int
+    store: Storage | None = None
+    s3_endpoint_url: str | None = None
+    verify: Any = True  # httpx's verify: True, or a CA bundle / SSL context (tests)
+
+
+class Sink:
+    """The destination of a fetch: written, hashed and counted; over ``max_bytes`` it refuses."""
+
+    def __init__(self, path: Path, max_bytes: int, field: str, uri: str) -> None:
+        self.path, self.max_bytes, self.field, self.uri = path, max_bytes, field, uri
+        self.bytes = 0
+        self._hash = hashlib.sha256()
+        self._fh: IO[bytes] = path.open("wb")
+
+    def check_size(self, size: int | None) -> None:
+        """Refuse before reading when the source already says it is too large."""
+        if size is not None and size > self.max_bytes:
+            raise self._too_large(size)
+
+    def write(self, chunk: bytes) -> None:
+        if self.bytes + len(chunk) > self.max_bytes:
+            raise self._too_large(None)
+        self._hash.update(chunk)
+        self._fh.write(chunk)
+        self.bytes += len(chunk)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def _too_large(self, size: int | None) -> PayloadTooLargeError:
+        has = f"has {size} bytes" if size is not None else "sends more"
+        return PayloadTooLargeError(
+            f"{self.field}: {self.uri} {has}; inputs are limited to {self.max_bytes} bytes "
+            "(RECALIB_MAX_UPLOAD_BYTES)",
+            field=self.field,
+        )
+
+
+@dataclass(frozen=True)
+class Fetched:
+    validator: str | None  # what identifies this version at the source (cache key with the URI)
+    not_modified: bool = False  # the cached entry is current; nothing was written
+
+
+FetchFn = Callable[[str, str, Sink, CacheEntry | None, FetchContext], Fetched]
+CheckFn = Callable[[str, str, FetchContext], None]
+
+
+# -- https -------------------------------------------------------------------------------------
+
+
+def fetch_https(
+    uri: str, field: str, sink: Sink, cached: CacheEntry | None, ctx: FetchContext
+) -> Fetched:
+    headers = {"If-None-Match": cached.validator} if cached else {}
+    try:
+        with (
+            guarded_client(
+                ctx.policy,
+                field=field,
+                follow_redirects=True,
+                timeout=HTTP_TIMEOUT_S,
+                verify=ctx.verify,
+            ) as client,
+            client.stream("GET", uri, headers=headers) as response,
+        ):
+            if response.status_code == 304 and cached is not None:
+                return Fetched(cached.validator, not_modified=True)
+            if response.status_code in (404, 410):
+                raise NotFoundError(f"{field}: {uri} was not found (HTTP 404)", field=field)
+            if response.status_code != 200:
+                raise UserError(f"{field}: {uri} answered HTTP {response.status_code}", field=field)
+            length = response.headers.get("content-length")
+            sink.check_size(int(length) if length and length.isdigit() else None)
+            for chunk in response.iter_bytes(CHUNK_BYTES):
+                sink.write(chunk)
+            return Fetched(response.headers.get("etag"))
+    except httpx.HTTPError as exc:
+        raise UserError(f"{field}: cannot fetch {uri}: {exc}", field=field) from exc
+
+
+def check_https(uri: str, field: str, ctx: FetchContext) -> None:
+    ctx.policy.check_url(uri, field=field)
+
+
+# -- s3 ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+    endpoint: str | None  # named in the URI (checked against the policy); None: the operator's
+
+
+def parse_s3_uri(uri: str, field: str) -> S3Location:
+    parts = urlsplit(uri)
+    endpoint = parse_qs(parts.query).get("endpoint", [None])[0]
+    key = unquote(parts.path.lstrip("/"))
+    if not parts.netloc or not key:
+        raise UserError(f"{field}: {uri!r} is not s3://bucket/key", field=field)
+    return S3Location(parts.netloc, key, endpoint)
+
+
+def _s3_client(location: S3Location, field: str, ctx: FetchContext) -> Any:
+    from recalib.jobs.storage.s3 import S3Storage, make_client
+
+    if location.endpoint is not None:
+        ctx.policy.check_url(location.endpoint, field=field)
+        return make_client(location.endpoint)
+    if isinstance(ctx.store, S3Storage):
+        return ctx.store.client  # the configured store's endpoint (and connection pool)
+    return make_client(ctx.s3_endpoint_url)
+
+
+def fetch_s3(
+    uri: str, field: str, sink: Sink, cached: CacheEntry | None, ctx: FetchContext
+) -> Fetched:
+    from recalib.jobs.storage.s3_errors import error_code, is_missing
+
+    location = parse_s3_uri(uri, field)
+    client = _s3_client(location, field, ctx)
+    try:
+        head = client.head_object(Bucket=location.bucket, Key=location.key)
+        validator = str(head.get("ETag") or "") or None
+        if cached is not None and validator == cached.validator:
+            return Fetched(validator, not_modified=True)
+        sink.check_size(int(head["ContentLength"]))
+        body = client.get_object(Bucket=location.bucket, Key=location.key)["Body"]
+        try:
+            for chunk in body.iter_chunks(CHUNK_BYTES):
+                sink.write(chunk)
+        finally:
+            body.close()
+    except UserError:
+        raise
+    except Exception as exc:
+        if is_missing(exc):
+            raise NotFoundError(f"{field}: {uri} does not exist", field=field) from exc
+        code = error_code(exc)
+        reason = f"{code}" if code else f"{type(exc).__name__}: {exc}"
+        raise UserError(
+            f"{field}: cannot read {uri} ({reason}); the worker reads s3:// URIs with its own "
+            "credentials (RECALIB_S3_ENDPOINT_URL, AWS credential chain)",
+            field=field,
+        ) from exc
+    return Fetched(validator)
+
+
+def check_s3(uri: str, field: str, ctx: FetchContext) -> None:
+    """Refuse at create time what can be known: a forbidden endpoint, a missing object, one over
+    the cap. What the API cannot tell (other credentials, another store down) the worker will."""
+    from recalib.jobs.storage.s3_errors import is_missing
+
+    location = parse_s3_uri(uri, field)
+    client = _s3_client(location, field, ctx)
+    try:
+        head = client.head_object(Bucket=location.bucket, Key=location.key)
+    except Exception as exc:
+        if is_missing(exc):
+            raise NotFoundError(f"{field}: {uri} does not exist", field=field) from exc
+        return
+    size = int(head.get("ContentLength", 0))
+    if size > ctx.max_bytes:
+        raise PayloadTooLargeError(
+            f"{field}: {uri} has {size} bytes; inputs are limited to {ctx.max_bytes} bytes "
+            "(RECALIB_MAX_UPLOAD_BYTES)",
+            field=field,
+        )
+
+
+FETCHERS: dict[str, FetchFn] = {"https": fetch_https, "s3": fetch_s3}
+CHECKS: dict[str, CheckFn] = {"https": check_https, "s3": check_s3}
+
+
+def scheme_of(uri: str, field: str) -> str:
+    scheme = urlsplit(uri).scheme
+    if scheme not in FETCHERS:
+        raise InvalidDataError(
+            f"{field}: {uri!r}: no fetcher for {scheme}:// (known: {', '.join(sorted(FETCHERS))})",
+            field=field,
+        )
+    return scheme
+
+
+def check_uri(uri: str, field: str, ctx: FetchContext) -> None:
+    """Create-time checks of ``uri`` (4xx errors naming ``field``)."""
+    check = CHECKS.get(scheme_of(uri, field))
+    if check is not None:
+        check(uri, field, ctx)
+
+
+def fetch(
+    uri: str, field: str, sink: Sink, cached: CacheEntry | None, ctx: FetchContext
+) -> Fetched:
+    """Fetch ``uri`` into ``sink`` (or confirm ``cached``), by its scheme's function."""
+    return FETCHERS[scheme_of(uri, field)](uri, field, sink, cached, ctx)
