@@ -46,6 +46,9 @@ from recalib.jobs import states
 from recalib.jobs.artifact_store import INPUTS_DIR, ArtifactStore
 from recalib.jobs.connection import redis_url
 from recalib.jobs.file_store import FileStore, storage_error
+from recalib.jobs.inputs import run_inputs
+from recalib.jobs.storage import open_storage, scratch_root
+from recalib.jobs.storage_wait import wait_for_store
 from recalib.settings import Settings, get_settings
 from worker.runner.progress import ProgressWriter
 from worker.runner.proxy import run_in_runner, warm_runner_socket
@@ -89,6 +92,8 @@ def _start(
 ) -> JobRecord | None:
     """Mark the job running on this worker; None if it is cancelled, gone or not this run's."""
     worker_name = worker_name or os.environ.get("RQ_WORKER_ID", f"pid-{os.getpid()}")
+    if not wait_for_store(conn, settings, job_id, rq_job_id):  # object store down: queued again
+        return None
     record = states.start_run(conn, job_id, rq_job_id, worker_name, settings.job_max_attempts)
     if record is None:
         logger.info("job %s: not started (cancelled, deleted, or a stale run)", job_id)
@@ -112,8 +117,9 @@ class _Run:
         self.model_cache, self.data_workers = model_cache, data_workers
         self.attempt = record.attempts
         self.data_dir = settings.data_dir
-        self.files = FileStore(settings.data_dir, conn, settings.max_upload_bytes)
-        self.artifacts = ArtifactStore(settings.data_dir)
+        self.files = FileStore(open_storage(settings, "worker"), conn, settings.max_upload_bytes)
+        self.artifacts = ArtifactStore(self.files.storage, scratch_root(settings))
+        self.inputs = run_inputs(self.files, record, settings)  # uploads and URIs
         self.attempt_dir = self.artifacts.attempt_dir(record.id, self.attempt)
         self.progress = ProgressWriter(conn, record.id, self.attempt, record.worker)
 
@@ -129,6 +135,8 @@ class _Run:
                     should_stop=self.progress.should_stop,
                     data_workers=self.data_workers,
                 )
+            report = self.inputs.annotate(report, self.attempt_dir)  # sources in report.data
+            self.artifacts.publish_from(self.record.id, self.attempt, self.attempt_dir)
             self.finish(JobStatus.succeeded, result=report)
         except Exception as exc:
             self._end_with(exc)
@@ -186,9 +194,9 @@ class _Run:
             options = options.model_copy(update={"device": device})
         s = self.settings
         return JobSpec(
-            model_path=self._input(request.model_file, "model"),
-            calibration_path=self._input(request.calibration_file, "calibration"),
-            eval_path=self._input(request.eval_file, "eval") if request.eval_file else None,
+            model_path=self._input("model"),
+            calibration_path=self._input("calibration"),
+            eval_path=self._input("eval"),
             arch=request.arch,
             arch_kwargs=request.arch_kwargs,
             options=options,
@@ -206,15 +214,12 @@ class _Run:
             return contextlib.nullcontext()
         from worker.formats.models import model_source
 
-        try:
-            model_file = self.record.request.model_file
-            sha256: str | None = self.files.get(self.record.tenant, model_file).sha256
-        except RecalibError:
-            sha256 = None  # the cache hashes the file itself
+        sha256 = self.inputs.sha256_of("model")  # None: the cache hashes the file itself
         return model_source(functools.partial(self.model_cache.load, sha256=sha256))
 
-    def _input(self, file_id: str, role: str) -> str:
-        return str(self.files.materialize(file_id, self.attempt_dir / INPUTS_DIR / role, role))
+    def _input(self, role: str) -> str | None:
+        path = self.inputs.materialize(role, self.attempt_dir / INPUTS_DIR / role)
+        return str(path) if path is not None else None
 
     def finish(
         self, status: JobStatus, *, result: Report | None = None, error: JobError | None = None
