@@ -112,8 +112,11 @@ def test_progress_phases_in_order_at_most_once_per_batch(digits_run) -> None:
 def test_same_seed_same_result(digits_files, digits_run, tmp_path) -> None:
     first, _, _ = digits_run
     second = run_job(_spec(digits_files, tmp_path))
-    skip = {"timings_s", "checkpoint"}
+    skip = {"timings_s", "checkpoint", "runtime"}  # runtime: seconds waited and computed
     assert second.model_dump(exclude=skip) == first.model_dump(exclude=skip)
+    assert first.runtime is not None and second.runtime is not None
+    for field in ("data_workers", "pinned_memory", "oom_retries"):
+        assert getattr(second.runtime, field) == getattr(first.runtime, field), field
     # torch.export.save writes the same bytes for the same program and weights.
     assert second.checkpoint.sha256 == first.checkpoint.sha256
 
