@@ -304,7 +304,10 @@ def check_job_uris(request: JobCreate, ctx: FetchContext) -> None:
     for role in ("model", "calibration", "eval"):
         uri = getattr(request, f"{role}_uri")
         if uri is not None:
-            check_uri(uri, f"{role}_uri", ctx)
+            try:
+                check_uri(uri, f"{role}_uri", ctx)
+            except NotFoundError as exc:  # the request is wrong, not its URL: 422 as for files
+                raise InvalidOptionError(exc.message, field=f"{role}_uri") from exc
 
 
 def _index_member(record: FileRecord) -> str:

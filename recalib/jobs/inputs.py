@@ -81,6 +81,8 @@ class JobInputs:
         target = target_dir / uri_filename(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
         cached = self.cache.lookup(uri)
+        if cached is not None and cached.bytes > self.ctx.max_bytes:
+            cached = None  # the cap is lower than when it was fetched: the source decides again
         tmp = self.cache.tmp_path() if self.cache.enabled else target
         sink = Sink(tmp, self.ctx.max_bytes, field, uri)
         try:

@@ -1,0 +1,309 @@
+"""Object storage end to end: the API and a worker with different data directories (no shared
+filesystem), a real S3 server (SeaweedFS) between them, and its faults.
+
+- a job over uploads succeeds; its artifacts are in the store (ETag = sha256, Range); nothing of
+  the job stays on either machine's disk;
+- a job over ``s3://`` URIs succeeds, records URI + sha256 in ``report.data.sources``, and a
+  second job on the same URIs is served from the worker's cache;
+- bad URIs are refused at create time (missing, forbidden host) naming the field;
+- an upload's content deleted behind our back fails the job naming the file;
+- the store down: 503 problems and ``/readyz`` not ready; a queued job waits, and runs once the
+  store is back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests import s3_fixtures
+from tests.live import (
+    Stack,
+    create_job,
+    fresh_db_url,
+    upload,
+    wait_for_job,
+    wait_until,
+)
+from tests.s3_fixtures import S3Store, WeedServer, start_weed
+
+pytestmark = pytest.mark.slow
+weed_server = s3_fixtures.weed_server  # fixtures (one SeaweedFS per test session)
+s3_store = s3_fixtures.s3_store
+FINAL = {"succeeded", "failed", "cancelled"}
+
+
+def _body(ids: dict[str, str]) -> dict[str, object]:
+    return {
+        "model_file": ids["model"],
+        "calibration_file": ids["calibration"],
+        "eval_file": ids["evaluation"],
+    }
+
+
+def _files_under(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def s3_stack(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory, weed_server: WeedServer
+) -> Iterator[tuple[Stack, S3Store, Path]]:
+    """API (data dir ``api/data``) and worker ``w1`` (data dir ``worker-data``) over one store."""
+    store = S3Store(weed_server, f"s3://{weed_server.bucket}/e2e-{time.time_ns()}")
+    tmp = tmp_path_factory.mktemp("s3stack")
+    worker_dir = tmp / "worker-data"
+    with Stack(fresh_db_url(redis_url), tmp / "api", **store.env) as stack:
+        stack.conn.flushdb()
+        stack.start_api()
+        stack.start_worker("w1", RECALIB_DATA_DIR=str(worker_dir))
+        yield stack, store, worker_dir
+        stack.conn.flushdb()
+
+
+def test_a_job_runs_with_api_and_worker_sharing_no_directory(
+    s3_stack: tuple[Stack, S3Store, Path], digits_files: dict[str, Path]
+) -> None:
+    stack, store, worker_dir = s3_stack
+    with stack.client() as client:
+        ids = {name: upload(client, path) for name, path in digits_files.items()}
+        job = wait_for_job(client, create_job(client, _body(ids))["id"], FINAL, timeout_s=180)
+        assert job["status"] == "succeeded", job
+        checkpoint = client.get(f"/v1/jobs/{job['id']}/checkpoint")
+        assert checkpoint.status_code == 200
+        digest = hashlib.sha256(checkpoint.content).hexdigest()
+        assert (
+            checkpoint.headers["etag"]
+            == f'"{digest}"'
+            == f'"{job["result"]["checkpoint"]["sha256"]}"'
+        )
+        part = client.get(f"/v1/jobs/{job['id']}/checkpoint", headers={"Range": "bytes=10-99"})
+        assert part.status_code == 206 and part.content == checkpoint.content[10:100]
+        assert part.headers["content-range"] == f"bytes 10-99/{len(checkpoint.content)}"
+        head = client.head(f"/v1/jobs/{job['id']}/checkpoint")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == str(len(checkpoint.content))
+        report = client.get(f"/v1/jobs/{job['id']}/report").json()
+        assert client.get(f"/v1/jobs/{job['id']}/report.html").status_code == 200
+    sources = {s["role"]: s for s in report["data"]["sources"]}
+    for role, name in (("model", "model"), ("calibration", "calibration"), ("eval", "evaluation")):
+        content = digits_files[name].read_bytes()
+        assert sources[role]["file_id"] == ids[name]
+        assert sources[role]["sha256"] == hashlib.sha256(content).hexdigest()
+    keys = store.keys()
+    assert f"jobs/{job['id']}/attempt-1/report.json" in keys
+    assert not any("/inputs/" in key for key in keys)  # the run's inputs are never published
+    assert all(f"files/{i}" in keys and f"files/{i}.json" in keys for i in ids.values())
+    assert _files_under(stack.data_dir / "files") == []  # the API kept nothing on its disk
+    assert _files_under(stack.data_dir / "jobs") == []
+    assert _files_under(worker_dir / "scratch") == []  # the run's scratch is gone
+    assert not (worker_dir / "files").exists()
+
+
+def _put(store: S3Store, key: str, path: Path) -> str:
+    full = f"{store.prefix}/{key}"
+    store.client().put_object(Bucket=store.server.bucket, Key=full, Body=path.read_bytes())
+    return f"s3://{store.server.bucket}/{full}"
+
+
+def test_a_job_by_s3_uris_records_them_and_the_second_is_served_from_the_cache(
+    s3_stack: tuple[Stack, S3Store, Path], digits_files: dict[str, Path]
+) -> None:
+    stack, store, worker_dir = s3_stack
+    uris = {
+        "model_uri": _put(store, "inputs/digits.pt2", digits_files["model"]),
+        "calibration_uri": _put(store, "inputs/calib.npz", digits_files["calibration"]),
+        "eval_uri": _put(store, "inputs/eval.npz", digits_files["evaluation"]),
+    }
+    with stack.client() as client:
+        first = wait_for_job(client, create_job(client, uris)["id"], FINAL, timeout_s=180)
+        assert first["status"] == "succeeded", first
+        second = wait_for_job(client, create_job(client, uris)["id"], FINAL, timeout_s=180)
+        assert second["status"] == "succeeded", second
+        download = client.get(f"/v1/jobs/{first['id']}/checkpoint")
+        assert "digits.recalibrated" in download.headers["content-disposition"]
+    for job, cached in ((first, False), (second, True)):
+        sources = {s["role"]: s for s in job["result"]["data"]["sources"]}
+        for role, name in (
+            ("model", "model"),
+            ("calibration", "calibration"),
+            ("eval", "evaluation"),
+        ):
+            assert sources[role]["uri"] == uris[f"{role}_uri"]
+            assert (
+                sources[role]["sha256"]
+                == hashlib.sha256(digits_files[name].read_bytes()).hexdigest()
+            )
+            assert sources[role]["cached"] is cached
+    # the same bytes as uploads give the same recalibration
+    assert first["result"]["after"] == second["result"]["after"]
+    cache = worker_dir / "cache" / "sha256"
+    assert {p.name for p in cache.iterdir()} == {
+        hashlib.sha256(digits_files[n].read_bytes()).hexdigest() for n in digits_files
+    }
+
+
+def test_uris_known_bad_are_refused_at_create_naming_the_field(
+    s3_stack: tuple[Stack, S3Store, Path], digits_files: dict[str, Path]
+) -> None:
+    stack, store, _ = s3_stack
+    calibration = _put(store, "inputs/c.npz", digits_files["calibration"])
+    bodies = {
+        "model_uri": f"s3://{store.server.bucket}/{store.prefix}/inputs/missing.pt2",
+    }
+    with stack.client() as client:
+        missing = client.post("/v1/jobs", json={**bodies, "calibration_uri": calibration})
+        assert missing.status_code == 422, missing.text
+        assert (
+            missing.json()["field"] == "model_uri" and "does not exist" in missing.json()["detail"]
+        )
+        private = client.post(
+            "/v1/jobs",
+            json={"model_uri": "https://127.0.0.1/m.pt2", "calibration_uri": calibration},
+        )
+        assert private.status_code == 422, private.text
+        assert private.json()["type"].endswith("/outbound-not-allowed")
+        assert "RECALIB_OUTBOUND_ALLOW_HOSTS" in private.json()["detail"]
+        endpoint = client.post(
+            "/v1/jobs",
+            json={
+                "model_uri": "s3://b/m.pt2?endpoint=http://169.254.169.254",
+                "calibration_uri": calibration,
+            },
+        )
+        assert endpoint.status_code == 422, endpoint.text
+        assert endpoint.json()["type"].endswith("/outbound-not-allowed")
+        both = client.post(
+            "/v1/jobs",
+            json={
+                "model_uri": calibration,
+                "model_file": "f_3kq0cV2m9xLr8tQw",
+                "calibration_uri": calibration,
+            },
+        )
+        assert both.status_code == 422 and "not both" in both.text
+
+
+def test_an_upload_deleted_behind_our_back_fails_the_job_naming_it(
+    s3_stack: tuple[Stack, S3Store, Path], digits_files: dict[str, Path]
+) -> None:
+    stack, store, _ = s3_stack
+    with stack.client() as client:
+        ids = {name: upload(client, path) for name, path in digits_files.items()}
+        store.client().delete_object(
+            Bucket=store.server.bucket, Key=f"{store.prefix}/files/{ids['calibration']}"
+        )
+        job = wait_for_job(client, create_job(client, _body(ids))["id"], FINAL, timeout_s=120)
+    assert job["status"] == "failed", job
+    message = job["error"]["message"]
+    assert ids["calibration"] in message and "calibration" in message, message
+    assert "missing" in message, message
+
+
+# -- the store down --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_weed() -> Iterator[WeedServer]:
+    """A SeaweedFS of this test's own: it is stopped and started again."""
+    server = start_weed()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _stop(server: WeedServer) -> None:
+    os.killpg(server.proc.pid, signal.SIGTERM)
+    server.proc.wait(timeout=15)
+
+
+def _start_again(server: WeedServer) -> None:
+    """Start ``server`` again on its ports and directory (its data persists)."""
+    log = (server.workdir / "weed.log").open("ab")
+    server.proc = subprocess.Popen(
+        server.proc.args,
+        env=os.environ | server.env,
+        cwd=server.workdir,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    wait_until(lambda: s3_fixtures._bucket_ready(server), 90, "weed to serve again")
+
+
+def test_store_down_is_503_and_not_ready_and_a_queued_job_waits_for_it(
+    redis_url: str, tmp_path: Path, own_weed: WeedServer, digits_files: dict[str, Path]
+) -> None:
+    store = S3Store(own_weed, f"s3://{own_weed.bucket}/down")
+    with Stack(fresh_db_url(redis_url), tmp_path / "api", **store.env) as stack:
+        stack.conn.flushdb()
+        stack.start_api()
+        with stack.client() as client:
+            ids = {name: upload(client, path) for name, path in digits_files.items()}
+            job_id = create_job(client, _body(ids))["id"]  # queued: no worker yet
+            _stop(own_weed)
+            ready = client.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert ready.json()["storage_writable"] is False
+            assert store.url in ready.json()["detail"], ready.text
+            refused = client.post("/v1/files", params={"filename": "x.npz"}, content=b"x" * 10)
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert "RECALIB_S3_ENDPOINT_URL" in refused.json()["detail"]
+            stack.start_worker("w1", wait=False, RECALIB_DATA_DIR=str(tmp_path / "w"))
+            wait_until(lambda: _waits_for_store(stack), 120, "the run to wait for the store")
+            assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+            _start_again(own_weed)
+            job = wait_for_job(client, job_id, FINAL, timeout_s=180)
+            assert job["status"] == "succeeded", job
+            assert client.get("/readyz").status_code == 200
+        stack.conn.flushdb()
+
+
+def _waits_for_store(stack: Stack) -> bool:
+    return "waits for the store" in stack.workers["w1"].log()
+
+
+def test_wrong_credentials_are_503_problems_and_not_ready(
+    redis_url: str, tmp_path: Path, s3_store: S3Store
+) -> None:
+    env = s3_store.env | {"AWS_SECRET_ACCESS_KEY": "wrong-secret-0123456789"}
+    with Stack(fresh_db_url(redis_url), tmp_path, **env) as stack:
+        import sys
+
+        from tests.live import Proc
+
+        stack.port = s3_fixtures._free_port_pair()
+        stack.url = f"http://127.0.0.1:{stack.port}"
+        proc_env = stack.env | {"UVICORN_HOST": "127.0.0.1", "UVICORN_PORT": str(stack.port)}
+        stack.api = Proc([sys.executable, "-m", "service.server"], proc_env, tmp_path / "api.log")
+        wait_until(lambda: _answers(stack.url), 60, "the API to answer")
+        with stack.client() as client:
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and "credentials" in ready.json()["detail"], ready.text
+            refused = client.post("/v1/files", params={"filename": "m.pt2"}, content=b"abc")
+            assert refused.status_code == 503, refused.text
+            detail = refused.json()["detail"]
+            assert "refuses the API's credentials" in detail and s3_store.url in detail
+            assert "wrong-secret" not in detail
+            listed = client.get("/v1/files")
+            assert listed.status_code in (
+                200,
+                503,
+            )  # the index is in Redis; a read may need the store
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
