@@ -33,6 +33,7 @@ from urllib.parse import unquote
 import httpx
 
 from recalib import defaults
+from recalib.client_upload import direct_upload
 from recalib.contract import FilePublic, JobCreate, JobEvent, JobOptions, JobPublic, JobStatus, Page
 from recalib.errors import (
     InternalError,
@@ -79,10 +80,11 @@ class RecalibClient:
     # -- files -----------------------------------------------------------------------------
 
     def upload_file(
-        self, path: str | os.PathLike[str], *, skip_existing: bool = True
+        self, path: str | os.PathLike[str], *, skip_existing: bool = True, direct: bool = True
     ) -> FilePublic:
         """Upload a file (streamed); with ``skip_existing``, reuse a server file of equal sha256
-        and the same name.
+        and the same name. With ``direct`` and a server on object storage, the bytes go straight
+        to the store through presigned URLs (:mod:`recalib.client_upload`), else through the API.
 
         The name matters as much as the content: the worker reads the format from the extension
         and downloads are named after it, so bytes uploaded before as ``data.npz`` are uploaded
@@ -92,11 +94,19 @@ class RecalibClient:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such file", file=str(path))
+        sha256 = sha256_of(path)
         if skip_existing:
-            existing = self.find_file(sha256_of(path))
+            existing = self.find_file(sha256)
             if existing is not None and existing.filename == path.name:
                 logger.info("%s is already on the server as %s", path, existing.id)
                 return existing
+        if direct:  # straight to the server's object store, when it offers that
+            try:
+                uploaded = direct_upload(self._http, path, sha256, raise_for_problem)
+            except httpx.TransportError as exc:
+                raise self._unreachable(exc) from exc
+            if uploaded is not None:
+                return uploaded
         response = self._request(
             "POST",
             "/v1/files",

@@ -201,14 +201,18 @@ class S3Store:
         return self.url.removeprefix(f"s3://{self.server.bucket}/")
 
     def keys(self) -> list[str]:
-        """Every key under the prefix (relative to it)."""
+        """Every key under the prefix (relative to it), the API's marker ``.recalib-id`` left out."""
         client = self.client()
         found: list[str] = []
         for page in client.get_paginator("list_objects_v2").paginate(
             Bucket=self.server.bucket, Prefix=self.prefix + "/"
         ):
             found += [item["Key"][len(self.prefix) + 1 :] for item in page.get("Contents", [])]
-        return sorted(found)
+        return sorted(key for key in found if key != ".recalib-id")
+
+    def get(self, key: str) -> bytes:
+        answer = self.client().get_object(Bucket=self.server.bucket, Key=f"{self.prefix}/{key}")
+        return bytes(answer["Body"].read())
 
     def multipart_uploads(self) -> list[str]:
         answer = self.client().list_multipart_uploads(

@@ -23,8 +23,10 @@ Bounds, with ``H = RECALIB_WORKER_HEARTBEAT_S`` (10) and ``R = RECALIB_REAPER_IN
 
 Retention (``RECALIB_RETENTION_S``; 0 turns it off), at most every ``RETENTION_EVERY_S``:
 finished jobs older than that are deleted (record, events, artifacts) and so are uploaded files
-(through the file store, so its indexes stay consistent), except files that a job still queued or
-running uses.
+(through the file store and its storage backend, so the sha256 lookup stays consistent), except
+files that a job still queued or running uses. Each time, whatever the retention, uploads nobody
+finished are cleaned: direct uploads past their URLs' expiry are aborted, as are multipart
+uploads and content without metadata that a killed API left (after ``STALE_UPLOAD_S``).
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from redis.exceptions import LockError
 from rq.job import JobStatus as RqStatus
 
 from recalib.contract import JobEvent, JobStatus
+from recalib.errors import RecalibError
 from recalib.jobs import queue, records
 from recalib.jobs.artifact_store import ArtifactStore
+from recalib.jobs.direct_uploads import GRACE_S, DirectUploads
 from recalib.jobs.file_store import FileStore
 from recalib.jobs.keys import ACTIVE_KEY, FINISHED_KEY, REAPER_LOCK_KEY, as_text, events_key
 from recalib.jobs.records import Stored, utcnow
@@ -53,6 +57,8 @@ logger = logging.getLogger(__name__)
 CANCEL_GRACE_S = 3.0
 QUEUED_GRACE_S = 10.0
 RETENTION_EVERY_S = 60.0
+STALE_UPLOAD_S = 24 * 3600.0
+"""An upload still unfinished after this (and past its URLs' expiry) is abandoned."""
 
 
 class Reaper:
@@ -157,7 +163,12 @@ class Reaper:
     # -- retention -------------------------------------------------------------------------
 
     def apply_retention(self) -> tuple[int, int]:
-        """Delete finished jobs and files older than ``retention_s``; return how many of each."""
+        """Delete finished jobs and files older than ``retention_s``; return how many of each.
+
+        Uploads nobody finished are cleaned first, whatever ``retention_s``
+        (:meth:`clean_unfinished_uploads`).
+        """
+        self.clean_unfinished_uploads()
         if self.settings.retention_s == 0:
             return 0, 0
         cutoff = time.time() - self.settings.retention_s
@@ -176,6 +187,22 @@ class Reaper:
             self.artifacts.remove_job(job_id)
             jobs += 1
         return jobs, self._delete_old_files(cutoff)
+
+    def clean_unfinished_uploads(self) -> int:
+        """Abort direct uploads whose URLs expired, multipart uploads left in the store by a
+        killed API, and content without metadata (a process killed between the two); logged
+        and skipped when the store fails. Returns how many things were removed."""
+        stale_s = max(STALE_UPLOAD_S, self.settings.presigned_expiry_s + GRACE_S)
+        try:
+            expired = DirectUploads(self.files, self.conn, self.settings.presigned_expiry_s)
+            removed = expired.clean_expired()
+            with self.files.writing():
+                removed += self.files.storage.clean_stale_uploads(stale_s)
+            removed += self.files.remove_orphans(time.time() - stale_s)
+        except RecalibError as exc:
+            logger.warning("unfinished uploads not cleaned: %s", exc)
+            return 0
+        return removed
 
     def _delete_old_files(self, cutoff: float) -> int:
         in_use: set[str | None] = set()

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.routes import artifacts, deliveries, files, health, jobs, metrics, report_html
+from service.api.routes import (
+    artifacts,
+    deliveries,
+    files,
+    health,
+    jobs,
+    metrics,
+    report_html,
+    uploads,
+)
 from service.web import routes as web_routes
 
 API_PREFIX = "/v1"
 
 api_router = APIRouter()
-for _resource in (files, jobs, deliveries, artifacts, report_html):
+for _resource in (files, uploads, jobs, deliveries, artifacts, report_html):
     api_router.include_router(_resource.router, prefix=API_PREFIX)
 api_router.include_router(health.router)
 api_router.include_router(metrics.router)
