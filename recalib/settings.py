@@ -249,6 +249,14 @@ class Settings(BaseSettings):
             "recently used evicted first); 0: no cache."
         ),
     )
+    mlflow_tracking_uri: str = Field(
+        "",
+        description=(
+            "MLflow tracking server whose Model Registry `models:/` model URIs and "
+            "`options.register` use (credentials from MLflow's own variables, e.g. "
+            "MLFLOW_TRACKING_TOKEN); empty: no registry. Workers need `recalib[mlflow]`."
+        ),
+    )
     host: str = Field(defaults.HOST, description="`recalib serve` bind address.")
     port: int = Field(defaults.PORT, ge=1, le=65535, description="`recalib serve` port.")
     log_level: str = Field("INFO", description="Python logging level.")

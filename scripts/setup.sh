@@ -22,3 +22,9 @@ if [ "$extras" = dev ] && ! command -v chromium >/dev/null 2>&1; then
     echo "note: no chromium; tests/test_web_ui.py needs Debian's chromium and chromium-driver" >&2
   fi
 fi
+# The MLflow tests start a real `mlflow server` (tests/mlflow_server.py) from a tool environment of
+# its own, so the full mlflow package (~850 MB, ~3 min to install) stays out of .venv.
+if [ "$extras" = dev ] && [ ! -x .venv-mlflow/bin/mlflow ]; then
+  "$python" -m venv .venv-mlflow
+  .venv-mlflow/bin/python -m pip install -q "mlflow>=3.0,<4"
+fi

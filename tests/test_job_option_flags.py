@@ -15,6 +15,7 @@ import pytest
 from pydantic.fields import FieldInfo
 
 from recalib.contract import JobOptions, Preprocess
+from recalib.contract.options import Register
 from recalib.errors import EXIT_USER_ERROR
 
 COMMANDS = ("run", "submit")
@@ -28,6 +29,7 @@ EXAMPLES: dict[str, tuple[str, object]] = {
     "device": ("cpu", "cpu"),
     "output_key": ("aux.0", "aux.0"),
     "input_names": ("image, depth", ["image", "depth"]),
+    "register": ("digits-cnn@champion", Register(name="digits-cnn", alias="champion")),
 }
 
 

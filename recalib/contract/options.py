@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -79,6 +81,46 @@ class Preprocess(Input):
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError("std values must be > 0")
         return self
+
+
+MLFLOW_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$"
+MLFLOW_ALIAS_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]{0,62}$"
+
+
+class Register(Input):
+    """Register the recalibrated model in the MLflow Model Registry of
+    ``RECALIB_MLFLOW_TRACKING_URI`` as a new version of ``name``; ``alias`` moves to it only when
+    the verdict is not ``worse``.
+
+    On the command line: ``--register NAME`` or ``--register NAME@ALIAS``.
+    """
+
+    name: str = Field(max_length=128, pattern=MLFLOW_NAME_PATTERN, examples=["digits-cnn"])
+    alias: str | None = Field(
+        None, max_length=63, pattern=MLFLOW_ALIAS_PATTERN, examples=["production"]
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        if isinstance(value, str):  # "name" or "name@alias" (the CLI flag)
+            name, sep, alias = value.partition("@")
+            return {"name": name, "alias": alias} if sep else {"name": name}
+        return value
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, alias: str | None) -> str | None:
+        if alias is not None and (alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias)):
+            raise ValueError(f"alias {alias!r} is reserved by MLflow (latest, v<number>)")
+        return alias
+
+
+# `register` is the option's name in the API and the CLI; pydantic warns that it shadows
+# ABCMeta.register of the model *class* (instances are unaffected). Only that warning is muted.
+warnings.filterwarnings(
+    "ignore", message='Field name "register" in "JobOptions" shadows', category=UserWarning
+)
 
 
 class JobOptions(Input):
@@ -169,6 +211,15 @@ class JobOptions(Input):
         description="Segmentation: the mask value of pixels left out of every metric.",
     )
 
+    register: Register | None = Field(
+        None,
+        description=(
+            "Register the recalibrated model in the MLflow Model Registry as a new version of "
+            "`name` (tags: source, data sha256, estimator, metrics, verdict); `alias` moves to it "
+            "unless the verdict is `worse`. Flag: `NAME` or `NAME@ALIAS`."
+        ),
+    )
+
     @field_validator("input_names")
     @classmethod
     def _check_input_names(cls, names: list[str]) -> list[str]:
@@ -189,6 +240,10 @@ class JobSpec(Input):
     arch_kwargs: JsonObject = Field(default_factory=dict)
     options: JobOptions = Field(default_factory=JobOptions)
     out_dir: str
+    model_source: str | None = Field(
+        None,
+        description="Where the model came from (`models:/name/version`), for the registry's tags.",
+    )
     allow_unsafe_pickle: bool = False
     arch_allowlist: list[str] = Field(default_factory=lambda: list(defaults.ARCH_ALLOWLIST))
     # Archive safety limits (settings in the service; defaults for the CLI).

@@ -222,6 +222,18 @@ class Runtime(Output):
     )
 
 
+class RegisteredModel(Output):
+    """The MLflow Model Registry version the recalibrated model became (``options.register``)."""
+
+    name: str
+    version: str
+    run_id: str = Field(description="The MLflow run holding the artifacts and metrics.")
+    alias: str | None = None
+    alias_moved: bool = Field(
+        False, description="The alias now names this version (never when the verdict is worse)."
+    )
+
+
 class Report(Output):
     """``report.json``: the result of one recalibration."""
 
@@ -254,4 +266,7 @@ class Report(Output):
     runtime: Runtime | None = Field(
         None,
         description="Data loading against compute, out-of-memory retries; older reports lack it.",
+    )
+    registered: RegisteredModel | None = Field(
+        None, description="The MLflow model version registered (`options.register`)."
     )

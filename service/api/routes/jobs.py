@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from recalib.contract import JobCreate, JobEvent, JobPublic, JobRecord, JobStatus, Page
 from recalib.errors import InvalidOptionError, UserError
 from recalib.jobs.job_store import JobStore
+from recalib.jobs.mlflow_registry import check_configured
 from recalib.jobs.webhooks import check_webhook
 from service.api.deps import FileStoreDep, JobIdPath, JobStoreDep, SettingsDep, TenantDep
 from service.problems import problem_responses
@@ -52,6 +53,8 @@ def create_job(
     """Queue a job over uploaded files; the same ``Idempotency-Key`` + body give the same job."""
     files.require_job_inputs(tenant, body)
     check_webhook(body.webhook, tenant, settings)
+    if body.options.register is not None:
+        check_configured(settings.mlflow_tracking_uri, "options.register")
     record, created = jobs.create(tenant, body, idempotency_key=idempotency_key)
     response.status_code = status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK
     response.headers["Location"] = f"/v1/jobs/{record.id}"
