@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from recalib.errors import InvalidDataError
 from worker.engine.inputs import first_tensor
 from worker.formats.data import SampleSet
