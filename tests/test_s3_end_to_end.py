@@ -307,3 +307,16 @@ def _answers(url: str) -> bool:
         return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_a_worker_without_the_apis_object_store_refuses_to_start_naming_the_setting(
+    s3_stack: tuple[Stack, S3Store, Path], tmp_path: Path
+) -> None:
+    stack, store, _ = s3_stack
+    proc = stack.start_worker(
+        "no-store", wait=False, RECALIB_STORAGE_URL="", RECALIB_DATA_DIR=str(tmp_path / "d")
+    )
+    wait_until(lambda: not proc.alive(), 90, "the worker to exit")
+    assert proc.popen.returncode != 0
+    log = proc.log()
+    assert "RECALIB_STORAGE_URL" in log and store.url in log, log[-2000:]
