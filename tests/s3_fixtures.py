@@ -201,7 +201,7 @@ class S3Store:
         return self.url.removeprefix(f"s3://{self.server.bucket}/")
 
     def keys(self) -> list[str]:
-        """Every key under the prefix (relative to it), the API's marker ``.recalib-id`` left out."""
+        """Every key under the prefix (relative to it), but the API's marker ``.recalib-id``."""
         client = self.client()
         found: list[str] = []
         for page in client.get_paginator("list_objects_v2").paginate(
