@@ -6,9 +6,9 @@
     directly with presigned multipart URLs (``recalib.client_upload.direct_upload``: parts in
     parallel, then the server's completion, which reads the object back to verify its sha256),
     and boto3's own ``upload_file`` (its default managed transfer) as the yardstick.
-(b) ``--parts job``: the 2,000-sample digits job (bench/jobs.py), create → succeeded, on a
-    service with local storage and one with S3 storage (the worker's data directory apart from
-    the API's), interleaved.
+(b) ``--parts job``: the 2,000-sample digits job (as bench/service.py's), create → succeeded,
+    on a service with local storage and one with S3 storage (the worker's data directory apart
+    from the API's), interleaved.
 
     python -m bench.storage --parts upload,job --size-mib 1024 --rounds 3 --repeats 5
 """
@@ -148,8 +148,32 @@ def _s3_env(weed: Any, prefix: str) -> dict[str, str]:
     }
 
 
+def make_job_files(out_dir: Path, samples: int) -> dict[str, Path]:
+    """The digits model and a ``samples``-sample shifted calibration set (+ the eval split)."""
+    import numpy as np
+
+    from worker.digits import load_digits_arrays, make_digits_case, shift_domain, write_demo_files
+
+    files = write_demo_files(make_digits_case(seed=0), out_dir)
+    inputs, labels = load_digits_arrays()
+    idx = np.arange(samples) % len(inputs)
+    files["calibration"] = out_dir / f"calib-{samples}.npz"
+    np.savez(files["calibration"], inputs=shift_domain(inputs[idx], seed=3), labels=labels[idx])
+    return files
+
+
+def _service_job(client: Any, ids: dict[str, str]) -> tuple[float, float]:
+    """(wall s create→succeeded, the job's load phase s)."""
+    start = time.perf_counter()
+    job = client.create_job(ids["model"], ids["calibration"], ids.get("evaluation"))
+    job = client.wait(job.id, poll_s=0.01)
+    wall = time.perf_counter() - start
+    if job.status != "succeeded":
+        raise RuntimeError(f"job {job.id} {job.status}: {job.error}")
+    return wall, float(job.result.timings_s.get("load", 0.0))
+
+
 def bench_job(work: Path, weed: Any, samples: int, repeats: int) -> dict[str, Any]:
-    from bench.jobs import _service_job, make_job_files
     from recalib.client import RecalibClient
 
     files = make_job_files(work / "inputs", samples)
