@@ -157,3 +157,27 @@ def test_least_recently_used_models_go_first_and_oversized_ones_are_not_kept(
     off.load(paths[0])
     off.load(paths[0])
     assert (len(off), off.hits, off.misses) == (0, 0, 2)
+
+
+def test_a_spare_copy_made_between_jobs_serves_the_next_job_once(digits_files) -> None:
+    size = model_bytes(read_model(digits_files["model"]))
+    cache = ModelCache(max_bytes=2 * size)
+    first = cache.load(digits_files["model"])
+    cache.prepare_spare()
+    (entry,) = cache._entries.values()
+    spare = entry.spare
+    assert spare is not None and cache.size_bytes == 2 * size
+    with torch.no_grad():
+        for buffer in first.module.buffers():  # the first job changes its own copy
+            buffer.add_(1)
+    second = cache.load(digits_files["model"])
+    assert second.module is spare.module and entry.spare is None  # taken, not copied again
+    for a, b in zip(second.module.buffers(), entry.loaded.module.buffers(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    third = cache.load(digits_files["model"])  # no spare left: copied now
+    assert third.module is not second.module and cache.hits == 2
+
+    tight = ModelCache(max_bytes=size)  # no room for a spare: none is made
+    tight.load(digits_files["model"])
+    tight.prepare_spare()
+    assert next(iter(tight._entries.values())).spare is None

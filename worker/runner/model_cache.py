@@ -8,7 +8,9 @@ stay shared in the copy), so a job can change its model in place (recalibration,
 state written back when saving) without an earlier job's changes ever reaching a later job.
 
 Bounded in bytes (the unique tensor storages of the module and program): least recently used
-entries go first; a model larger than the whole bound is not cached.
+entries go first; a model larger than the whole bound is not cached. Between jobs the runner
+calls :meth:`ModelCache.prepare_spare`: the most recently used model gets one copy made ahead
+(counted in the bound, dropped first), so that a repeat job takes it instead of copying then.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 class _Entry:
     loaded: LoadedModel
     size_bytes: int
+    spare: LoadedModel | None = None  # a fresh copy made ahead, between jobs
 
 
 class ModelCache:
@@ -48,7 +51,8 @@ class ModelCache:
 
     @property
     def size_bytes(self) -> int:
-        return sum(entry.size_bytes for entry in self._entries.values())
+        """Bytes held: each entry once, twice with its spare copy."""
+        return sum(e.size_bytes * (2 if e.spare else 1) for e in self._entries.values())
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -82,7 +86,8 @@ class ModelCache:
             self._entries.move_to_end(key)
             self.hits += 1
             logger.info("model %s: from the runner's cache", path.name)
-            return replace(fresh_copy(entry.loaded), source_path=path)
+            copied, entry.spare = entry.spare or fresh_copy(entry.loaded), None
+            return replace(copied, source_path=path)
         self.misses += 1
         loaded = read_model(
             path,
@@ -95,6 +100,14 @@ class ModelCache:
             self._put(key, loaded)
         return fresh_copy(loaded) if key in self._entries else loaded
 
+    def prepare_spare(self) -> None:
+        """Copy the most recently used model ahead of its next job, if the bound has room."""
+        if not self._entries:
+            return
+        entry = next(reversed(self._entries.values()))
+        if entry.spare is None and self.size_bytes + entry.size_bytes <= self.max_bytes:
+            entry.spare = fresh_copy(entry.loaded)
+
     def clear(self) -> None:
         self._entries.clear()
 
@@ -103,6 +116,8 @@ class ModelCache:
         if size > self.max_bytes:
             logger.info("model of %d bytes not cached: over RECALIB_MODEL_CACHE_BYTES", size)
             return
+        for entry in self._entries.values():  # spares go before any model does
+            entry.spare = None
         while self._entries and self.size_bytes + size > self.max_bytes:
             self._entries.popitem(last=False)
         self._entries[key] = _Entry(loaded, size)

@@ -105,6 +105,7 @@ class WarmRunner:
                 watch.run_ended.set()
                 self._answer(client, reply, watch)
             self._release_memory()  # while the worker does its bookkeeping
+            self.cache.prepare_spare()  # the next job on this model need not copy it
 
     def _run(self, request: Any) -> dict[str, Any]:
         from worker.runner.task import _Run, _start
