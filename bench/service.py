@@ -1,12 +1,17 @@
-"""Service benchmarks: job overhead vs the engine, upload memory/throughput, API latency.
+"""Service benchmarks: job overhead vs the engine, small-job throughput, upload, API latency.
 
 Run from the repository root (2 cores are enough; numbers scale with the machine):
 
-    python -m bench.service                    # all three parts
+    python -m bench.service                    # all four parts
+    python -m bench.service --parts job,small --repeats 5
     python -m bench.service --parts upload --upload-mib 1024
 
 (a) ``job``: wall time create→succeeded of one 2,000-sample digits job through the service
-    (HTTP + Redis + RQ worker) vs ``worker.pipeline.run_job`` in-process on the same files.
+    (HTTP + Redis + worker), warm workers and forking workers, vs ``worker.pipeline.run_job``
+    in-process on the same files (warm and cold); the ``load`` phase of repeat jobs against the
+    first (:mod:`bench.jobs`).
+(small) ``small``: 20 small jobs (one model, 20 target sets) on 2 workers, jobs per minute,
+    warm workers vs forking workers in the same run (:mod:`bench.jobs`).
 (b) ``upload``: peak RSS of the API process (from /proc) while a 1 GiB file is uploaded, and the
     upload throughput vs a plain read/write copy of the same bytes on the same disk.
 (c) ``latency``: p50/p99 of ``POST /v1/jobs`` and ``GET /v1/jobs/{id}`` with 32 concurrent
@@ -22,8 +27,6 @@ import multiprocessing
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,7 +35,8 @@ from typing import Any
 
 import httpx
 
-from bench.stack import REPO_ROOT, ServiceStack, rss_kib, tree_cpu_s
+from bench.jobs import bench_job, bench_small_jobs
+from bench.stack import ServiceStack, rss_kib, tree_cpu_s
 
 CHUNK = 1024 * 1024
 
@@ -40,93 +44,6 @@ CHUNK = 1024 * 1024
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-# ---------------------------------------------------------------------------------------------
-# (a) job wall time vs the engine alone
-# ---------------------------------------------------------------------------------------------
-
-
-def make_job_files(out_dir: Path, samples: int) -> dict[str, Path]:
-    """The digits model and a ``samples``-sample shifted calibration set (+ the eval split)."""
-    import numpy as np
-
-    from worker.digits import load_digits_arrays, make_digits_case, shift_domain, write_demo_files
-
-    files = write_demo_files(make_digits_case(seed=0), out_dir)
-    inputs, labels = load_digits_arrays()
-    idx = np.arange(samples) % len(inputs)
-    files["calibration"] = out_dir / f"calib-{samples}.npz"
-    np.savez(files["calibration"], inputs=shift_domain(inputs[idx], seed=3), labels=labels[idx])
-    return files
-
-
-_COLD_ENGINE = """
-import sys, time
-from recalib.contract import JobSpec
-from worker.pipeline import run_job  # imports torch: not timed
-spec = JobSpec.model_validate_json(sys.argv[1])
-start = time.perf_counter()
-run_job(spec)
-print(time.perf_counter() - start)
-"""
-
-
-def _spec(files: dict[str, Path], out_dir: Path) -> Any:
-    from recalib.contract import JobSpec
-
-    return JobSpec(
-        model_path=str(files["model"]),
-        calibration_path=str(files["calibration"]),
-        eval_path=str(files["evaluation"]),
-        out_dir=str(out_dir),
-    )
-
-
-def _cold_engine(files: dict[str, Path], out_dir: Path) -> float:
-    spec = _spec(files, out_dir).model_dump_json()
-    env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-c", _COLD_ENGINE, spec]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    return float(done.stdout.strip().splitlines()[-1])
-
-
-def bench_job(work: Path, samples: int, repeats: int) -> dict[str, Any]:
-    """Service create→succeeded vs run_job in-process, warm (after one run) and cold (fresh
-    process with torch imported, as an RQ work horse forked from an idle worker is).
-
-    The three are interleaved round by round, so that load from other processes on the machine
-    hits them alike; medians and best-of are reported.
-    """
-    from recalib.client import RecalibClient
-    from worker.pipeline import run_job
-
-    files = make_job_files(work / "inputs", samples)
-    run_job(_spec(files, work / "warm-up"))  # lazy imports and caches of this process
-    times: dict[str, list[float]] = {"engine_warm": [], "engine_cold": [], "service": []}
-    with ServiceStack(work / "stack", workers=1) as stack, RecalibClient(stack.url) as client:
-        ids = {role: client.upload_file(path).id for role, path in files.items()}
-        for i in range(repeats):
-            start = time.perf_counter()
-            run_job(_spec(files, work / f"warm-{i}"))
-            times["engine_warm"].append(time.perf_counter() - start)
-            times["engine_cold"].append(_cold_engine(files, work / f"cold-{i}"))
-            start = time.perf_counter()
-            job = client.create_job(ids["model"], ids["calibration"], ids["evaluation"])
-            job = client.wait(job.id, poll_s=0.01)
-            times["service"].append(time.perf_counter() - start)
-            if job.status != "succeeded":
-                raise RuntimeError(f"job {job.id} {job.status}: {job.error}")
-    result: dict[str, Any] = {"samples": samples, "repeats": repeats}
-    for name, values in times.items():
-        result[f"{name}_s"] = values
-        result[f"{name}_median_s"] = statistics.median(values)
-        result[f"{name}_best_s"] = min(values)
-    for peer in ("engine_warm", "engine_cold"):
-        for stat in ("median", "best"):
-            ratio = result[f"service_{stat}_s"] / result[f"{peer}_{stat}_s"]
-            result[f"ratio_{stat}_vs_{peer}"] = ratio
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,9 +252,13 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="job,upload,latency")
+    parser.add_argument("--parts", default="job,small,upload,latency")
     parser.add_argument("--samples", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--small-jobs", type=int, default=20, help="jobs of the small part")
+    parser.add_argument("--small-samples", type=int, default=500, help="samples per small job")
+    parser.add_argument("--small-workers", type=int, default=2)
+    parser.add_argument("--small-rounds", type=int, default=2, help="warm/fork stacks each")
     parser.add_argument("--upload-mib", type=int, default=1024)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=20, help="submit+status pairs per client")
@@ -350,6 +271,14 @@ def main() -> None:
         parts = args.parts.split(",")
         if "job" in parts:
             results["job"] = bench_job(work / "job", args.samples, args.repeats)
+        if "small" in parts:
+            results["small"] = bench_small_jobs(
+                work / "small",
+                args.small_jobs,
+                args.small_samples,
+                args.small_workers,
+                args.small_rounds,
+            )
         if "upload" in parts:
             results["upload"] = bench_upload(work / "upload", args.upload_mib, args.repeats)
         if "latency" in parts:
