@@ -157,6 +157,7 @@ def test_hostile_requests_get_no_5xx_and_the_service_runs_the_next_job(
     )
     wait_for_job(client, job["id"], {"succeeded", "failed"}, timeout_s=120)
     valid = {"job_id": job["id"], "file_id": upload(client, tmp_path / "spare.npz")}
+    valid["upload_id"] = "u_" + "A" * 24  # direct uploads: none such (and local storage: 409)
     job_body = {"model_file": digits_ids["model"], "calibration_file": digits_ids["calibration"]}
     tally = Tally(client)
 
