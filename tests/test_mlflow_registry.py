@@ -23,10 +23,11 @@ from recalib.jobs.mlflow_registry import (
 )
 from recalib.settings import get_settings
 from tests.bn_oracle import digits_net
-from tests.live import free_port
+from tests.live import Stack, create_job, free_port, upload, wait_for_job
 from tests.mlflow_server import mlflow_server
 
 NAME = "digits-cnn"
+FINAL = {"succeeded", "failed", "cancelled"}
 
 
 def _sha256(path: Path) -> str:
@@ -222,3 +223,39 @@ def test_register_on_a_server_without_a_registry_is_refused_at_create(
         assert response.json()["field"] == "options.register"
         assert "RECALIB_MLFLOW_TRACKING_URI" in response.json()["detail"]
         assert client.get("/v1/jobs").json()["items"] == []
+
+
+@pytest.mark.slow
+def test_a_job_takes_its_model_by_models_uri_through_the_service(
+    client,
+    tracking_uri: str,
+    source_version: str,
+    digits_files: dict[str, Path],
+    live_redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """API + worker: ``model_uri: models:/<name>@<alias>`` is fetched by the worker (the file's
+    own name tells the format), recorded with its sha256, and the output version's lineage tags
+    name the version the alias pointed at."""
+    client.set_registered_model_alias(NAME, "site-a", source_version)
+    env = {"RECALIB_MLFLOW_TRACKING_URI": tracking_uri}
+    with Stack(live_redis_url, tmp_path, **env) as stack:
+        stack.start_api()
+        stack.start_worker("w1")
+        with stack.client() as http:
+            body = {
+                "model_uri": f"models:/{NAME}@site-a",
+                "calibration_file": upload(http, digits_files["calibration"]),
+                "eval_file": upload(http, digits_files["evaluation"]),
+                "options": {"register": {"name": "digits-site-a"}},
+            }
+            done = wait_for_job(http, create_job(http, body)["id"], FINAL, timeout_s=240)
+    assert done["status"] == "succeeded", done["error"]
+    report = done["result"]
+    model = next(s for s in report["data"]["sources"] if s["role"] == "model")
+    assert model["uri"] == f"models:/{NAME}@site-a"
+    assert model["sha256"] == _sha256(digits_files["model"])
+    assert report["checkpoint"]["format"] == "pt2"
+    tags = client.get_model_version("digits-site-a", report["registered"]["version"]).tags
+    assert tags["recalib.source_model"] == NAME
+    assert tags["recalib.source_version"] == source_version

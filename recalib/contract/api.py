@@ -6,6 +6,7 @@ back, ``XRecord`` what is stored (the public model plus bookkeeping; ``response_
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Generic, Self, TypeVar
@@ -52,12 +53,21 @@ class JobStatus(StrEnum):
 
 FileId = Annotated[str, Field(pattern=FILE_ID_PATTERN, examples=["f_3kq0cV2m9xLr8tQw"])]
 
-INPUT_URI_SCHEMES = ("s3", "https")
+INPUT_URI_SCHEMES = ("s3", "https", "models")
 """Schemes of ``*_uri`` inputs (the worker's fetchers: :mod:`recalib.jobs.uri_fetch`)."""
+
+
+_MODELS_URI_RE = re.compile(r"^models:/[^/@]+(/\d+|@[A-Za-z0-9_-]+)$")
 
 
 def _input_uri(value: str) -> str:
     parts = urlsplit(value)
+    if parts.scheme == "models":  # MLflow's registry: models:/<name>/<version> or @<alias>
+        if not _MODELS_URI_RE.match(value):
+            raise ValueError(
+                f"{value[:100]!r} is not models:/<name>/<version> or models:/<name>@<alias>"
+            )
+        return value
     if parts.scheme not in INPUT_URI_SCHEMES or not parts.netloc or not parts.path.strip("/"):
         schemes = ", ".join(f"{s}://" for s in INPUT_URI_SCHEMES)
         raise ValueError(f"{value[:100]!r} is not a URI of an object ({schemes})")

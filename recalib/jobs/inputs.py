@@ -21,7 +21,7 @@ from recalib.jobs.file_store import FileStore, sanitize_filename
 from recalib.jobs.input_cache import InputCache
 from recalib.jobs.outbound import OutboundPolicy
 from recalib.jobs.storage import Storage
-from recalib.jobs.uri_fetch import FetchContext, Sink, fetch
+from recalib.jobs.uri_fetch import FetchContext, Sink, fetch, models_source
 from recalib.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def fetch_context(settings: Settings, store: Storage | None) -> FetchContext:
         max_bytes=settings.max_upload_bytes,
         store=store,
         s3_endpoint_url=settings.s3_endpoint_url or None,
+        mlflow_tracking_uri=settings.mlflow_tracking_uri or None,
     )
 
 
@@ -56,6 +57,7 @@ class JobInputs:
     ) -> None:
         self.files, self.record, self.ctx, self.cache = files, record, ctx, cache
         self.sources: dict[str, InputSource] = {}
+        self.resolved: dict[str, str] = {}  # role → models:/<name>/<version> an alias named
 
     def materialize(self, role: str, target_dir: Path) -> Path | None:
         """The input ``role`` under ``target_dir``; None when the job has none such."""
@@ -72,24 +74,32 @@ class JobInputs:
             return None
         return self._fetch(role, uri, target_dir)
 
+    def model_source(self) -> str | None:
+        """Where the model came from, for the registry's lineage tags: the registered version
+        (``models:/<name>/<version>``, also when an alias named it), else its URI."""
+        return self.resolved.get("model") or self.record.request.model_uri
+
     def sha256_of(self, role: str) -> str | None:
         source = self.sources.get(role)
         return source.sha256 if source else None
 
     def _fetch(self, role: str, uri: str, target_dir: Path) -> Path:
         field = f"{role}_uri"
-        target = target_dir / uri_filename(uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target_dir.mkdir(parents=True, exist_ok=True)
         cached = self.cache.lookup(uri)
         if cached is not None and cached.bytes > self.ctx.max_bytes:
             cached = None  # the cap is lower than when it was fetched: the source decides again
-        tmp = self.cache.tmp_path() if self.cache.enabled else target
+        tmp = self.cache.tmp_path() if self.cache.enabled else target_dir / ".fetching"
         sink = Sink(tmp, self.ctx.max_bytes, field, uri)
         try:
             try:
                 fetched = fetch(uri, field, sink, cached, self.ctx)
             finally:
                 sink.close()
+            target = target_dir / (sanitize_filename(fetched.filename or "") if fetched.filename
+                                   else uri_filename(uri))  # fmt: skip
+            if fetched.filename and fetched.validator:
+                self.resolved[role] = models_source(fetched.validator)
             if fetched.not_modified and cached is not None:
                 tmp.unlink(missing_ok=True)
                 _link(cached.path, target)
@@ -100,10 +110,11 @@ class JobInputs:
                 if self.cache.enabled:
                     kept = self.cache.add(uri, fetched.validator, tmp, sink.sha256, sink.bytes)
                     _link(kept, target)
+                else:
+                    os.replace(tmp, target)
                 source = InputSource(role=role, uri=uri, sha256=sink.sha256, bytes=sink.bytes)
         except BaseException:
-            if tmp != target:
-                tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         logger.info(
             "job %s: %s %s: %d bytes, sha256 %s%s",

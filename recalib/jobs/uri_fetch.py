@@ -42,6 +42,7 @@ class FetchContext:
     store: Storage | None = None
     s3_endpoint_url: str | None = None
     verify: Any = True  # httpx's verify: True, or a CA bundle / SSL context (tests)
+    mlflow_tracking_uri: str | None = None  # for models:/ URIs (RECALIB_MLFLOW_TRACKING_URI)
 
 
 class Sink:
@@ -85,6 +86,7 @@ class Sink:
 class Fetched:
     validator: str | None  # what identifies this version at the source (cache key with the URI)
     not_modified: bool = False  # the cached entry is current; nothing was written
+    filename: str | None = None  # the input's file name when the URI does not end in it
 
 
 FetchFn = Callable[[str, str, Sink, CacheEntry | None, FetchContext], Fetched]
@@ -214,8 +216,48 @@ def check_s3(uri: str, field: str, ctx: FetchContext) -> None:
         )
 
 
-FETCHERS: dict[str, FetchFn] = {"https": fetch_https, "s3": fetch_s3}
-CHECKS: dict[str, CheckFn] = {"https": check_https, "s3": check_s3}
+# -- models:/ (MLflow's model registry) ------------------------------------------------------
+
+
+def _tracking_uri(field: str, ctx: FetchContext) -> str:
+    if not ctx.mlflow_tracking_uri:
+        raise InvalidDataError(
+            f"{field}: models:/ URIs need the operator's MLflow registry; set "
+            "RECALIB_MLFLOW_TRACKING_URI on the API and the workers",
+            field=field,
+        )
+    return ctx.mlflow_tracking_uri
+
+
+def fetch_models(
+    uri: str, field: str, sink: Sink, cached: CacheEntry | None, ctx: FetchContext
+) -> Fetched:
+    """A registered version's model file. A numbered version never changes, so a cached copy
+    of it is used without asking the registry; an alias is resolved every time. The validator
+    is ``<name>/<version>/<file name>`` (the file name's suffix tells the format)."""
+    from recalib.jobs import mlflow_registry
+
+    tracking_uri = _tracking_uri(field, ctx)
+    name_version = uri.removeprefix("models:/")
+    if cached is not None and cached.validator and "@" not in uri:
+        name, version, filename = cached.validator.rsplit("/", 2)
+        if f"{name}/{version}" == name_version:
+            return Fetched(cached.validator, not_modified=True, filename=filename)
+    filename, validator = mlflow_registry.fetch_models(uri, field, sink, tracking_uri)
+    return Fetched(f"{validator}/{filename}", filename=filename)
+
+
+def check_models(uri: str, field: str, ctx: FetchContext) -> None:
+    _tracking_uri(field, ctx)
+
+
+def models_source(validator: str) -> str:
+    """``models:/<name>/<version>`` of what a ``models:/`` fetch resolved to."""
+    return "models:/" + validator.rsplit("/", 1)[0]
+
+
+FETCHERS: dict[str, FetchFn] = {"https": fetch_https, "s3": fetch_s3, "models": fetch_models}
+CHECKS: dict[str, CheckFn] = {"https": check_https, "s3": check_s3, "models": check_models}
 
 
 def scheme_of(uri: str, field: str) -> str:

@@ -201,6 +201,7 @@ class _Run:
             arch_kwargs=request.arch_kwargs,
             options=options,
             out_dir=str(self.attempt_dir),
+            model_source=self.inputs.model_source(),
             allow_unsafe_pickle=s.allow_unsafe_pickle,
             arch_allowlist=s.arch_allowlist,
             max_archive_members=s.max_archive_members,
