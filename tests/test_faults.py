@@ -31,17 +31,13 @@ from recalib.jobs.records import load
 from tests.live import (
     Stack,
     create_job,
-    digits_ids,
     fresh_db_url,
     kill_session,
-    live_redis_url,
     session_pids,
     upload,
     wait_for_job,
     wait_until,
 )
-
-__all__ = ["digits_ids", "live_redis_url"]  # fixtures used by this module
 
 FINAL = {"succeeded", "failed", "cancelled"}
 HEARTBEAT_S, REAPER_S = 1, 0.5
