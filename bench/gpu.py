@@ -164,8 +164,8 @@ def job_walls(
         ServiceStack(work / "stack", workers=1, **env) as stack,
         RecalibClient(stack.url) as client,
     ):
-        model_id = client.upload_file(model_path).id
-        archive_id = client.upload_file(archive).id
+        model_id = client.upload_file(model_path, direct=False).id  # through the API
+        archive_id = client.upload_file(archive, direct=False).id
 
         def one_job() -> tuple[float, Any]:
             start = time.perf_counter()
