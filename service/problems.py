@@ -152,10 +152,14 @@ async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_redis_down(request: Request, exc: Exception) -> JSONResponse:
+    """Any Redis error is the backing service's: down (no answer) or refusing (a read-only
+    replica, maxmemory reached, a script or auth error): 503, never 500."""
     logger.warning("Redis unavailable during %s %s: %s", request.method, request.url.path, exc)
-    error = ServiceUnavailableError(
-        "Redis unavailable: the job database does not answer; retry later"
-    )
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        detail = "the job database does not answer"
+    else:  # it answered, and refused: say what it said (READONLY..., OOM...)
+        detail = f"the job database refused the request ({type(exc).__name__}: {exc})"
+    error = ServiceUnavailableError(f"Redis unavailable: {detail}; retry later")
     problem = problem_from_error(error, request.url.path)
     problem.title = "Redis unavailable"
     return problem_response(problem, headers={"Retry-After": "5"})
@@ -172,8 +176,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RecalibError, _on_recalib_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
-    app.add_exception_handler(redis.ConnectionError, _on_redis_down)
-    app.add_exception_handler(redis.TimeoutError, _on_redis_down)
+    app.add_exception_handler(redis.RedisError, _on_redis_down)
     app.add_exception_handler(Exception, _on_unexpected)
 
 
