@@ -89,16 +89,8 @@ class ImageSamples(SampleSet):
                     raise ValueError("image grew past max_image_pixels")
                 tensor = to_tensor(image, self.preprocess)
         except _DECODE_ERRORS as exc:
-            raise InvalidDataError(
-                f"{self.path.name}: cannot decode {self.names[i]}: {exc}", file=str(self.path)
-            ) from exc
-        if tuple(tensor.shape) != self.sample_shape:
-            raise InvalidDataError(
-                f"{self.path.name}: {self.names[i]} decodes to {tuple(tensor.shape)}, "
-                f"expected {self.sample_shape}",
-                file=str(self.path),
-            )
-        return tensor
+            raise undecodable(self.path, self.names[i], exc) from exc
+        return checked_shape(self.path, self.names[i], tensor, self.sample_shape)
 
 
 def to_tensor(image: Image.Image, preprocess: Preprocess) -> torch.Tensor:
@@ -297,3 +289,21 @@ def _quiet_bomb_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         yield
+
+
+def undecodable(path: Path, member: str, exc: BaseException) -> InvalidDataError:
+    """The error for an archive member that does not decode (an image or a mask)."""
+    return InvalidDataError(f"{path.name}: cannot decode {member}: {exc}", file=str(path))
+
+
+def checked_shape(
+    path: Path, member: str, tensor: torch.Tensor, expected: tuple[int, ...]
+) -> torch.Tensor:
+    """``tensor`` when it has the ``expected`` shape (the archive's first member's), else a clear
+    error naming the member: every sample of a batch must have one shape."""
+    if tuple(tensor.shape) != expected:
+        raise InvalidDataError(
+            f"{path.name}: {member} decodes to {tuple(tensor.shape)}, expected {expected}",
+            file=str(path),
+        )
+    return tensor

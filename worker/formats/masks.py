@@ -27,8 +27,10 @@ from worker.formats.images import (
     ImageSamples,
     _quiet_bomb_warnings,
     _Scan,
+    checked_shape,
     crop_box,
     resized_size,
+    undecodable,
 )
 
 MASK_MODES = frozenset({"L", "P", "1"})
@@ -61,16 +63,8 @@ class MaskedImageSamples(ImageSamples):
             with _quiet_bomb_warnings():
                 mask = to_mask(Image.open(io.BytesIO(data)), self.preprocess, self.mask_names[i])
         except _DECODE_ERRORS as exc:
-            raise InvalidDataError(
-                f"{self.path.name}: cannot decode {self.mask_names[i]}: {exc}", file=str(self.path)
-            ) from exc
-        if tuple(mask.shape) != self.label_shape:
-            raise InvalidDataError(
-                f"{self.path.name}: {self.mask_names[i]} decodes to {tuple(mask.shape)}, "
-                f"expected {self.label_shape}",
-                file=str(self.path),
-            )
-        return mask
+            raise undecodable(self.path, self.mask_names[i], exc) from exc
+        return checked_shape(self.path, self.mask_names[i], mask, self.label_shape)
 
 
 def to_mask(image: Image.Image, preprocess: Preprocess, name: str = "mask") -> torch.Tensor:
