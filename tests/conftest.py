@@ -107,3 +107,21 @@ def digits_ids(client, digits_files: dict[str, Path]) -> dict[str, str]:
     from tests.live import upload
 
     return {name: upload(client, path) for name, path in digits_files.items()}
+
+
+@pytest.fixture(scope="module")
+def longer_calibration_id(client, digits_case, tmp_path_factory) -> str:
+    """3,600 unlabeled shifted digits: at batch_size 4 a job recalibrates for a few seconds."""
+    from tests.live import upload_tiled_calibration
+
+    directory = tmp_path_factory.mktemp("longer")
+    return upload_tiled_calibration(client, digits_case.shifted_calibration[0], directory, 3_590)
+
+
+@pytest.fixture(scope="module")
+def long_calibration_id(client, digits_case, tmp_path_factory) -> str:
+    """40,000 unlabeled shifted digits: at batch_size 2 a job recalibrates for minutes."""
+    from tests.live import upload_tiled_calibration
+
+    directory = tmp_path_factory.mktemp("long")
+    return upload_tiled_calibration(client, digits_case.shifted_calibration[0], directory, 40_000)

@@ -300,3 +300,27 @@ def wait_for_job(
 def fresh_db_url(redis_url: str) -> str:
     """The shared test Redis on the next database number (1..15; 0 is the fixtures' own)."""
     return with_db(redis_url, 1 + next(_db_numbers) % 15)
+
+
+def job_body(ids: dict[str, str], **options: object) -> dict[str, Any]:
+    """``POST /v1/jobs`` for uploaded files ``ids`` (``model``, ``calibration``, ``evaluation``)."""
+    return {
+        "model_file": ids["model"],
+        "calibration_file": ids["calibration"],
+        "eval_file": ids.get("evaluation"),
+        "options": options,
+    }
+
+
+def upload_tiled_calibration(
+    client: httpx.Client, shifted_inputs: Any, directory: Path, samples: int
+) -> str:
+    """``samples`` unlabeled target inputs (the shifted calibration set repeated), uploaded: a
+    job's run time grows with it (at batch_size 2, 40,000 recalibrate for minutes)."""
+    import numpy as np
+
+    copies = -(-samples // len(shifted_inputs))
+    inputs = np.tile(shifted_inputs, (copies, *([1] * (shifted_inputs.ndim - 1))))[:samples]
+    path = directory / f"calibration-{samples}.npz"
+    np.savez(path, inputs=inputs)
+    return upload(client, path)

@@ -32,6 +32,7 @@ from tests.live import (
     Stack,
     create_job,
     fresh_db_url,
+    job_body,
     kill_session,
     session_pids,
     upload,
@@ -61,24 +62,6 @@ def client(stack: Stack):
 
 
 @pytest.fixture(scope="module")
-def longer_calibration_id(client: httpx.Client, digits_case, tmp_path_factory) -> str:
-    """3,600 shifted digits: a job at batch_size 4 recalibrates for a few seconds."""
-    inputs = np.tile(digits_case.shifted_calibration[0], (10, 1, 1, 1))
-    path = tmp_path_factory.mktemp("longer") / "longer.npz"
-    np.savez(path, inputs=inputs)
-    return upload(client, path)
-
-
-@pytest.fixture(scope="module")
-def long_calibration_id(client: httpx.Client, digits_case, tmp_path_factory) -> str:
-    """40,000 unlabeled shifted digits: at batch_size 2 a job recalibrates for minutes."""
-    inputs = np.tile(digits_case.shifted_calibration[0], (112, 1, 1, 1))[:40_000]
-    path = tmp_path_factory.mktemp("long") / "long.npz"
-    np.savez(path, inputs=inputs)
-    return upload(client, path)
-
-
-@pytest.fixture(scope="module")
 def stuck_ids(client: httpx.Client, tmp_path_factory) -> dict[str, str]:
     """Wide 3×3 convolutions and 4,000 samples in ONE batch (~4·10¹² FLOPs): the run sits in a
     single forward pass for many seconds, where the cooperative cancel check (between batches)
@@ -103,15 +86,6 @@ def stuck_ids(client: httpx.Client, tmp_path_factory) -> dict[str, str]:
         "model": upload(client, tmp / "wide.pt2"),
         "calibration": upload(client, tmp / "many.npz"),
         "evaluation": upload(client, tmp / "few.npz"),
-    }
-
-
-def _body(ids: dict[str, str], **options: object) -> dict[str, object]:
-    return {
-        "model_file": ids["model"],
-        "calibration_file": ids["calibration"],
-        "eval_file": ids.get("evaluation"),
-        "options": options,
     }
 
 
@@ -159,7 +133,7 @@ def test_killed_job_runner_job_is_run_again(
     client: httpx.Client, stack: Stack, digits_ids, longer_calibration_id, record_property
 ) -> None:
     ids = digits_ids | {"calibration": longer_calibration_id}
-    job_id = create_job(client, _body(ids, batch_size=4))["id"]
+    job_id = create_job(client, job_body(ids, batch_size=4))["id"]
     _running_in(client, job_id, "recalibrating")
     assert client.get(f"/v1/jobs/{job_id}/checkpoint").status_code == 409
     worker = stack.workers[_worker_of(stack, job_id)]
@@ -188,7 +162,7 @@ def test_killed_worker_job_is_run_again_by_another(
     client: httpx.Client, stack: Stack, digits_ids, longer_calibration_id, record_property
 ) -> None:
     ids = digits_ids | {"calibration": longer_calibration_id}
-    job_id = create_job(client, _body(ids, batch_size=4, seed=1))["id"]
+    job_id = create_job(client, job_body(ids, batch_size=4, seed=1))["id"]
     _running_in(client, job_id, "recalibrating")
     name = _worker_of(stack, job_id)
     seen = len(client.get(f"/v1/jobs/{job_id}/events").json())
@@ -215,7 +189,7 @@ def test_killed_worker_job_is_run_again_by_another(
 def test_a_run_stuck_in_one_batch_is_stopped_on_cancel(
     client: httpx.Client, stack: Stack, stuck_ids, record_property
 ) -> None:
-    job_id = create_job(client, _body(stuck_ids, batch_size=4_000))["id"]
+    job_id = create_job(client, job_body(stuck_ids, batch_size=4_000))["id"]
     _running_in(client, job_id, "recalibrating")
     name = _worker_of(stack, job_id)
     stuck_runners = runner_pids(stack.workers[name].pid)
@@ -238,7 +212,7 @@ def test_a_run_stuck_in_one_batch_is_stopped_on_cancel(
 def test_twenty_jobs_on_two_workers_each_run_once(
     client: httpx.Client, stack: Stack, digits_ids
 ) -> None:
-    job_ids = [create_job(client, _body(digits_ids, seed=i))["id"] for i in range(20)]
+    job_ids = [create_job(client, job_body(digits_ids, seed=i))["id"] for i in range(20)]
     jobs = [wait_for_job(client, job_id, FINAL, timeout_s=300) for job_id in job_ids]
     assert [job["status"] for job in jobs] == ["succeeded"] * 20
     assert [job["attempts"] for job in jobs] == [1] * 20
@@ -263,7 +237,7 @@ def test_unwritable_data_directory_fails_jobs_clearly(
     shutil.move(jobs_dir, stack.data_dir / "jobs.moved")
     jobs_dir.write_text("not a directory")  # as root, chmod would not stop the worker
     try:
-        job = wait_for_job(client, create_job(client, _body(digits_ids))["id"], FINAL, 60)
+        job = wait_for_job(client, create_job(client, job_body(digits_ids))["id"], FINAL, 60)
     finally:
         jobs_dir.unlink()
         shutil.move(stack.data_dir / "jobs.moved", jobs_dir)
@@ -279,7 +253,7 @@ def test_sigterm_finishes_the_job_and_a_second_sigterm_hands_it_back(
 ) -> None:
     """Warm shutdown (docker stop) finishes the running job; a cold one re-queues it."""
     ids = digits_ids | {"calibration": longer_calibration_id}
-    finishing = create_job(client, _body(ids, batch_size=4, seed=2))["id"]
+    finishing = create_job(client, job_body(ids, batch_size=4, seed=2))["id"]
     _running_in(client, finishing, "recalibrating")
     warm = _worker_of(stack, finishing)
     stack.workers[warm].signal(signal.SIGTERM)
@@ -288,7 +262,7 @@ def test_sigterm_finishes_the_job_and_a_second_sigterm_hands_it_back(
     assert stack.workers.pop(warm).popen.wait(timeout=30) == 0
 
     long_ids = digits_ids | {"calibration": long_calibration_id}
-    handed_back = create_job(client, _body(long_ids, batch_size=2))["id"]
+    handed_back = create_job(client, job_body(long_ids, batch_size=2))["id"]
     _running_in(client, handed_back, "recalibrating")  # on the one worker left
     cold = _worker_of(stack, handed_back)
     stack.workers[cold].signal(signal.SIGTERM)
@@ -329,7 +303,7 @@ def test_job_timeout_fails_the_job_naming_the_setting(
         own.start_worker("t1")
         with own.client() as client:
             started = time.monotonic()
-            job_id = create_job(client, _body(ids, batch_size=4_000))["id"]
+            job_id = create_job(client, job_body(ids, batch_size=4_000))["id"]
             done = wait_for_job(client, job_id, FINAL, timeout_s=90)
             record_property("timeout_job_s", round(time.monotonic() - started, 2))
     redis.Redis.from_url(url).flushdb()
@@ -352,7 +326,7 @@ def test_queued_jobs_survive_a_redis_restart(tmp_path: Path, digits_files, recor
             own.start_api()
             with own.client() as client:
                 ids = {name: upload(client, path) for name, path in digits_files.items()}
-                job_ids = [create_job(client, _body(ids, seed=i))["id"] for i in range(3)]
+                job_ids = [create_job(client, job_body(ids, seed=i))["id"] for i in range(3)]
                 server.stop()
                 assert client.get(f"/v1/jobs/{job_ids[0]}").status_code == 503
                 server = ValkeyServer(port=port, data_dir=data, appendonly="yes")

@@ -26,6 +26,7 @@ from tests.live import (
     Stack,
     create_job,
     free_port,
+    job_body,
     upload,
     wait_for_job,
     wait_until,
@@ -41,24 +42,6 @@ def client(live_stack: Stack):
         yield client
 
 
-@pytest.fixture(scope="module")
-def long_calibration_id(client: httpx.Client, digits_case, tmp_path_factory) -> str:
-    """40,000 unlabeled shifted digits: at batch_size 2 the job recalibrates for minutes."""
-    inputs = np.tile(digits_case.shifted_calibration[0], (112, 1, 1, 1))[:40_000]
-    path = tmp_path_factory.mktemp("long") / "long-calibration.npz"
-    np.savez(path, inputs=inputs)
-    return upload(client, path)
-
-
-def _body(ids: dict[str, str], **options: object) -> dict[str, object]:
-    return {
-        "model_file": ids["model"],
-        "calibration_file": ids["calibration"],
-        "eval_file": ids.get("evaluation"),
-        "options": options,
-    }
-
-
 @pytest.mark.slow
 def test_digits_job_end_to_end(
     client: httpx.Client,
@@ -68,7 +51,7 @@ def test_digits_job_end_to_end(
     digits_files: dict[str, Path],
     tmp_path: Path,
 ) -> None:
-    job = create_job(client, _body(digits_ids))
+    job = create_job(client, job_body(digits_ids))
     done = wait_for_job(client, job["id"], FINAL, timeout_s=120)
     assert done["status"] == "succeeded", done["error"]
     assert done["attempts"] == 1
@@ -118,7 +101,7 @@ def test_cancel_running_and_queued_jobs(
     client: httpx.Client, live_stack: Stack, digits_ids, long_calibration_id, record_property
 ) -> None:
     ids = digits_ids | {"calibration": long_calibration_id}
-    running = create_job(client, _body(ids, batch_size=2))
+    running = create_job(client, job_body(ids, batch_size=2))
     wait_until(
         lambda: (
             client.get(f"/v1/jobs/{running['id']}").json()["progress"]["phase"] == "recalibrating"
@@ -126,7 +109,7 @@ def test_cancel_running_and_queued_jobs(
         60,
         "the long job to recalibrate",
     )
-    queued = create_job(client, _body(ids, batch_size=2, seed=1))  # behind it: one worker
+    queued = create_job(client, job_body(ids, batch_size=2, seed=1))  # behind it: one worker
     assert client.post(f"/v1/jobs/{queued['id']}/cancel").json()["status"] == "cancelled"
 
     asked_at = time.monotonic()
@@ -183,7 +166,7 @@ def test_bad_inputs_fail_with_clear_messages(
     jobs = {}
     for case, (files, _) in _bad_inputs(tmp_path, digits_case).items():
         ids = {role: upload(client, path) for role, path in files.items()}
-        jobs[case] = create_job(client, _body(ids))["id"]
+        jobs[case] = create_job(client, job_body(ids))["id"]
     for case, (_, word) in _bad_inputs(tmp_path, digits_case).items():
         job = wait_for_job(client, jobs[case], FINAL, timeout_s=60)
         assert job["status"] == "failed", case
@@ -228,7 +211,7 @@ def test_serve_runs_the_stack_and_leaves_nothing_behind(tmp_path: Path, digits_f
         wait_until(one_worker, 90, "recalib serve to report one worker")
         with httpx.Client(base_url=url, timeout=30) as client:
             ids = {name: upload(client, path) for name, path in digits_files.items()}
-            job = wait_for_job(client, create_job(client, _body(ids))["id"], FINAL, 120)
+            job = wait_for_job(client, create_job(client, job_body(ids))["id"], FINAL, 120)
         assert job["status"] == "succeeded", job["error"]
         assert (data_dir / "valkey" / "appendonlydir").is_dir()
         assert f"http://127.0.0.1:{port}" in (tmp_path / "serve.log").read_text()

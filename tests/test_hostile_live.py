@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from rq.job import Job
 
@@ -33,7 +32,7 @@ from tests.live import (
     REPO_ROOT,
     Stack,
     create_job,
-    upload,
+    job_body,
     wait_for_job,
     wait_until,
 )
@@ -49,20 +48,11 @@ def client(live_stack: Stack):
         yield client
 
 
-def _body(ids: dict[str, str], **options: object) -> dict[str, object]:
-    return {
-        "model_file": ids["model"],
-        "calibration_file": ids["calibration"],
-        "eval_file": ids.get("evaluation"),
-        "options": options,
-    }
-
-
 def test_a_worker_skips_an_unreadable_job_and_runs_the_next(
     client: httpx.Client, live_stack: Stack, digits_ids
 ) -> None:
     worker = live_stack.workers["w1"]
-    good = create_job(client, _body(digits_ids))  # a readable record, then damaged in Redis
+    good = create_job(client, job_body(digits_ids))  # a readable record, then damaged in Redis
     raw = json.loads(live_stack.conn.hget(job_key(good["id"]), "record"))
     raw["request"]["options"]["prior_strength"] = None  # as 1e999 used to be stored
     bad_id = "j_" + "X" * 22
@@ -75,7 +65,7 @@ def test_a_worker_skips_an_unreadable_job_and_runs_the_next(
     settings = Settings(redis_url=live_stack.redis_url, data_dir=live_stack.data_dir)
     queue.enqueue_run(conn, settings, bad_id, rq_id)  # the worker takes it after `good`
 
-    after = create_job(client, _body(digits_ids, seed=1))
+    after = create_job(client, job_body(digits_ids, seed=1))
     for job in (good, after):
         done = wait_for_job(client, job["id"], FINAL, timeout_s=120)
         assert done["status"] == "succeeded", done["error"]
@@ -87,20 +77,11 @@ def test_a_worker_skips_an_unreadable_job_and_runs_the_next(
     assert "not started" in worker.log()
 
 
-@pytest.fixture(scope="module")
-def slow_calibration_id(client: httpx.Client, digits_case, tmp_path_factory) -> str:
-    """3,600 shifted digits: at batch_size 4 a job recalibrates for a few seconds."""
-    inputs = np.tile(digits_case.shifted_calibration[0], (10, 1, 1, 1))
-    path = tmp_path_factory.mktemp("slow") / "slow.npz"
-    np.savez(path, inputs=inputs)
-    return upload(client, path)
-
-
 def test_a_run_that_cannot_write_its_outputs_fails_service_unavailable(
-    client: httpx.Client, live_stack: Stack, digits_ids, slow_calibration_id
+    client: httpx.Client, live_stack: Stack, digits_ids, longer_calibration_id
 ) -> None:
-    ids = digits_ids | {"calibration": slow_calibration_id}
-    job = create_job(client, _body(ids, batch_size=4))
+    ids = digits_ids | {"calibration": longer_calibration_id}
+    job = create_job(client, job_body(ids, batch_size=4))
     wait_until(
         lambda: client.get(f"/v1/jobs/{job['id']}").json()["progress"]["phase"] == "recalibrating",
         60,
@@ -153,7 +134,7 @@ def test_submit_uses_the_filename_given_for_this_job(
 def test_head_on_an_artifact_answers_the_get_headers_without_a_body(
     client: httpx.Client, digits_ids
 ) -> None:
-    job = create_job(client, _body(digits_ids, fold=True))
+    job = create_job(client, job_body(digits_ids, fold=True))
     assert wait_for_job(client, job["id"], FINAL, 120)["status"] == "succeeded"
     for which in ("checkpoint", "report", "folded"):
         url = f"/v1/jobs/{job['id']}/{which}"
@@ -165,6 +146,6 @@ def test_head_on_an_artifact_answers_the_get_headers_without_a_body(
         assert int(head.headers["content-length"]) == len(got.content)
         ranged = client.head(url, headers={"Range": "bytes=0-9"})
         assert ranged.status_code == 206 and ranged.content == b""
-    queued = create_job(client, _body(digits_ids, seed=7))
+    queued = create_job(client, job_body(digits_ids, seed=7))
     client.post(f"/v1/jobs/{queued['id']}/cancel")
     assert client.head(f"/v1/jobs/{queued['id']}/checkpoint").status_code == 409

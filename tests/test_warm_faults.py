@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from recalib.jobs.records import load
-from tests.live import Stack, create_job, session_pids, upload, wait_for_job, wait_until
+from tests.live import Stack, create_job, job_body, session_pids, wait_for_job, wait_until
 from tests.test_faults import runner_pids
 
 FINAL = {"succeeded", "failed", "cancelled"}
@@ -39,26 +38,8 @@ def client(stack: Stack):
         yield client
 
 
-@pytest.fixture(scope="module")
-def long_calibration_id(client: httpx.Client, digits_case, tmp_path_factory) -> str:
-    """40,000 unlabeled shifted digits: at batch_size 2 a job recalibrates for minutes."""
-    inputs = np.tile(digits_case.shifted_calibration[0], (112, 1, 1, 1))[:40_000]
-    path = tmp_path_factory.mktemp("long") / "long.npz"
-    np.savez(path, inputs=inputs)
-    return upload(client, path)
-
-
-def _body(ids: dict[str, str], **options: object) -> dict[str, object]:
-    return {
-        "model_file": ids["model"],
-        "calibration_file": ids["calibration"],
-        "eval_file": ids.get("evaluation"),
-        "options": options,
-    }
-
-
 def _run(client: httpx.Client, ids: dict[str, str], **options: object) -> dict:
-    done = wait_for_job(client, create_job(client, _body(ids, **options))["id"], FINAL, 180)
+    done = wait_for_job(client, create_job(client, job_body(ids, **options))["id"], FINAL, 180)
     assert done["status"] == "succeeded", done["error"]
     return done
 
@@ -112,7 +93,7 @@ def test_a_killed_horse_takes_its_runner_and_the_job_runs_again(
 ) -> None:
     worker = stack.workers["w1"]
     ids = digits_ids | {"calibration": long_calibration_id}
-    job_id = create_job(client, _body(ids, batch_size=2))["id"]
+    job_id = create_job(client, job_body(ids, batch_size=2))["id"]
     wait_until(
         lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["phase"] == "recalibrating",
         90,
@@ -154,7 +135,7 @@ def test_the_runner_and_horse_die_with_their_worker(
 ) -> None:
     worker = stack.workers["w1"]
     ids = digits_ids | {"calibration": long_calibration_id}
-    job_id = create_job(client, _body(ids, batch_size=2, seed=5))["id"]
+    job_id = create_job(client, job_body(ids, batch_size=2, seed=5))["id"]
     wait_until(
         lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["phase"] == "recalibrating",
         90,
