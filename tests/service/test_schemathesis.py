@@ -45,6 +45,7 @@ OPERATIONS = [
     ("GET", "/v1/jobs/{job_id}"),
     ("GET", "/v1/jobs/{job_id}/events"),
     ("POST", "/v1/jobs/{job_id}/cancel"),
+    ("GET", "/v1/jobs/{job_id}/deliveries"),
     ("GET", "/v1/jobs/{job_id}/checkpoint"),
     ("GET", "/v1/jobs/{job_id}/report"),
     ("GET", "/v1/jobs/{job_id}/folded"),
