@@ -38,7 +38,8 @@ from tests.live import (
 API_KEY = "serve-test-key"
 SECRETS = {
     "RECALIB_API_KEYS": f"t1:{API_KEY}",
-    "RECALIB_WEBHOOK_SECRETS": "hook:not-for-workers",
+    # a valid entry (the API refuses malformed ones), which workers must still not receive
+    "RECALIB_WEBHOOK_SECRETS": "hook:whsec_bm90LWZvci13b3JrZXJzLW5vdC1mb3Itd29ya2Vycw==",
     "EXAMPLE_SERVICE_TOKEN": "not-for-workers-either",
 }
 START_S = 180.0  # a worker imports torch before it registers; this machine's 2 cores are shared
