@@ -35,7 +35,7 @@ DirectUploadsDep = Annotated[DirectUploads, Depends(_direct_uploads)]
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=DirectUpload,
-    responses=problem_responses(401, 409, 413, 422, 503),
+    responses=problem_responses(400, 401, 409, 413, 422, 503),
     summary="Start a direct upload: presigned URLs of the object store, one per part",
 )
 def start_upload(
