@@ -10,7 +10,6 @@ into the file store (:class:`recalib.jobs.file_store.FileStore`).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import secrets
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from recalib import layout
-from recalib.errors import PayloadTooLargeError
+from recalib.jobs.meter import Meter
 
 logger = logging.getLogger(__name__)
 
@@ -34,26 +33,22 @@ class PartFile:
     def __init__(self, path: Path, max_bytes: int) -> None:
         self.path = path
         self.max_bytes = max_bytes
-        self.bytes = 0
-        self._hash = hashlib.sha256()
+        self.meter = Meter(max_bytes)
         self._fh: IO[bytes] | None = path.open("xb")
 
     def write(self, chunk: bytes) -> None:
         if self._fh is None:
             raise ValueError("write to a closed upload")
-        if self.bytes + len(chunk) > self.max_bytes:
-            raise PayloadTooLargeError(
-                f"upload is larger than the limit of {self.max_bytes} bytes "
-                "(RECALIB_MAX_UPLOAD_BYTES)",
-                field="body",
-            )
-        self._hash.update(chunk)
+        self.meter.add(chunk)
         self._fh.write(chunk)
-        self.bytes += len(chunk)
+
+    @property
+    def bytes(self) -> int:
+        return self.meter.bytes
 
     @property
     def sha256(self) -> str:
-        return self._hash.hexdigest()
+        return self.meter.sha256
 
     def close(self) -> None:
         if self._fh is not None:

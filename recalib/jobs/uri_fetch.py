@@ -15,7 +15,6 @@ worker's credentials; a URI never carries credentials.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import httpx
 
 from recalib.errors import InvalidDataError, NotFoundError, PayloadTooLargeError, UserError
 from recalib.jobs.input_cache import CacheEntry
+from recalib.jobs.meter import Meter
 from recalib.jobs.outbound import OutboundPolicy, guarded_client
 from recalib.jobs.storage import Storage
 
@@ -50,8 +50,7 @@ class Sink:
 
     def __init__(self, path: Path, max_bytes: int, field: str, uri: str) -> None:
         self.path, self.max_bytes, self.field, self.uri = path, max_bytes, field, uri
-        self.bytes = 0
-        self._hash = hashlib.sha256()
+        self.meter = Meter(max_bytes, lambda: self._too_large(None))
         self._fh: IO[bytes] = path.open("wb")
 
     def check_size(self, size: int | None) -> None:
@@ -60,15 +59,16 @@ class Sink:
             raise self._too_large(size)
 
     def write(self, chunk: bytes) -> None:
-        if self.bytes + len(chunk) > self.max_bytes:
-            raise self._too_large(None)
-        self._hash.update(chunk)
+        self.meter.add(chunk)
         self._fh.write(chunk)
-        self.bytes += len(chunk)
+
+    @property
+    def bytes(self) -> int:
+        return self.meter.bytes
 
     @property
     def sha256(self) -> str:
-        return self._hash.hexdigest()
+        return self.meter.sha256
 
     def close(self) -> None:
         self._fh.close()

@@ -8,11 +8,10 @@ a refused or broken upload leaves nothing there either.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
-from recalib.errors import PayloadTooLargeError
+from recalib.jobs.meter import Meter
 
 logger = logging.getLogger(__name__)
 
@@ -32,30 +31,26 @@ class S3Part:
     def __init__(self, client: Any, bucket: str, key: str, max_bytes: int) -> None:
         self.client, self.bucket, self.key = client, bucket, key
         self.max_bytes = max_bytes
-        self.bytes = 0
+        self.meter = Meter(max_bytes)
         self.part_bytes = part_bytes_for(max_bytes)
-        self._hash = hashlib.sha256()
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._closed = False
 
     @property
+    def bytes(self) -> int:
+        return self.meter.bytes
+
+    @property
     def sha256(self) -> str:
-        return self._hash.hexdigest()
+        return self.meter.sha256
 
     def write(self, chunk: bytes) -> None:
         if self._closed:
             raise ValueError("write to a closed upload")
-        if self.bytes + len(chunk) > self.max_bytes:
-            raise PayloadTooLargeError(
-                f"upload is larger than the limit of {self.max_bytes} bytes "
-                "(RECALIB_MAX_UPLOAD_BYTES)",
-                field="body",
-            )
-        self._hash.update(chunk)
+        self.meter.add(chunk)
         self._buffer += chunk
-        self.bytes += len(chunk)
         while len(self._buffer) >= self.part_bytes:
             self._send(bytes(self._buffer[: self.part_bytes]))
             del self._buffer[: self.part_bytes]
