@@ -27,7 +27,7 @@ from recalib.jobs.storage import open_storage, scratch_root
 from recalib.jobs.webhook_sender import WebhookSender
 from recalib.jobs.webhook_signing import WebhookSecrets
 from recalib.settings import Settings, get_settings
-from service import reaper, webhooks
+from service import background
 from service.api.main import api_router
 from service.auth import ApiKeys
 from service.limits import RequestLimits
@@ -107,17 +107,29 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.api_keys.log_mode()
     state.file_store.open()
     data_dir.publish(state.redis, state.settings, state.storage)  # a worker can tell its own
-    reaper_ = Reaper(state.redis, state.settings, state.file_store, state.artifact_store)
-    thread, stop = reaper.start(reaper_, state.settings.reaper_interval_s)
+    reaper = Reaper(state.redis, state.settings, state.file_store, state.artifact_store)
     sender = WebhookSender(state.redis, state.settings, state.webhook_secrets)
-    sender_thread, sender_stop = webhooks.start(sender, defaults.WEBHOOK_POLL_S)
+    loops = [
+        background.start(
+            "reaper",
+            background.reaper_pass(reaper),
+            state.settings.reaper_interval_s,
+            background.REAPER_JOIN_S,
+        ),
+        background.start(
+            "webhooks",
+            background.sender_pass(sender),
+            defaults.WEBHOOK_POLL_S,
+            background.SENDER_JOIN_S,
+        ),
+    ]
     logger.info("recalib API %s ready; data in %s", __version__, state.storage.describe())
     try:
         yield
     finally:
-        stop.set()
-        sender_stop.set()
-        thread.join(timeout=reaper.JOIN_S)
-        sender_thread.join(timeout=webhooks.JOIN_S)
+        for loop in loops:
+            loop.stop.set()
+        for loop in loops:
+            loop.close()
         state.file_store.close()
         state.redis.close()

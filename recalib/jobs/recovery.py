@@ -1,6 +1,6 @@
 """The reaper: jobs whose worker died are run again or failed; cancels are enforced; retention.
 
-A pass runs in the API process (the loop is :mod:`service.reaper`), every
+A pass runs in the API process (the loop is :mod:`service.background`), every
 ``RECALIB_REAPER_INTERVAL_S`` seconds, under a Redis lock so several API replicas take turns.
 Every change it makes is a transition of :mod:`recalib.jobs.states` (conditional), so running it
 twice, or beside a worker that is finishing the same job, changes nothing twice. A job whose

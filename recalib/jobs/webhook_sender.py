@@ -1,6 +1,6 @@
 """The webhook sender: a pass plans new deliveries and makes the attempts that are due.
 
-Passes run in the API process (the loop is :mod:`service.webhooks`), never on a request's path,
+Passes run in the API process (the loop is :mod:`service.background`), never on a request's path,
 under a Redis lock so that several API replicas take turns. The due attempts of a pass are made
 concurrently (at most ``WEBHOOK_PARALLEL``), each bounded as a whole by ``WEBHOOK_TIMEOUT_S``
 (connecting by ``WEBHOOK_CONNECT_TIMEOUT_S``), so a receiver that is down, slow or answering 500

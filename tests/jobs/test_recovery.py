@@ -22,7 +22,7 @@ from recalib.jobs.keys import REAPER_LOCK_KEY, job_key
 from recalib.jobs.records import Stored, load, update_record, utcnow
 from recalib.jobs.recovery import Reaper
 from recalib.settings import Settings
-from service import reaper as reaper_loop
+from service import background
 
 MODEL = "f_" + "m" * 22
 CALIB = "f_" + "c" * 22
@@ -215,7 +215,10 @@ def test_run_forever_passes_until_stopped(store: JobStore, redis_conn, settings:
     record = _job(store)
     fast = Reaper(redis_conn, settings.model_copy(update={"reaper_interval_s": 0.05}))
     stop = threading.Event()
-    thread = threading.Thread(target=reaper_loop.run_forever, args=(fast, stop, 0.05))
+    thread = threading.Thread(
+        target=background.run_forever,
+        args=("reaper", background.reaper_pass(fast), stop, 0.05),
+    )
     thread.start()
     deadline = time.monotonic() + 5
     while store.get("default", record.id).status == JobStatus.running:
