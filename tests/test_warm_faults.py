@@ -11,14 +11,25 @@ import os
 import re
 import signal
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from recalib.jobs.records import load
-from tests.live import Stack, create_job, job_body, session_pids, wait_for_job, wait_until
+from tests.live import (
+    Stack,
+    create_job,
+    job_body,
+    session_pids,
+    upload,
+    wait_for_job,
+    wait_until,
+)
 from tests.test_faults import runner_pids
+from tests.worker.formats_files import digit_pngs
 
 FINAL = {"succeeded", "failed", "cancelled"}
 REAPER_BOUND_S = 3 * 1 + 0.5  # tests.live.FAST_ENV: 1 s beats, 0.5 s reaper passes
@@ -28,7 +39,7 @@ REAPER_BOUND_S = 3 * 1 + 0.5  # tests.live.FAST_ENV: 1 s beats, 0.5 s reaper pas
 def stack(live_redis_url: str, tmp_path_factory: pytest.TempPathFactory):
     with Stack(live_redis_url, tmp_path_factory.mktemp("warm"), OMP_NUM_THREADS="1") as stack:
         stack.start_api()
-        stack.start_worker("w1", RECALIB_RUNNER_MAX_JOBS="3")
+        stack.start_worker("w1", RECALIB_RUNNER_MAX_JOBS="3", RECALIB_DATA_WORKERS="2")
         yield stack
 
 
@@ -127,6 +138,54 @@ def test_a_killed_horse_takes_its_runner_and_the_job_runs_again(
     done = wait_for_job(client, job_id, FINAL, timeout_s=30)
     assert done["status"] == "cancelled"
     assert worker.alive()
+
+
+@pytest.mark.slow
+def test_a_killed_runner_is_seen_at_once_while_its_loader_processes_linger(
+    client: httpx.Client, stack: Stack, digits_ids, digits_case, tmp_path: Path, record_property
+) -> None:
+    """Image archives are decoded by DataLoader processes forked from the runner: they hold
+    copies of its connection to the horse (and outlive it by up to 5 s), so the horse must not
+    wait for end of file alone to learn that its runner died."""
+    inputs, labels = digits_case.shifted_calibration
+    archive = tmp_path / "digits.zip"
+    pngs = digit_pngs(np.tile(inputs, (4, 1, 1, 1)), len(inputs) * 4)  # a few thousand
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for i, png in enumerate(pngs):
+            zipped.writestr(f"set/{labels[i % len(labels)]}/img{i:05d}.png", png)
+    ids = {"model": digits_ids["model"], "calibration": upload(client, archive)}
+    body = job_body(ids, batch_size=2, preprocess={"mode": "L"})
+    job_id = create_job(client, body)["id"]
+    wait_until(
+        lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["phase"] == "recalibrating",
+        90,
+        "the image job to recalibrate",
+    )
+    worker = stack.workers["w1"]
+    runner = _one_runner(worker.pid)
+    loaders = [p for p in session_pids(worker.pid) if _parent(p) == runner]
+    assert loaders, "no DataLoader process: RECALIB_DATA_WORKERS did not apply"
+    seen = len(client.get(f"/v1/jobs/{job_id}/events").json())
+    killed_at = time.monotonic()
+    os.kill(runner, signal.SIGKILL)
+
+    def requeued() -> bool:
+        events = client.get(f"/v1/jobs/{job_id}/events", params={"after": seen}).json()
+        return any(e["status"] == "queued" for e in events)
+
+    wait_until(requeued, 30, "the job to be queued again", every_s=0.05)
+    took_s = time.monotonic() - killed_at
+    record_property("runner_kill_to_requeued_s", round(took_s, 2))
+    assert took_s < 3.0, f"{took_s:.1f} s"
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
+    wait_for_job(client, job_id, FINAL, timeout_s=60)
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,11 +42,25 @@ def send_line(sock: socket.socket, message: dict[str, Any]) -> None:
     sock.sendall(json.dumps(message).encode() + b"\n")
 
 
-def read_line(sock: socket.socket) -> dict[str, Any] | None:
-    """One JSON object line; None at end of file (the peer is gone) or on a garbled line."""
+def read_line(
+    sock: socket.socket, still_there: Callable[[], bool] | None = None, every_s: float = 0.5
+) -> dict[str, Any] | None:
+    """One JSON object line; None at end of file (the peer is gone) or on a garbled line.
+
+    With ``still_there``, it is asked every ``every_s`` seconds without data, and None is
+    returned as soon as it says False: end of file alone can come late, when processes forked
+    from the peer (DataLoader workers) still hold copies of its end of the connection.
+    """
+    if still_there is not None:
+        sock.settimeout(every_s)
     data = b""
     while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            if still_there is not None and not still_there():
+                return None
+            continue
         if not chunk:
             return None
         data += chunk

@@ -23,6 +23,8 @@ import logging
 import os
 import signal
 import socket
+import time
+from pathlib import Path
 
 import redis
 from rq import get_current_job
@@ -66,11 +68,12 @@ def run_in_runner(job_id: str) -> None:
         worker=os.environ.get("RQ_WORKER_ID", f"pid-{os.getpid()}"),
     )
     path = os.environ[SOCKET_ENV]
+    runner_pid = int(os.environ.get(PID_ENV) or 0)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
             sock.connect(path)
             send_line(sock, encode_request(request))
-            reply = read_line(sock)
+            reply = read_line(sock, still_there=lambda: _alive(runner_pid))
         except JobTimeoutException:
             logger.warning("job %s: job timeout; stopping the runner", job_id)
             _stop_runner(sock)
@@ -86,18 +89,37 @@ def run_in_runner(job_id: str) -> None:
         raise RunnerError(str(reply.get("error") or "the runner could not run the job"))
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (not gone, not a zombie its worker has yet to reap)."""
+    if pid <= 0:
+        return True  # unknown: end of file decides
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # no /proc here: end of file decides
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 def _stop_runner(sock: socket.socket) -> None:
     """SIGKILL the runner and wait until its end of the connection closes (it wrote its last)."""
     pid = int(os.environ.get(PID_ENV) or 0)
     if pid > 0:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    sock.settimeout(RUNNER_EXIT_WAIT_S)
-    try:
-        while sock.recv(4096):
-            pass
-    except OSError:
-        logger.warning("the runner did not close its connection after SIGKILL")
+    deadline = time.monotonic() + RUNNER_EXIT_WAIT_S
+    sock.settimeout(0.5)
+    while time.monotonic() < deadline and _alive(pid):
+        try:
+            if not sock.recv(4096):
+                return
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+    if _alive(pid):
+        logger.warning("the runner did not die within %.0f s of SIGKILL", RUNNER_EXIT_WAIT_S)
 
 
 def _fail_timed_out(settings: Settings, request: RunRequest) -> None:

@@ -80,6 +80,9 @@ class WarmRunner:
             torch.cuda.init()
             torch.empty(1, device=self.device)  # the context, once, not per job
         _warm_up(self.device)
+        # Everything loaded so far lives as long as the runner: keep it out of the collector's
+        # passes (the collection after each job then takes ~0.08 s instead of ~0.3 s here).
+        gc.freeze()
         logger.info(
             "runner %d ready on %s (model cache %d bytes, %d data workers)",
             os.getpid(),
