@@ -110,14 +110,16 @@ def _left_running_at(client: httpx.Client, job_id: str, after: int) -> float:
 
 
 def runner_pids(worker_pid: int) -> list[int]:
-    """The warm runner(s) among a worker's processes (its session)."""
+    """The warm runner(s) of a worker: its children running ``worker.runner.warm`` (not their
+    own children, the DataLoader processes, which share that command line)."""
     pids = []
     for pid in session_pids(worker_pid):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-        if b"worker.runner.warm" in cmdline:
+        if b"worker.runner.warm" in cmdline and parent == worker_pid:
             pids.append(pid)
     return pids
 
