@@ -263,9 +263,18 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=20, help="submit+status pairs per client")
     parser.add_argument("--api-workers", type=int, default=1, help="uvicorn --workers (latency)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads of every contender (OMP_NUM_THREADS: this process, the cold engine, "
+        "the stacks); on a shared machine 1 keeps oversubscribed thread pools from swamping "
+        "the comparison",
+    )
     parser.add_argument("--out", type=Path, help="Write the results as JSON here.")
     args = parser.parse_args()
-    results: dict[str, Any] = {"machine": machine()}
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before anything imports torch
+    results: dict[str, Any] = {"machine": machine(), "threads": args.threads}
     with tempfile.TemporaryDirectory(prefix="recalib-bench-") as tmp:
         work = Path(tmp)
         parts = args.parts.split(",")
