@@ -53,16 +53,6 @@ def client(api: ApiThread) -> Iterator[httpx.Client]:
         yield client
 
 
-@pytest.fixture
-def file_ids(client: httpx.Client) -> dict[str, str]:
-    def upload(name: str) -> str:
-        response = client.post("/v1/files", params={"filename": name}, content=name.encode())
-        assert response.status_code == 201, response.text
-        return str(response.json()["id"])
-
-    return {"model_file": upload("model.pt2"), "calibration_file": upload("calib.npz")}
-
-
 def _raw_body(file_ids: dict[str, str], path: tuple[object, ...], literal: str) -> str:
     """The JSON text of a job body with ``literal`` (e.g. ``NaN``) at ``path``."""
     body: dict[str, object] = dict(file_ids)

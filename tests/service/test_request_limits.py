@@ -41,16 +41,6 @@ def client(api: ApiThread) -> Iterator[httpx.Client]:
         yield client
 
 
-@pytest.fixture
-def file_ids(client: httpx.Client) -> dict[str, str]:
-    def upload(name: str) -> str:
-        response = client.post("/v1/files", params={"filename": name}, content=name.encode())
-        assert response.status_code == 201, response.text
-        return str(response.json()["id"])
-
-    return {"model_file": upload("model.pt2"), "calibration_file": upload("calib.npz")}
-
-
 def _job_text(file_ids: dict[str, str], size: int) -> bytes:
     """A job body of about ``size`` bytes (the bulk in arch_kwargs)."""
     body = file_ids | {"arch_kwargs": {"blob": "x" * size}}
