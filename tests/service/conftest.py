@@ -1,9 +1,27 @@
-"""Fixtures of the API tests (each module provides its own ``client``)."""
+"""Fixtures of the API tests: ``api``, a live API (real HTTP, the real Valkey) with default
+settings, which a module overrides for its own settings; ``client`` over it; ``file_ids``."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import httpx
 import pytest
+
+from tests.live import ApiThread, make_settings
+
+
+@pytest.fixture
+def api(tmp_path: Path, redis_conn, redis_url: str) -> Iterator[ApiThread]:
+    with ApiThread(make_settings(tmp_path / "data", redis_url)) as server:
+        yield server
+
+
+@pytest.fixture
+def client(api: ApiThread) -> Iterator[httpx.Client]:
+    with api.client() as client:
+        yield client
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,7 +18,6 @@ import redis
 
 from recalib import defaults
 from recalib.jobs.keys import ACTIVE_KEY, events_key, job_index_key, job_key
-from tests.live import ApiThread, make_settings
 
 NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999"]
 # Every float field of JobCreate (and the int fields, which must refuse them too), as a JSON path.
@@ -39,18 +36,6 @@ NUMBER_FIELDS = [
     ("options", "preprocess", "mean", 0),
     ("options", "preprocess", "std", 0),
 ]
-
-
-@pytest.fixture
-def api(tmp_path: Path, redis_conn, redis_url: str) -> Iterator[ApiThread]:
-    with ApiThread(make_settings(tmp_path / "data", redis_url)) as server:
-        yield server
-
-
-@pytest.fixture
-def client(api: ApiThread) -> Iterator[httpx.Client]:
-    with api.client() as client:
-        yield client
 
 
 def _raw_body(file_ids: dict[str, str], path: tuple[object, ...], literal: str) -> str:

@@ -2,43 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import pytest
 
-from tests.live import ApiThread, make_settings
-
-
-@pytest.fixture
-def api(tmp_path: Path, redis_conn, redis_url: str) -> Iterator[ApiThread]:
-    with ApiThread(make_settings(tmp_path / "data", redis_url)) as server:
-        yield server
-
-
-@pytest.fixture
-def client(api: ApiThread) -> Iterator[httpx.Client]:
-    with api.client() as client:
-        yield client
-
-
-@pytest.fixture
-def file_ids(client: httpx.Client) -> dict[str, str]:
-    def upload(name: str, content: bytes) -> str:
-        response = client.post("/v1/files", params={"filename": name}, content=content)
-        assert response.status_code == 201, response.text
-        return response.json()["id"]
-
-    return {"model": upload("model.pt2", b"model"), "calib": upload("calib.npz", b"calib")}
-
 
 def _body(file_ids: dict[str, str], **options: object) -> dict:
-    return {
-        "model_file": file_ids["model"],
-        "calibration_file": file_ids["calib"],
-        "options": options,
-    }
+    return {**file_ids, "options": options}
 
 
 def test_create_is_202_with_location_and_readable(client: httpx.Client, file_ids) -> None:
@@ -133,7 +102,7 @@ def test_metrics_report_jobs_queue_and_upload_bytes(client: httpx.Client, file_i
     assert 'recalib_jobs{status="queued"} 1.0' in text
     assert 'recalib_jobs{status="cancelled"} 1.0' in text
     assert "recalib_queue_depth 1.0" in text
-    assert "recalib_upload_bytes_total 10.0" in text  # b"model" + b"calib"
+    assert "recalib_upload_bytes_total 18.0" in text  # b"model.pt2" + b"calib.npz"
     assert "recalib_workers_live 0.0" in text
     assert 'recalib_job_duration_seconds_bucket{le="+Inf"}' in text
     assert "recalib_redis_up 1.0" in text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -51,12 +50,6 @@ def assert_problem(response: httpx.Response, status: int) -> dict:
     assert body["detail"]
     assert "Traceback" not in response.text
     return body
-
-
-@pytest.fixture
-def api(tmp_path: Path, redis_conn, redis_url: str) -> Iterator[ApiThread]:
-    with ApiThread(make_settings(tmp_path / "data", redis_url)) as server:
-        yield server
 
 
 BAD_REQUESTS: list[tuple[str, str, dict, int]] = [

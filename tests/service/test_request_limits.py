@@ -35,12 +35,6 @@ def api(tmp_path: Path, redis_conn, redis_url: str) -> Iterator[ApiThread]:
         yield server
 
 
-@pytest.fixture
-def client(api: ApiThread) -> Iterator[httpx.Client]:
-    with api.client() as client:
-        yield client
-
-
 def _job_text(file_ids: dict[str, str], size: int) -> bytes:
     """A job body of about ``size`` bytes (the bulk in arch_kwargs)."""
     body = file_ids | {"arch_kwargs": {"blob": "x" * size}}

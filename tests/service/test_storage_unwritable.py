@@ -7,27 +7,12 @@ root, whom permission bits do not stop; ``chmod a-w`` otherwise).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from recalib import layout
-from tests.live import ApiThread, make_settings
 from tests.unwritable import unwritable
-
-
-@pytest.fixture
-def api(tmp_path: Path, redis_conn, redis_url: str) -> Iterator[ApiThread]:
-    with ApiThread(make_settings(tmp_path / "data", redis_url)) as server:
-        yield server
-
-
-@pytest.fixture
-def client(api: ApiThread) -> Iterator[httpx.Client]:
-    with api.client() as client:
-        yield client
 
 
 def _upload(client: httpx.Client, name: str, content: bytes = b"content") -> httpx.Response:
