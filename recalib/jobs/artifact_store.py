@@ -18,12 +18,16 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from recalib import layout
 from recalib.contract import JobRecord
 from recalib.jobs.storage import LocalStorage, ObjectInfo, Storage
 from recalib.jobs.upload_area import clean_stale_uploads
+
+T = TypeVar("T")
 
 INPUTS_DIR = "inputs"
 """Inside an attempt directory: the run's inputs (links to the uploads), removed when it ends."""
@@ -70,18 +74,20 @@ class ArtifactStore:
 
     def output_info(self, record: JobRecord, name: str) -> ObjectInfo | None:
         """The artifact ``name`` (``report.json``...) of the job, None when it is not stored."""
-        prefix = self.output_prefix(record)
-        if prefix is None:
-            return None
-        with self.storage.guard():
-            return self.storage.info(prefix + name)
+        return self._read_output(record, name, self.storage.info)
 
     def output_bytes(self, record: JobRecord, name: str) -> bytes | None:
+        return self._read_output(record, name, self.storage.get_bytes)
+
+    def _read_output(
+        self, record: JobRecord, name: str, read: Callable[[str], T | None]
+    ) -> T | None:
+        """``read(key)`` of the artifact ``name`` of the run that succeeded; None before one has."""
         prefix = self.output_prefix(record)
         if prefix is None:
             return None
         with self.storage.guard():
-            return self.storage.get_bytes(prefix + name)
+            return read(prefix + name)
 
     def prepare_attempt(self, job_id: str, attempt: int) -> Path:
         """An empty directory for run ``attempt`` (what an earlier try of it left is removed)."""

@@ -1,13 +1,16 @@
 """Bytes on their way into storage: counted, hashed (sha256) and capped, whatever the destination.
 
 Uploads (a part file, an S3 multipart upload) and fetched URI inputs all pass their chunks through
-a :class:`Meter` before writing them, so the size cap and the digest are computed once, one way.
+a :class:`Meter` before writing them, so the size cap and the digest are computed once, one way;
+:class:`MeteredFile` is such a destination on local disk.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
+from typing import IO
 
 from recalib.errors import PayloadTooLargeError, UserError
 
@@ -39,3 +42,36 @@ class Meter:
     @property
     def sha256(self) -> str:
         return self._hash.hexdigest()
+
+
+class Metered:
+    """A destination written through :attr:`meter`: its ``bytes`` and ``sha256`` so far."""
+
+    meter: Meter
+
+    @property
+    def bytes(self) -> int:
+        return self.meter.bytes
+
+    @property
+    def sha256(self) -> str:
+        return self.meter.sha256
+
+
+class MeteredFile(Metered):
+    """A local file whose every chunk passes ``meter`` first (refused past its cap)."""
+
+    def __init__(self, path: Path, meter: Meter, mode: str = "xb") -> None:
+        self.path, self.meter = path, meter
+        self._fh: IO[bytes] | None = path.open(mode)
+
+    def write(self, chunk: bytes) -> None:
+        if self._fh is None:
+            raise ValueError("write to a closed upload")
+        self.meter.add(chunk)
+        self._fh.write(chunk)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

@@ -16,10 +16,9 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import IO
 
 from recalib import layout
-from recalib.jobs.meter import Meter
+from recalib.jobs.meter import Meter, MeteredFile
 
 logger = logging.getLogger(__name__)
 
@@ -27,33 +26,12 @@ STALE_LOOSE_FILE_S = 3600.0
 _LOCK_NAME = ".lock"
 
 
-class PartFile:
+class PartFile(MeteredFile):
     """A file being uploaded: writes, hashes and counts bytes; over ``max_bytes`` it refuses."""
 
     def __init__(self, path: Path, max_bytes: int) -> None:
-        self.path = path
+        super().__init__(path, Meter(max_bytes))
         self.max_bytes = max_bytes
-        self.meter = Meter(max_bytes)
-        self._fh: IO[bytes] | None = path.open("xb")
-
-    def write(self, chunk: bytes) -> None:
-        if self._fh is None:
-            raise ValueError("write to a closed upload")
-        self.meter.add(chunk)
-        self._fh.write(chunk)
-
-    @property
-    def bytes(self) -> int:
-        return self.meter.bytes
-
-    @property
-    def sha256(self) -> str:
-        return self.meter.sha256
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
 
     def discard(self) -> None:
         """Close and delete: nothing of an aborted or refused upload stays behind."""

@@ -18,14 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 
 from recalib.errors import InvalidDataError, NotFoundError, PayloadTooLargeError, UserError
 from recalib.jobs.input_cache import CacheEntry
-from recalib.jobs.meter import Meter
+from recalib.jobs.meter import Meter, MeteredFile
 from recalib.jobs.outbound import OutboundPolicy, guarded_client
 from recalib.jobs.storage import Storage
 
@@ -45,33 +45,17 @@ class FetchContext:
     mlflow_tracking_uri: str | None = None  # for models:/ URIs (RECALIB_MLFLOW_TRACKING_URI)
 
 
-class Sink:
+class Sink(MeteredFile):
     """The destination of a fetch: written, hashed and counted; over ``max_bytes`` it refuses."""
 
     def __init__(self, path: Path, max_bytes: int, field: str, uri: str) -> None:
-        self.path, self.max_bytes, self.field, self.uri = path, max_bytes, field, uri
-        self.meter = Meter(max_bytes, lambda: self._too_large(None))
-        self._fh: IO[bytes] = path.open("wb")
+        self.max_bytes, self.field, self.uri = max_bytes, field, uri
+        super().__init__(path, Meter(max_bytes, lambda: self._too_large(None)), mode="wb")
 
     def check_size(self, size: int | None) -> None:
         """Refuse before reading when the source already says it is too large."""
         if size is not None and size > self.max_bytes:
             raise self._too_large(size)
-
-    def write(self, chunk: bytes) -> None:
-        self.meter.add(chunk)
-        self._fh.write(chunk)
-
-    @property
-    def bytes(self) -> int:
-        return self.meter.bytes
-
-    @property
-    def sha256(self) -> str:
-        return self.meter.sha256
-
-    def close(self) -> None:
-        self._fh.close()
 
     def _too_large(self, size: int | None) -> PayloadTooLargeError:
         has = f"has {size} bytes" if size is not None else "sends more"

@@ -23,7 +23,7 @@ from botocore.config import Config
 
 from recalib.errors import InvalidOptionError
 from recalib.jobs.storage.base import ObjectInfo, ObjectMissingError, UploadPart
-from recalib.jobs.storage.s3_errors import is_missing, unavailable
+from recalib.jobs.storage.s3_errors import is_missing, none_if_missing, unavailable
 from recalib.jobs.storage.s3_part import S3Part
 
 READ_CHUNK_BYTES = 1024 * 1024
@@ -180,22 +180,18 @@ class S3Storage:
 
     @_guarded
     def get_bytes(self, key: str) -> bytes | None:
-        try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=self.key(key))
-        except Exception as exc:
-            if is_missing(exc):
-                return None
-            raise
-        return bytes(answer["Body"].read())
+        answer = none_if_missing(
+            lambda: self.client.get_object(Bucket=self.bucket, Key=self.key(key))
+        )
+        return None if answer is None else bytes(answer["Body"].read())
 
     @_guarded
     def info(self, key: str) -> ObjectInfo | None:
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self.key(key))
-        except Exception as exc:
-            if is_missing(exc):
-                return None
-            raise
+        head = none_if_missing(
+            lambda: self.client.head_object(Bucket=self.bucket, Key=self.key(key))
+        )
+        if head is None:
+            return None
         return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
 
     @_guarded

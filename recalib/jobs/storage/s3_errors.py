@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from botocore.exceptions import BotoCoreError, ClientError
 
 from recalib.errors import ServiceUnavailableError
+
+T = TypeVar("T")
 
 MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchUpload"})
 AUTH_CODES = frozenset(
@@ -30,6 +35,16 @@ def error_code(exc: BaseException) -> str | None:
 
 def is_missing(exc: BaseException) -> bool:
     return error_code(exc) in MISSING_CODES
+
+
+def none_if_missing(call: Callable[[], T]) -> T | None:
+    """``call()``'s answer, or None when the store says the object it asks for is missing."""
+    try:
+        return call()
+    except Exception as exc:
+        if is_missing(exc):
+            return None
+        raise
 
 
 def unavailable(exc: BaseException, store: str, who: str) -> ServiceUnavailableError | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from recalib.jobs.meter import Meter
+from recalib.jobs.meter import Meter, Metered
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def part_bytes_for(max_bytes: int) -> int:
     return max(MIN_PART_BYTES, -(-needed // 1024**2) * 1024**2)
 
 
-class S3Part:
+class S3Part(Metered):
     """A file being uploaded to ``bucket/key`` (becomes visible only at :meth:`commit`)."""
 
     def __init__(self, client: Any, bucket: str, key: str, max_bytes: int) -> None:
@@ -37,14 +37,6 @@ class S3Part:
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._closed = False
-
-    @property
-    def bytes(self) -> int:
-        return self.meter.bytes
-
-    @property
-    def sha256(self) -> str:
-        return self.meter.sha256
 
     def write(self, chunk: bytes) -> None:
         if self._closed:
