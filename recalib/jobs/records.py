@@ -1,10 +1,12 @@
-"""Job records in Redis: load one, change one atomically, forget one (keys in :mod:`.keys`).
+"""Job records in Redis: store, load, change atomically, forget (keys in :mod:`.keys`).
 
-Every change of a record goes through :func:`update_record` (WATCH/MULTI/EXEC), so the API
-(cancel), the worker (progress, result) and the reaper never lose each other's writes, and each
-change appends its event and keeps the counters in the same transaction. A mutation returns
-``None`` to leave the record alone: that is how a stale writer (an earlier run) is turned away.
-Which changes exist is decided in :mod:`recalib.jobs.states`, the only caller.
+A new job is written by :func:`insert_queued`; every change of a record goes through
+:func:`update_record` (WATCH/MULTI/EXEC), so the API (cancel), the worker (progress, result) and
+the reaper never lose each other's writes, and each change appends its event and keeps the
+counters in the same transaction. A mutation returns ``None`` to leave the record alone: that is
+how a stale writer (an earlier run) is turned away. Which changes exist is decided in
+:mod:`recalib.jobs.states`, the only caller (the helpers at the end are what its transitions test
+and write).
 
 A record that cannot be parsed (written by another version, or corrupted) is :class:`Unreadable`,
 never an exception: one bad record must not break a listing, a worker or the reaper.
@@ -24,23 +26,29 @@ import redis
 from pydantic import ValidationError
 from redis.client import Pipeline
 
-from recalib.contract import JobCreate, JobEvent, JobRecord
+from recalib.contract import JobCreate, JobError, JobEvent, JobRecord, JobStatus
 from recalib.jobs.keys import (
     ACTIVE_KEY,
     DURATION_KEY,
     FINISHED_KEY,
     STATUS_COUNTS_KEY,
+    WEBHOOK_WATCH_KEY,
     as_text,
     deliveries_key,
     events_key,
     idem_key,
+    job_index_key,
     job_key,
     webhook_state_key,
 )
+from recalib.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 DURATION_BUCKETS_S = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0)
+WORKER_DIED = "worker-died"
+JOB_TIMEOUT = "job-timeout"
+RUNNING = (JobStatus.running, JobStatus.cancelling)
 
 
 def utcnow() -> datetime:
@@ -163,10 +171,54 @@ def update_record(
     return cast(JobRecord | None, result)
 
 
+def insert_queued(pipe: Pipeline, record: JobRecord, rq_job_id: str, seq: int) -> None:
+    """Write a new ``queued`` job (inside the caller's MULTI): the record beside its run
+    ``rq_job_id``, its first event, its index entry (``seq`` orders it), the counters."""
+    pipe.hset(job_key(record.id), mapping={"record": record.model_dump_json(), "rq": rq_job_id})
+    pipe.rpush(events_key(record.id), event_of(1, record, "queued").model_dump_json())
+    pipe.zadd(job_index_key(record.tenant), {f"{seq:012d}:{record.id}": 0})
+    pipe.sadd(ACTIVE_KEY, record.id)
+    if record.request.webhook is not None:  # the webhook sender follows its events
+        pipe.sadd(WEBHOOK_WATCH_KEY, record.id)
+    pipe.hincrby(STATUS_COUNTS_KEY, JobStatus.queued.value, 1)
+
+
 def event_of(seq: int, record: JobRecord, message: str | None) -> JobEvent:
     return JobEvent(
         seq=seq, at=utcnow(), status=record.status, progress=record.progress, message=message
     )
+
+
+# -- what the transitions of :mod:`recalib.jobs.states` test and write ----------------------
+
+
+def owned_by(attempt: int, worker: str | None) -> Callable[[Stored], bool]:
+    """Whether run ``attempt`` on ``worker`` still owns a job (running or cancelling)."""
+
+    def owns(stored: Stored) -> bool:
+        record = stored.record
+        return record.status in RUNNING and record.attempts == attempt and record.worker == worker
+
+    return owns
+
+
+def timeout_error(settings: Settings) -> JobError:
+    return JobError(
+        type=JOB_TIMEOUT,
+        message=(
+            f"the job ran longer than RECALIB_JOB_TIMEOUT_S ({settings.job_timeout_s} s) and was "
+            "stopped; raise the limit or use fewer samples (options.max_samples)"
+        ),
+    )
+
+
+def final_message(record: JobRecord) -> str:
+    """The event message of a job's final status."""
+    if record.status == JobStatus.succeeded:
+        return "succeeded"
+    if record.status == JobStatus.cancelled:
+        return "cancelled"
+    return record.error.message if record.error else record.status.value
 
 
 def _account(pipe: Pipeline, old: JobRecord, new: JobRecord) -> None:

@@ -19,7 +19,6 @@ reaper call these functions and never write a record themselves.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import redis
 from redis.client import Pipeline
@@ -27,33 +26,21 @@ from redis.client import Pipeline
 from recalib.contract import JobError, JobRecord, JobStatus, Phase, Progress, Report
 from recalib.ids import new_run_id
 from recalib.jobs import queue
-from recalib.jobs.keys import (
-    ACTIVE_KEY,
-    STATUS_COUNTS_KEY,
-    WEBHOOK_WATCH_KEY,
-    events_key,
-    job_index_key,
-    job_key,
+from recalib.jobs.records import (
+    RUNNING,
+    WORKER_DIED,
+    Stored,
+    final_message,
+    insert_queued,
+    load,
+    owned_by,
+    timeout_error,
+    update_record,
+    utcnow,
 )
-from recalib.jobs.records import Stored, event_of, load, update_record, utcnow
 from recalib.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-WORKER_DIED = "worker-died"
-JOB_TIMEOUT = "job-timeout"
-RUNNING = (JobStatus.running, JobStatus.cancelling)
-
-
-def timeout_error(settings: Settings) -> JobError:
-    return JobError(
-        type=JOB_TIMEOUT,
-        message=(
-            f"the job ran longer than RECALIB_JOB_TIMEOUT_S ({settings.job_timeout_s} s) and was "
-            "stopped; raise the limit or use fewer samples (options.max_samples)"
-        ),
-    )
-
 
 # -- created ------------------------------------------------------------------------------
 
@@ -80,13 +67,7 @@ def create(
         pipe.multi()
         if idem is not None:
             pipe.set(idem, record.id)
-        pipe.hset(job_key(record.id), mapping={"record": record.model_dump_json(), "rq": rq_job_id})
-        pipe.rpush(events_key(record.id), event_of(1, record, "queued").model_dump_json())
-        pipe.zadd(job_index_key(record.tenant), {f"{seq:012d}:{record.id}": 0})
-        pipe.sadd(ACTIVE_KEY, record.id)
-        if record.request.webhook is not None:  # the webhook sender follows its events
-            pipe.sadd(WEBHOOK_WATCH_KEY, record.id)
-        pipe.hincrby(STATUS_COUNTS_KEY, JobStatus.queued.value, 1)
+        insert_queued(pipe, record, rq_job_id, seq)
         return None
 
     watches = [idem] if idem is not None else []
@@ -168,18 +149,10 @@ def fail_unstarted(conn: redis.Redis, stored: Stored, reason: str) -> JobRecord 
         record.error = JobError(type="internal-error", message=message)
         return record
 
-    return update_record(conn, stored.record.id, mutate, message=_final_message)
+    return update_record(conn, stored.record.id, mutate, message=final_message)
 
 
 # -- running → ... ------------------------------------------------------------------------
-
-
-def _owned_by(attempt: int, worker: str | None) -> Callable[[Stored], bool]:
-    def owns(stored: Stored) -> bool:
-        record = stored.record
-        return record.status in RUNNING and record.attempts == attempt and record.worker == worker
-
-    return owns
 
 
 def record_progress(
@@ -187,7 +160,7 @@ def record_progress(
     event: bool,
 ) -> JobRecord | None:  # fmt: skip
     """running/cancelling → same, with ``progress``, while run ``attempt`` owns the job."""
-    owns = _owned_by(attempt, worker)
+    owns = owned_by(attempt, worker)
 
     def mutate(stored: Stored) -> JobRecord | None:
         if not owns(stored):
@@ -232,7 +205,7 @@ def finish_run(
     artifacts are served (``output_attempt``). A job being cancelled ends ``cancelled`` unless the
     run succeeded (the work was done). None: a later run owns the job; this run changed nothing.
     """
-    owns = _owned_by(attempt, worker)
+    owns = owned_by(attempt, worker)
 
     def mutate(stored: Stored) -> JobRecord | None:
         if not owns(stored):
@@ -248,7 +221,7 @@ def finish_run(
             record.progress.phase = Phase.done
         return record
 
-    return update_record(conn, job_id, mutate, message=_final_message)
+    return update_record(conn, job_id, mutate, message=final_message)
 
 
 def recover_run(
@@ -311,11 +284,3 @@ def recover_run(
     if new is not None:
         logger.warning("job %s: %s → %s", job_id, reason, new.status.value)
     return new
-
-
-def _final_message(record: JobRecord) -> str:
-    if record.status == JobStatus.succeeded:
-        return "succeeded"
-    if record.status == JobStatus.cancelled:
-        return "cancelled"
-    return record.error.message if record.error else record.status.value

@@ -26,7 +26,7 @@ from recalib.contract import (
 from recalib.ids import new_job_id
 from recalib.jobs import states
 from recalib.jobs.keys import ACTIVE_KEY, FINISHED_KEY
-from recalib.jobs.records import Stored, load, update_record, utcnow
+from recalib.jobs.records import JOB_TIMEOUT, Stored, load, update_record, utcnow
 from recalib.settings import Settings
 
 MODEL = "f_" + "m" * 22
@@ -256,4 +256,4 @@ def test_recover_run_past_the_timeout_fails_it_as_timed_out(conn, settings: Sett
     update_record(conn, record.id, started_long_ago, event=False)
     ended = states.recover_run(conn, settings, record.id, reason="horse killed")
     assert ended is not None and ended.status == JobStatus.failed
-    assert ended.error is not None and ended.error.type == states.JOB_TIMEOUT
+    assert ended.error is not None and ended.error.type == JOB_TIMEOUT
