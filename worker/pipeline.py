@@ -31,7 +31,8 @@ from worker.batch_limits import batch_limits, probe_indices, shape_guards_as_dat
 from worker.devices import resolve_device
 from worker.engine import RecalibrationResult, call_model, positional_call, recalibrate
 from worker.evaluation import Evaluation, ReferenceBuffers, evaluate, max_output_diff
-from worker.folding import fold_batchnorm, save_folded
+from worker.fold_export import save_folded
+from worker.folding import fold_batchnorm
 from worker.formats.data import SampleSet, make_loader
 from worker.preflight import check_job, load_job
 from worker.runtime import RunClock, TimedBatches, halve_on_oom, loader_workers

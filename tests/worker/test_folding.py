@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from tests.worker.formats_files import bn_stats, export_program, write_model_files
-from worker.folding import fold_batchnorm, save_folded
+from worker.fold_export import save_folded
+from worker.folding import fold_batchnorm
 from worker.formats.models import LoadedModel, load_model
 
 ARCH = {"arch": "worker.digits:DigitsNet", "arch_allowlist": ("worker.digits",)}
