@@ -15,37 +15,35 @@ smaller than ``center_crop`` after resizing. A decode failure that slips past th
 the batch with an :class:`InvalidDataError` naming the member.
 
 Each sample's final size is known at open time from the image headers: when images would differ
-in size (no ``center_crop``), opening fails with a message naming two of them.
+in size (no ``center_crop``), opening fails with a message naming two of them. Decoding and
+preprocessing one image: :mod:`worker.formats.image_decode`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from recalib.contract import Preprocess
 from recalib.errors import InvalidDataError
 from worker.formats.archives import ArchiveReader, Locator, Member, UnreadableMemberError
 from worker.formats.data import MAX_SKIPPED_EXAMPLES, DataLimits, SampleSet
+from worker.formats.image_decode import (
+    DECODE_ERRORS,
+    checked_shape,
+    final_shape,
+    quiet_bomb_warnings,
+    to_tensor,
+    undecodable,
+)
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-)
-_DECODE_ERRORS = (
-    UnidentifiedImageError,
-    OSError,
-    SyntaxError,
-    ValueError,
-    EOFError,
-    Image.DecompressionBombError,
 )
 DEFAULT_PREPROCESS = Preprocess.model_validate({})  # RGB, no resize, no crop, no normalization
 _KIND_REASONS = {"link": "link, not followed", "encrypted": "encrypted"}
@@ -83,58 +81,14 @@ class ImageSamples(SampleSet):
     def _decode(self, i: int) -> torch.Tensor:
         data = self.reader.fetch(self.locators[i])  # type: ignore[union-attr]
         try:
-            with _quiet_bomb_warnings():
+            with quiet_bomb_warnings():
                 image = Image.open(io.BytesIO(data))
                 if image.width * image.height > self.max_image_pixels:
                     raise ValueError("image grew past max_image_pixels")
                 tensor = to_tensor(image, self.preprocess)
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             raise undecodable(self.path, self.names[i], exc) from exc
         return checked_shape(self.path, self.names[i], tensor, self.sample_shape)
-
-
-def to_tensor(image: Image.Image, preprocess: Preprocess) -> torch.Tensor:
-    """Apply ``preprocess`` (mode, resize shorter side, center crop, [0, 1], mean/std): C×H×W."""
-    image = image.convert(preprocess.mode)
-    if preprocess.resize is not None:
-        image = image.resize(resized_size(image.size, preprocess.resize), Image.Resampling.BILINEAR)
-    if preprocess.center_crop is not None:
-        image = image.crop(crop_box(image.size, preprocess.center_crop))
-    array = np.asarray(image, dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy()).to(torch.float32).div_(255.0)
-    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-    if preprocess.mean is not None:
-        tensor -= torch.tensor(preprocess.mean).view(-1, 1, 1)
-    if preprocess.std is not None:
-        tensor /= torch.tensor(preprocess.std).view(-1, 1, 1)
-    return tensor.contiguous()
-
-
-def crop_box(size: tuple[int, int], crop: int) -> tuple[int, int, int, int]:
-    """The (left, top, right, bottom) box of a centered ``crop``×``crop`` square."""
-    left = round((size[0] - crop) / 2.0)
-    top = round((size[1] - crop) / 2.0)
-    return left, top, left + crop, top + crop
-
-
-def resized_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
-    """(width, height) with the shorter side ``shorter`` (torchvision's ``Resize(int)`` rule)."""
-    width, height = size
-    if width <= height:
-        return shorter, int(shorter * height / width)
-    return int(shorter * width / height), shorter
-
-
-def final_shape(size: tuple[int, int], preprocess: Preprocess) -> tuple[int, int, int] | None:
-    """C×H×W after ``preprocess`` for an image of ``size``; None if smaller than the crop."""
-    width, height = size
-    if preprocess.resize is not None:
-        width, height = resized_size(size, preprocess.resize)
-    channels = 3 if preprocess.mode == "RGB" else 1
-    crop = preprocess.center_crop
-    if crop is None:
-        return channels, height, width
-    return None if min(width, height) < crop else (channels, crop, crop)
 
 
 @dataclass
@@ -196,7 +150,7 @@ def _probe(
 ) -> None:
     try:
         data = reader.read(member)
-        with _quiet_bomb_warnings():
+        with quiet_bomb_warnings():
             image = Image.open(io.BytesIO(data))
             size, mode = image.size, image.mode
             if size[0] * size[1] > limits.max_image_pixels:
@@ -206,7 +160,7 @@ def _probe(
     except Image.DecompressionBombError:
         scan.skip(name, "over Pillow's decompression-bomb limit")
         return
-    except (UnreadableMemberError, *_DECODE_ERRORS) as exc:
+    except (UnreadableMemberError, *DECODE_ERRORS) as exc:
         scan.skip(name, f"corrupt ({str(exc)[:80] or type(exc).__name__})")
         return
     shape = final_shape(size, preprocess)
@@ -281,29 +235,3 @@ def _wrapper_depth(candidates: list[tuple[str, ...]]) -> int:
     """1 when every image lies under one shared top folder (stripped), else 0."""
     tops = {parts[0] for parts in candidates}
     return 1 if len(tops) == 1 and all(len(parts) > 1 for parts in candidates) else 0
-
-
-@contextlib.contextmanager
-def _quiet_bomb_warnings() -> Iterator[None]:
-    """Silence Pillow's DecompressionBombWarning: our own ``max_image_pixels`` check applies."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        yield
-
-
-def undecodable(path: Path, member: str, exc: BaseException) -> InvalidDataError:
-    """The error for an archive member that does not decode (an image or a mask)."""
-    return InvalidDataError(f"{path.name}: cannot decode {member}: {exc}", file=str(path))
-
-
-def checked_shape(
-    path: Path, member: str, tensor: torch.Tensor, expected: tuple[int, ...]
-) -> torch.Tensor:
-    """``tensor`` when it has the ``expected`` shape (the archive's first member's), else a clear
-    error naming the member: every sample of a batch must have one shape."""
-    if tuple(tensor.shape) != expected:
-        raise InvalidDataError(
-            f"{path.name}: {member} decodes to {tuple(tensor.shape)}, expected {expected}",
-            file=str(path),
-        )
-    return tensor

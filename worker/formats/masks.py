@@ -22,16 +22,15 @@ from recalib.contract import Preprocess
 from recalib.errors import InvalidDataError
 from worker.formats.archives import ArchiveReader, Locator
 from worker.formats.data import DataLimits
-from worker.formats.images import (
-    _DECODE_ERRORS,
-    ImageSamples,
-    _quiet_bomb_warnings,
-    _Scan,
+from worker.formats.image_decode import (
+    DECODE_ERRORS,
     checked_shape,
     crop_box,
+    quiet_bomb_warnings,
     resized_size,
     undecodable,
 )
+from worker.formats.images import ImageSamples, _Scan
 
 MASK_MODES = frozenset({"L", "P", "1"})
 """Pillow modes whose pixel values are class ids (grayscale, palette indices, bilevel)."""
@@ -60,9 +59,9 @@ class MaskedImageSamples(ImageSamples):
     def _decode_mask(self, i: int) -> torch.Tensor:
         data = self.reader.fetch(self.mask_locators[i])  # type: ignore[union-attr]
         try:
-            with _quiet_bomb_warnings():
+            with quiet_bomb_warnings():
                 mask = to_mask(Image.open(io.BytesIO(data)), self.preprocess, self.mask_names[i])
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             raise undecodable(self.path, self.mask_names[i], exc) from exc
         return checked_shape(self.path, self.mask_names[i], mask, self.label_shape)
 
