@@ -1,9 +1,12 @@
-"""Device selection and host→device batch transfer."""
+"""Device selection: the device an option names, a device's name, the device a model sits on.
+
+Moving batches there: :func:`worker.engine.inputs.move_batch`.
+"""
 
 from __future__ import annotations
 
+import itertools
 import re
-from typing import Any
 
 import torch
 
@@ -53,19 +56,8 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
-def move_batch(batch: Any, device: torch.device) -> Any:
-    """Copy a batch (a tensor, or a tuple/list/dict of tensors) to ``device``; on CUDA from
-    pinned memory without blocking the host."""
-    if isinstance(batch, dict):
-        return {key: move_batch(value, device) for key, value in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(move_batch(value, device) for value in batch))
-    if isinstance(batch, list | tuple):
-        return type(batch)(move_batch(value, device) for value in batch)
-    if not isinstance(batch, torch.Tensor) or batch.device == device:
-        return batch
-    if device.type == "cuda":
-        if not batch.is_pinned():
-            batch = batch.pin_memory()
-        return batch.to(device, non_blocking=True)
-    return batch.to(device)
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` sits: the device of its first parameter or buffer (CPU if it has none)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

@@ -10,7 +10,6 @@ the model's classes. It returns the :class:`~worker.evaluation.TaskPlan` the job
 from __future__ import annotations
 
 import inspect
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,9 @@ from recalib.errors import (
     RecalibError,
 )
 from worker.batch_limits import BatchLimits, probe_indices
-from worker.devices import move_batch
+from worker.devices import model_device
 from worker.engine import find_bn_layers
-from worker.engine.inputs import CallFn, batch_size
+from worker.engine.inputs import CallFn, batch_size, move_batch
 from worker.evaluation import TaskPlan, resolve_task, run_batch
 from worker.evaluation.segmentation import fit_to_masks
 from worker.formats.data import DataLimits, SampleSet, check_labels, check_masks, open_samples
@@ -119,7 +118,7 @@ def _probe(
     shape = tuple(probe.shape[1:]) if isinstance(probe, torch.Tensor) else _shapes(probe)
     try:
         with torch.inference_mode():
-            return run_batch(model, move_batch(probe, _device(model)), 1, call_fn)
+            return run_batch(model, move_batch(probe, model_device(model)), 1, call_fn)
     except RecalibError:
         raise
     except Exception as exc:  # the model is user code: any failure here is a bad input
@@ -137,12 +136,6 @@ def _shapes(probe: Any) -> str:
     if isinstance(probe, dict):
         return ", ".join(f"{k}: {tuple(v.shape[1:])}" for k, v in probe.items())
     return type(probe).__name__
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def check_input_names(model: torch.nn.Module, loaded: LoadedModel, names: list[str]) -> None:

@@ -77,6 +77,24 @@ def map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
     return value
 
 
+def move_batch(batch: Inputs, device: torch.device, *, channels_last: bool = False) -> Inputs:
+    """Copy ``batch`` (a tensor, or a nested tuple/list/dict of tensors) to ``device``; on CUDA
+    from pinned memory without blocking the host. ``channels_last``: 4-D tensors in that format."""
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device != device:
+            if device.type == "cuda":
+                pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
+                tensor = pinned.to(device, non_blocking=True)
+            else:
+                tensor = tensor.to(device)
+        if channels_last and tensor.dim() == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+    return map_tensors(move, batch)
+
+
 def check_inputs(inputs: Inputs) -> Inputs:
     """``inputs`` if it holds at least one tensor and all leaves share a batch dimension.
 

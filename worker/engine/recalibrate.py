@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from recalib.errors import InvalidDataError, JobCancelledError, NoBatchNormError
-from worker.devices import move_batch
+from worker.devices import model_device
 from worker.engine.bn_layers import BNLayer, find_bn_layers
-from worker.engine.inputs import CallFn, InputFn, batch_inputs, call_model, map_tensors
+from worker.engine.inputs import CallFn, InputFn, batch_inputs, call_model, move_batch
 from worker.engine.results import RecalibrationResult
 from worker.engine.run_state import CalibrationRun, one_value_error
 from worker.engine.stream import BatchStream
@@ -129,7 +129,7 @@ def recalibrate(
             "normalizes with one sample's statistics, so layers after the first see other "
             "inputs than at inference; a program with a dynamic batch dimension calibrates better"
         )
-    device = device or _model_device(model)
+    device = device or model_device(model)
     run = CalibrationRun(
         layers, estimator, momentum, tolerance, tolerance_window, max_batch, call_fn
     )
@@ -140,9 +140,7 @@ def recalibrate(
             for inputs in stream:
                 if should_stop is not None and should_stop():
                     raise JobCancelledError("job cancelled during recalibration")
-                inputs = move_batch(inputs, device)
-                if channels_last:
-                    inputs = map_tensors(_channels_last, inputs)
+                inputs = move_batch(inputs, device, channels_last=channels_last)
                 run.forward(model, inputs, autocast_dtype)
                 if progress is not None:
                     progress(stream.done, total_batches)
@@ -183,12 +181,6 @@ def recalibrate(
     )
 
 
-def _channels_last(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.dim() != 4:
-        return tensor
-    return tensor.contiguous(memory_format=torch.channels_last)
-
-
 def _restore_modes(model: nn.Module, modes: dict[nn.Module, bool]) -> None:
     """Every module back to its flag; a model that arrived in train mode goes wholly to eval."""
     if modes[model]:
@@ -197,12 +189,6 @@ def _restore_modes(model: nn.Module, modes: dict[nn.Module, bool]) -> None:
         return
     for module, training in modes.items():
         module.train(training)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in [*model.parameters(), *model.buffers()]:
-        return tensor.device
-    return torch.device("cpu")
 
 
 @contextlib.contextmanager

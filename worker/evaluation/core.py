@@ -1,35 +1,28 @@
-"""Model quality on one data set, and the comparison of before and after recalibration.
+"""Model quality on one data set: the evaluation passes.
 
 :func:`evaluate` streams a loader of ``(inputs, labels)`` batches through a model (no gradients)
 and returns :class:`~recalib.contract.Metrics` plus the top-1 prediction of every sample (pixel),
-so that :func:`prediction_change` can compare two runs over the same samples. What is measured
-depends on the :class:`~worker.evaluation.task.TaskPlan`: classification
-(:mod:`.classification`), segmentation (:mod:`.segmentation`) or label-free only (task ``none``:
-samples, and entropy/confidence when the output has logits). With ``reference`` buffers (the
-statistics before recalibration) every batch also runs with those, and the relative change of
-all outputs is measured (:mod:`.label_free`).
-
-:func:`decide_verdict` compares top-1 accuracies (classification) or mean IoUs (segmentation):
-``unchanged`` when they differ by at most one sample's worth (1/samples: a single flipped sample
-is noise, not a trend) or, for mean IoU, by at most ``MEAN_IOU_TOLERANCE``; ``better``/``worse``
-otherwise, ``unknown`` without labels.
+so that :func:`~worker.evaluation.verdict.prediction_change` can compare two runs over the same
+samples. What is measured depends on the :class:`~worker.evaluation.task.TaskPlan`:
+classification (:mod:`.classification`), segmentation (:mod:`.segmentation`) or label-free only
+(task ``none``: samples, and entropy/confidence when the output has logits). With ``reference``
+buffers (the statistics before recalibration) every batch also runs with those, and the relative
+change of all outputs is measured (:mod:`.label_free`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
-import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from recalib.contract import Metrics, Verdict
+from recalib.contract import Metrics
 from recalib.errors import InvalidModelError, JobCancelledError
-from worker.devices import move_batch
-from worker.engine.inputs import CallFn, batch_size, call_model, leaves, map_tensors
+from worker.devices import model_device
+from worker.engine.inputs import CallFn, batch_size, call_model, leaves, move_batch
 from worker.evaluation.classification import ClassificationAccumulator, Evaluation
 from worker.evaluation.label_free import OutputChangeAccumulator, ReferenceBuffers
 from worker.evaluation.outputs import pad_inputs, trim_outputs
@@ -38,8 +31,6 @@ from worker.evaluation.task import TaskPlan
 
 ProgressCallback = Callable[[int, int | None], None]
 Batch = tuple[Any, torch.Tensor]
-MEAN_IOU_TOLERANCE = 1e-3
-"""Mean IoUs within this of each other give the verdict ``unchanged``."""
 CLASSIFIER = TaskPlan(
     "classification", "classification", None, True, None, "tensor", "default", output_rank=2
 )
@@ -89,11 +80,7 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
             f"expected ({inputs.shape[0]}, classes) floating-point logits for a batch of "
             f"{inputs.shape[0]}; recalib evaluates classifiers only"
         )
-    if not bool(torch.isfinite(output).all()):
-        raise InvalidModelError(
-            "the model's output contains NaN or inf; check the input scale and preprocessing"
-        )
-    return output
+    return _finite(output)
 
 
 @contextlib.contextmanager
@@ -103,15 +90,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]
         return
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
-
-
-def _prepare(inputs: Any, device: torch.device, channels_last: bool) -> Any:
-    inputs = move_batch(inputs, device)
-    if channels_last:
-        inputs = map_tensors(
-            lambda t: t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t, inputs
-        )
-    return inputs
 
 
 def pad_batch(inputs: torch.Tensor, min_batch_size: int) -> torch.Tensor:
@@ -152,6 +130,11 @@ def checked_logits(plan: TaskPlan, output: Any, samples: int) -> torch.Tensor | 
             f"{what} has shape {found}{dtype}, expected {rank}-D floating-point logits with "
             f"{samples} rows for a batch of {samples} ({plan.task})"
         )
+    return _finite(logits)
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` when every value is finite, else the error saying so."""
     if not bool(torch.isfinite(logits).all()):
         raise InvalidModelError(
             "the model's output contains NaN or inf; check the input scale and preprocessing"
@@ -204,14 +187,14 @@ def evaluate(
     Returns:
         The metrics and the top-1 predictions in batch order.
     """
-    device = device or _model_device(model)
+    device = device or model_device(model)
     accumulator = _accumulator(plan, labeled, ignore_index)
     change = OutputChangeAccumulator() if reference is not None else None
     with torch.inference_mode():
         for done, (inputs, labels) in enumerate(batches, start=1):
             if should_stop is not None and should_stop():
                 raise JobCancelledError("the job was cancelled during evaluation")
-            x = _prepare(inputs, device, channels_last)
+            x = move_batch(inputs, device, channels_last=channels_last)
             samples = batch_size(x)
             with _autocast(device, autocast_dtype):
                 output = run_batch(model, x, min_batch_size, call_fn)
@@ -240,7 +223,7 @@ def max_output_diff(
 ) -> float:
     """Largest ``|candidate(x) − reference(x)|`` over every floating output tensor of all batches
     (float32); ``min_batch_size`` pads short batches as :func:`evaluate` does."""
-    device = device or _model_device(reference)
+    device = device or model_device(reference)
     largest = 0.0
     with torch.inference_mode():
         for inputs, _labels in batches:
@@ -258,45 +241,4 @@ def max_output_diff(
 def infer_num_classes(model: nn.Module, inputs: torch.Tensor) -> int:
     """Number of outputs of ``model`` from one forward pass of a small batch (no gradients)."""
     with torch.inference_mode():
-        return int(forward_logits(model, inputs.to(_model_device(model))).shape[1])
-
-
-def prediction_change(before: torch.Tensor | None, after: torch.Tensor | None) -> float | None:
-    """Fraction of samples (pixels) whose top-1 prediction differs between two passes over the
-    same data; None without predictions (no logits)."""
-    if before is None or after is None:
-        return None
-    if before.shape != after.shape:
-        raise ValueError(f"prediction vectors differ in shape: {before.shape} vs {after.shape}")
-    if before.numel() == 0:
-        return 0.0
-    return float((before != after).double().mean())
-
-
-def decide_verdict(before: Metrics | None, after: Metrics | None) -> Verdict:
-    """``better``/``worse``/``unchanged`` by top-1 (classification) or mean IoU (segmentation),
-    ``unknown`` without labels.
-
-    Accuracies within one sample's worth (``1 / samples``) of each other count as unchanged, mean
-    IoUs within ``MEAN_IOU_TOLERANCE``.
-    """
-    if before is None or after is None:
-        return Verdict.unknown
-    if before.mean_iou is not None and after.mean_iou is not None:
-        delta = after.mean_iou - before.mean_iou
-        if abs(delta) <= MEAN_IOU_TOLERANCE:
-            return Verdict.unchanged
-        return Verdict.better if delta > 0 else Verdict.worse
-    if before.top1 is None or after.top1 is None:
-        return Verdict.unknown
-    one_sample = 1.0 / max(min(before.samples, after.samples), 1)
-    delta = after.top1 - before.top1
-    if math.isclose(abs(delta), one_sample, rel_tol=1e-9) or abs(delta) < one_sample:
-        return Verdict.unchanged
-    return Verdict.better if delta > 0 else Verdict.worse
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+        return int(forward_logits(model, inputs.to(model_device(model))).shape[1])

@@ -6,7 +6,7 @@ themselves); larger ones are an error. Pixels whose mask value is ``ignore_index
 IoU of class c = TP / (TP + FP + FN) over every evaluated pixel; the mean IoU averages the classes
 that occur in the labels or the predictions (a class absent from both has no IoU: null).
 Entropy, confidence and its histogram are per pixel (every pixel, labeled or not); the predictions
-kept for :func:`~worker.evaluation.core.prediction_change` are the per-pixel arg-max, stored in
+kept for :func:`~worker.evaluation.verdict.prediction_change` are the per-pixel arg-max, stored in
 the smallest integer type that holds the class ids.
 """
 
