@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import torch
 from torch import nn
@@ -112,24 +112,20 @@ def model_source(source: ModelSource) -> Iterator[None]:
         _SOURCE.reset(token)
 
 
-def load_model(
-    path: Path | str,
-    *,
-    arch: str | None = None,
-    arch_kwargs: Mapping[str, object] | None = None,
-    allow_unsafe_pickle: bool = False,
-    arch_allowlist: Sequence[str] = defaults.ARCH_ALLOWLIST,
-) -> LoadedModel:
+class LoadOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`read_model`, which :func:`load_model` passes on."""
+
+    arch: str | None
+    arch_kwargs: Mapping[str, object] | None
+    allow_unsafe_pickle: bool
+    arch_allowlist: Sequence[str]
+
+
+def load_model(path: Path | str, **options: Unpack[LoadOptions]) -> LoadedModel:
     """:func:`read_model`, or the active :func:`model_source`'s answer for the same call."""
     source = _SOURCE.get()
     load = read_model if source is None else source
-    return load(
-        path,
-        arch=arch,
-        arch_kwargs=arch_kwargs,
-        allow_unsafe_pickle=allow_unsafe_pickle,
-        arch_allowlist=arch_allowlist,
-    )
+    return load(path, **options)
 
 
 def read_model(
