@@ -4,9 +4,10 @@ index in Redis.
 The store is the truth: ``files/<id>`` is the content, ``files/<id>.json`` its :class:`FileRecord`.
 Both are committed whole (atomic rename on disk, a completed upload in S3), content first, so a
 file whose metadata exists is complete. Redis holds only the listing order and a sha256 → id
-lookup per tenant; entries whose metadata has gone (a crash) are dropped when a listing meets
-them. The API (upload, list, delete), the worker (:meth:`FileStore.materialize`) and retention
-(:meth:`FileStore.remove`) all go through this class.
+lookup per tenant (:mod:`recalib.jobs.file_index`); entries whose metadata has gone (a crash)
+are dropped when a listing meets them. The API (upload, list, delete), the worker
+(:meth:`FileStore.materialize`) and retention (:meth:`FileStore.remove`) all go through this
+class.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import redis
 from recalib.contract import FilePublic, FileRecord, JobCreate, Page
 from recalib.errors import InvalidOptionError, NotFoundError, ServiceUnavailableError
 from recalib.ids import FILE_ID_RE, new_file_id
-from recalib.jobs.keys import as_text, file_index_key, file_sha_key
+from recalib.jobs.file_index import FileIndex
 from recalib.jobs.storage import (
     LocalStorage,
     ObjectMissingError,
@@ -35,8 +36,6 @@ from recalib.jobs.uri_fetch import FetchContext, check_uri
 
 __all__ = ["FileStore", "sanitize_filename", "storage_error"]
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_CURSOR_RE = re.compile(r"^\d{17}:f_[A-Za-z0-9_-]{16,64}$")
 _UNSAFE_CHARS_RE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_FILENAME_CHARS = 128
 FILES_PREFIX = "files/"
@@ -77,6 +76,7 @@ class FileStore:
             LocalStorage(storage) if isinstance(storage, str | Path) else storage
         )
         self.conn = conn
+        self.index = FileIndex(conn)  # the listing order and the sha256 lookup, per tenant
         self.max_upload_bytes = max_upload_bytes
         self.committed_bytes = 0  # bytes of uploads committed by this process (a counter)
         self.uri_context: FetchContext | None = None  # the API's: checks URIs at create time
@@ -130,7 +130,7 @@ class FileStore:
         try:
             with self.writing():
                 self.storage.put_bytes(meta_key(file_id), record.model_dump_json().encode())
-            self._index(record)
+            self.index.add(record)
         except BaseException:
             for key in (meta_key(file_id), content_key(file_id)):
                 with contextlib.suppress(Exception):  # best effort: the store may be the fault
@@ -150,12 +150,12 @@ class FileStore:
         When the metadata cannot be deleted (:class:`ServiceUnavailableError`), the index entries
         are put back: the file stays whole, listed and usable, and the delete can be retried.
         """
-        self._unindex(record)
+        self.index.remove(record)
         try:
             with self.writing():
                 self.storage.delete(meta_key(record.id))
         except ServiceUnavailableError:
-            self._index(record)
+            self.index.add(record)
             raise
         with self.writing():
             self.storage.delete(content_key(record.id))
@@ -232,22 +232,8 @@ class FileStore:
     ) -> Page[FilePublic]:
         """Files of ``tenant``, newest first; ``sha256`` narrows to the file with that content."""
         if sha256 is not None:
-            return self._by_sha256(tenant, sha256.lower())
-        if cursor is not None and not _CURSOR_RE.match(cursor):
-            raise InvalidOptionError("cursor is not one this API returned", field="cursor")
-        high = b"(" + cursor.encode() if cursor else b"+"
-        members = self.conn.zrevrangebylex(
-            file_index_key(tenant), high, b"-", start=0, num=limit + 1
-        )
-        items: list[FilePublic] = []
-        for member in members[:limit]:
-            record = self._read(as_text(member).partition(":")[2])
-            if record is None:
-                self.conn.zrem(file_index_key(tenant), member)
-                continue
-            items.append(record)
-        next_cursor = as_text(members[limit - 1]) if len(members) > limit else None
-        return Page[FilePublic](items=items, next_cursor=next_cursor)
+            return self.index.by_sha256(tenant, sha256.lower(), self._read)
+        return self.index.page(tenant, self._read, cursor=cursor, limit=limit)
 
     def require_job_inputs(self, tenant: str, request: JobCreate) -> None:
         """Check that every file a job names exists for ``tenant``, and its URIs as far as the
@@ -264,15 +250,6 @@ class FileStore:
                         f"{field}: {exc.message}", field=field, file=file_id
                     ) from exc
 
-    def _by_sha256(self, tenant: str, sha256: str) -> Page[FilePublic]:
-        if not SHA256_RE.match(sha256):
-            raise InvalidOptionError("sha256 must be 64 hex digits", field="sha256")
-        file_id = self.conn.hget(file_sha_key(tenant), sha256)
-        record = self._read(as_text(file_id)) if file_id else None
-        if record is None or record.tenant != tenant or record.sha256 != sha256:
-            return Page[FilePublic](items=[])
-        return Page[FilePublic](items=[record])
-
     def _read(self, file_id: str) -> FileRecord | None:
         """The record of ``file_id``; None when its metadata (or, on disk, content) is gone."""
         with self.writing():
@@ -283,19 +260,6 @@ class FileStore:
             if self.storage.is_local and self.storage.info(content_key(file_id)) is None:
                 return None
         return record
-
-    def _index(self, record: FileRecord) -> None:
-        with self.conn.pipeline() as pipe:
-            pipe.zadd(file_index_key(record.tenant), {_index_member(record): 0})
-            pipe.hset(file_sha_key(record.tenant), record.sha256, record.id)
-            pipe.execute()
-
-    def _unindex(self, record: FileRecord) -> None:
-        self.conn.zrem(file_index_key(record.tenant), _index_member(record))
-        sha_key = file_sha_key(record.tenant)
-        current = self.conn.hget(sha_key, record.sha256)
-        if current is not None and as_text(current) == record.id:
-            self.conn.hdel(sha_key, record.sha256)
 
 
 def check_job_uris(request: JobCreate, ctx: FetchContext) -> None:
@@ -308,9 +272,3 @@ def check_job_uris(request: JobCreate, ctx: FetchContext) -> None:
                 check_uri(uri, f"{role}_uri", ctx)
             except NotFoundError as exc:  # the request is wrong, not its URL: 422 as for files
                 raise InvalidOptionError(exc.message, field=f"{role}_uri") from exc
-
-
-def _index_member(record: FileRecord) -> str:
-    """Lexicographic order = creation order: microseconds since the epoch, zero-padded, then id."""
-    micros = int(record.created_at.timestamp() * 1_000_000)
-    return f"{micros:017d}:{record.id}"
