@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote
@@ -33,19 +33,17 @@ from urllib.parse import unquote
 import httpx
 
 from recalib import defaults
-from recalib.client_upload import direct_upload
+from recalib.client_problems import invalid_option, raise_for_problem
+from recalib.client_upload import CHUNK_BYTES, direct_upload, read_chunks, sha256_of
 from recalib.contract import FilePublic, JobCreate, JobEvent, JobOptions, JobPublic, JobStatus, Page
 from recalib.errors import (
     InternalError,
-    InvalidOptionError,
-    RecalibError,
     ServiceUnavailableError,
     UserError,
 )
 
 logger = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1024 * 1024
 Artifact = Literal["checkpoint", "report", "folded"]
 
 
@@ -111,7 +109,7 @@ class RecalibClient:
             "POST",
             "/v1/files",
             params={"filename": path.name},
-            content=_read_chunks(path),
+            content=read_chunks(path),
             headers={
                 "Content-Type": "application/octet-stream",
                 "Content-Length": str(path.stat().st_size),
@@ -155,7 +153,7 @@ class RecalibClient:
                 options=JobOptions.model_validate(options or {}),
             )
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            raise _invalid_option(exc) from exc
+            raise invalid_option(exc) from exc
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         response = self._request(
             "POST",
@@ -271,64 +269,9 @@ class RecalibClient:
         )
 
 
-def raise_for_problem(response: httpx.Response) -> None:
-    """Raise the :mod:`recalib.errors` class a 4xx/5xx problem document names."""
-    if response.status_code < 400:
-        return
-    try:
-        problem = response.json()
-    except ValueError:
-        problem = {}
-    if not isinstance(problem, dict):
-        problem = {}
-    slug = str(problem.get("type", "")).rstrip("/").rsplit("/", 1)[-1]
-    cls = _error_classes().get(slug) or _class_for_status(response.status_code)
-    detail = problem.get("detail") or f"HTTP {response.status_code} from {response.request.url}"
-    raise cls(str(detail), field=problem.get("field"), file=problem.get("file"))
-
-
-def _error_classes() -> dict[str, type[RecalibError]]:
-    classes: dict[str, type[RecalibError]] = {"invalid-request": InvalidOptionError}
-    pending: list[type[RecalibError]] = [RecalibError]
-    while pending:
-        cls = pending.pop()
-        classes.setdefault(cls.type_slug, cls)
-        pending.extend(cls.__subclasses__())
-    return classes
-
-
-def _class_for_status(status: int) -> type[RecalibError]:
-    if status == 503:
-        return ServiceUnavailableError
-    return UserError if status < 500 else InternalError
-
-
-def _invalid_option(exc: ValueError) -> InvalidOptionError:
-    errors = getattr(exc, "errors", None)
-    if callable(errors) and errors():
-        first = errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ()))
-        return InvalidOptionError(f"{field}: {first.get('msg')}", field=field or None)
-    return InvalidOptionError(str(exc))
-
-
 def _download_name(response: httpx.Response, default: str) -> str:
     disposition = response.headers.get("content-disposition", "")
     match = re.search(r"filename\*=utf-8''([^;]+)|filename=\"([^\"]+)\"", disposition, re.I)
     name = (match.group(1) or match.group(2)) if match else default
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(unquote(name)).name).lstrip(".")
     return name or default
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    for chunk in _read_chunks(path):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _read_chunks(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK_BYTES):
-            yield chunk

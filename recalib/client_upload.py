@@ -3,12 +3,14 @@ store with the URLs the server presigns (``POST /v1/uploads``), then completed b
 which verifies size and sha256. Parts go up in parallel, each streamed from the file in 1 MiB
 chunks (memory stays flat); the presigned URLs get no ``Authorization`` header (the API key never
 reaches the store). A server that stores files locally (409) or predates direct uploads (404,
-405) makes :func:`direct_upload` return None: upload through ``POST /v1/files`` then.
+405) makes :func:`direct_upload` return None: upload through ``POST /v1/files`` then
+(:func:`read_chunks`). :func:`sha256_of` is what both send the server to verify.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -91,4 +93,19 @@ def _slice(path: Path, start: int, length: int) -> Iterator[bytes]:
         fh.seek(start)
         while length > 0 and (chunk := fh.read(min(CHUNK_BYTES, length))):
             length -= len(chunk)
+            yield chunk
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    for chunk in read_chunks(path):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_chunks(path: Path) -> Iterator[bytes]:
+    """The file's bytes in 1 MiB chunks (what ``POST /v1/files`` streams)."""
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
             yield chunk
