@@ -8,60 +8,52 @@
   ``options.register.name``, tagged with its lineage; ``options.register.alias`` moves to it
   only when the verdict is not ``worse``.
 
-The registry is the operator's: ``RECALIB_MLFLOW_TRACKING_URI`` (never a job field); credentials
-come from MLflow's own environment variables (``MLFLOW_TRACKING_TOKEN``,
-``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``...). Requests are retried at most
-:data:`MAX_RETRIES` times with a :data:`REQUEST_TIMEOUT_S` timeout (MLflow's defaults would
-hold a job for minutes when the server is down) unless the operator set MLflow's variables for
-them. ``mlflow`` is imported only here, only when used.
+The registry is the operator's: ``RECALIB_MLFLOW_TRACKING_URI`` (never a job field). The client,
+its bounded retries and what MLflow's errors mean are in :mod:`recalib.jobs.mlflow_client`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
-import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from recalib import __version__
 from recalib.contract.options import JobSpec, Register
 from recalib.contract.report import RegisteredModel, Report
-from recalib.errors import (
-    InvalidModelError,
-    InvalidOptionError,
-    NotFoundError,
-    ServiceUnavailableError,
+from recalib.errors import InvalidModelError, InvalidOptionError
+from recalib.jobs.mlflow_client import (
+    MODELS_URI_RE,
+    SCHEME,
+    check_configured,
+    parse_models_uri,
+    registry_client,
+    reraise,
 )
+
+__all__ = [  # with the client's two checks, which callers import from here
+    "EXPERIMENT",
+    "MODEL_SUFFIXES",
+    "ResolvedModel",
+    "check_configured",
+    "fetch_models",
+    "metrics_of",
+    "parse_models_uri",
+    "register_job_output",
+    "register_result",
+    "registry_tags",
+    "resolve_model_uri",
+]
 
 logger = logging.getLogger(__name__)
 
-SCHEME = "models"
 EXPERIMENT = "recalib"
-MAX_RETRIES, REQUEST_TIMEOUT_S = 2, 30
 MODEL_SUFFIXES = (".pt2", ".pt", ".pth", ".ts", ".safetensors")
 """Files a registered version may hold for recalib: a .pt2 program, TorchScript, a state_dict."""
-_MODELS_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))$")
-_QUIET_ENV = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(MAX_RETRIES),
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S),
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A ``models:/`` URI, parsed: a version number or an alias."""
-
-    name: str
-    version: str | None
-    alias: str | None
 
 
 @dataclass(frozen=True)
@@ -79,69 +71,6 @@ class ResolvedModel:
         return f"{SCHEME}:/{self.name}/{self.version}"
 
 
-def parse_models_uri(uri: str, field: str = "model_uri") -> ModelRef:
-    match = _MODELS_URI_RE.match(uri)
-    if match is None:
-        raise InvalidOptionError(
-            f"{field}: {uri!r} is not models:/<name>/<version> or models:/<name>@<alias>",
-            field=field,
-        )
-    return ModelRef(match["name"], match["version"], match["alias"])
-
-
-def check_configured(tracking_uri: str, field: str) -> None:
-    """Refuse (422 naming ``field``) a registry request on a server that has no registry."""
-    if not tracking_uri:
-        raise InvalidOptionError(
-            f"{field}: this server has no MLflow registry; the operator sets "
-            "RECALIB_MLFLOW_TRACKING_URI (and installs recalib[mlflow] on the workers)",
-            field=field,
-        )
-
-
-@contextlib.contextmanager
-def _client(tracking_uri: str, field: str) -> Iterator[Any]:
-    """An ``MlflowClient`` on ``tracking_uri``, with bounded retries while it is in use."""
-    check_configured(tracking_uri, field)
-    try:
-        from mlflow import MlflowClient
-    except ImportError as exc:
-        raise ServiceUnavailableError(
-            f"{field}: the MLflow client is not installed on this worker; the operator installs "
-            "recalib[mlflow] (mlflow-skinny)"
-        ) from exc
-    saved = {name: os.environ.get(name) for name in _QUIET_ENV}
-    os.environ.update({k: v for k, v in _QUIET_ENV.items() if saved[k] is None})
-    try:
-        yield MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-
-
-def _reraise(exc: Exception, what: str, field: str, tracking_uri: str) -> NoReturn:
-    """Turn an MLflow exception into ours: missing → 404-type, unreachable → unavailable."""
-    code = getattr(exc, "error_code", None)
-    if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-        message = str(exc).split(": ", 1)[-1]
-        raise NotFoundError(f"{field}: {what}: {message}", field=field) from exc
-    if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
-        raise ServiceUnavailableError(
-            f"{field}: the MLflow registry refused {what} ({code}); the operator checks the "
-            "worker's MLflow credentials (MLFLOW_TRACKING_TOKEN or _USERNAME/_PASSWORD)"
-        ) from exc
-    raise ServiceUnavailableError(
-        f"{field}: {what} failed at the MLflow registry {_safe(tracking_uri)} "
-        f"({type(exc).__name__}: {str(exc)[:200]})"
-    ) from exc
-
-
-def _safe(uri: str) -> str:
-    """``uri`` without any ``user:password@`` part (for messages and logs)."""
-    return re.sub(r"//[^/@]*@", "//", uri)
-
-
 # -- in -------------------------------------------------------------------------------------
 
 
@@ -157,7 +86,7 @@ def resolve_model_uri(
     :class:`ServiceUnavailableError` when the registry cannot be reached.
     """
     ref = parse_models_uri(uri, field)
-    with _client(tracking_uri, field) as client:
+    with registry_client(tracking_uri, field) as client:
         try:
             if ref.alias is not None:
                 found = client.get_model_version_by_alias(ref.name, ref.alias)
@@ -165,7 +94,7 @@ def resolve_model_uri(
                 found = client.get_model_version(ref.name, ref.version)
             download_uri = client.get_model_version_download_uri(ref.name, found.version)
         except Exception as exc:
-            _reraise(exc, f"looking up {uri}", field, tracking_uri)
+            reraise(exc, f"looking up {uri}", field, tracking_uri)
         from mlflow.artifacts import download_artifacts
 
         with tempfile.TemporaryDirectory(prefix="recalib-mlflow-") as tmp:
@@ -174,7 +103,7 @@ def resolve_model_uri(
                     download_artifacts(download_uri, dst_path=tmp, tracking_uri=tracking_uri)
                 )
             except Exception as exc:
-                _reraise(exc, f"downloading {uri}", field, tracking_uri)
+                reraise(exc, f"downloading {uri}", field, tracking_uri)
             model_file = _model_file(local, uri, field)
             dest_dir.mkdir(parents=True, exist_ok=True)
             target = dest_dir / model_file.name
@@ -230,7 +159,7 @@ def registry_tags(
         tags["recalib.calibration_sha256"] = calibration_sha256
     if source:
         tags["recalib.source"] = source
-        if (match := _MODELS_URI_RE.match(source)) and match["version"]:
+        if (match := MODELS_URI_RE.match(source)) and match["version"]:
             tags["recalib.source_model"] = match["name"]
             tags["recalib.source_version"] = match["version"]
     for key, value in metrics_of(report).items():
@@ -265,7 +194,7 @@ def register_result(
     """Register ``out_dir``'s checkpoint as a new version of ``register.name`` (created when
     missing), with :func:`registry_tags`; move ``register.alias`` unless the verdict is worse."""
     checkpoint = out_dir / report.checkpoint.file
-    with _client(tracking_uri, field) as client:
+    with registry_client(tracking_uri, field) as client:
         try:
             experiment = client.get_experiment_by_name(EXPERIMENT)
             experiment_id = (
@@ -293,7 +222,7 @@ def register_result(
             if moved:
                 client.set_registered_model_alias(register.name, register.alias, version.version)
         except Exception as exc:
-            _reraise(exc, f"registering {register.name}", field, tracking_uri)
+            reraise(exc, f"registering {register.name}", field, tracking_uri)
     logger.info("registered %s version %s%s", register.name, version.version,
                 f" (alias {register.alias} moved)" if moved else "")  # fmt: skip
     return RegisteredModel(
