@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import json
 import statistics
 import tempfile
 import time
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.service import machine
+from bench.common import machine, write_results
 from bench.stack import ServiceStack
 
 ARCH = "torchvision.models:resnet50"
@@ -226,10 +225,7 @@ def main() -> None:
                 work, work / "resnet50.safetensors", archive, args.device, args.batch_size,
                 args.data_workers, args.repeats,
             )  # fmt: skip
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import summary
 from bench.stack import REPO_ROOT, ServiceStack
 
 MODES = ("warm", "fork")
@@ -86,7 +87,7 @@ def _cold_engine(files: dict[str, Path], out_dir: Path) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def _service_job(client: Any, ids: dict[str, str]) -> tuple[float, float]:
+def service_job(client: Any, ids: dict[str, str]) -> tuple[float, float]:
     """(wall s create→succeeded, the job's load phase s)."""
     start = time.perf_counter()
     job = client.create_job(ids["model"], ids["calibration"], ids.get("evaluation"))
@@ -95,10 +96,6 @@ def _service_job(client: Any, ids: dict[str, str]) -> tuple[float, float]:
     if job.status != "succeeded":
         raise RuntimeError(f"job {job.id} {job.status}: {job.error}")
     return wall, float(job.result.timings_s["load"])
-
-
-def _summary(values: list[float]) -> dict[str, Any]:
-    return {"values": values, "median": statistics.median(values), "best": min(values)}
 
 
 def bench_job(work: Path, samples: int, repeats: int) -> dict[str, Any]:
@@ -121,7 +118,7 @@ def bench_job(work: Path, samples: int, repeats: int) -> dict[str, Any]:
             ids[mode] = {role: clients[mode].upload_file(p).id for role, p in files.items()}
             times[f"service_{mode}"], loads[mode] = [], []
         for mode in MODES:  # each stack's first job: its worker's first run of this model
-            wall, load_s = _service_job(clients[mode], ids[mode])
+            wall, load_s = service_job(clients[mode], ids[mode])
             first[mode] = {"wall_s": wall, "load_s": load_s}
         for i in range(repeats):
             start = time.perf_counter()
@@ -129,11 +126,11 @@ def bench_job(work: Path, samples: int, repeats: int) -> dict[str, Any]:
             times["engine_warm"].append(time.perf_counter() - start)
             times["engine_cold"].append(_cold_engine(files, work / f"cold-{i}"))
             for mode in MODES:
-                wall, load_s = _service_job(clients[mode], ids[mode])
+                wall, load_s = service_job(clients[mode], ids[mode])
                 times[f"service_{mode}"].append(wall)
                 loads[mode].append(load_s)
     result: dict[str, Any] = {"samples": samples, "repeats": repeats, "first_job": first}
-    result |= {f"{name}_s": _summary(values) for name, values in times.items()}
+    result |= {f"{name}_s": summary(values) for name, values in times.items()}
     for mode in MODES:
         service = result[f"service_{mode}_s"]
         for peer in ("engine_warm", "engine_cold"):

@@ -13,7 +13,6 @@ every created job is checked against the server: zero errors and zero lost jobs 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import tempfile
 import threading
@@ -23,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from bench.service import machine, percentile
+from bench.common import machine, percentile, write_results
 from bench.stack import ServiceStack
 
 JOB_OPTIONS = {"batch_size": 64, "max_samples": 128, "device": "cpu"}
@@ -168,10 +167,7 @@ def main() -> None:
                 result = run_load(stack.url, work, args)
             result["workers"] = args.workers
     result["machine"] = machine()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import http.client
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -35,27 +34,21 @@ from typing import Any
 
 import httpx
 
+from bench.common import (
+    CHUNK,
+    PeakRss,
+    machine,
+    percentile,
+    upload_through_api,
+    write_random_file,
+    write_results,
+)
 from bench.jobs import bench_job, bench_small_jobs
-from bench.stack import ServiceStack, rss_kib, tree_cpu_s
-
-CHUNK = 1024 * 1024
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
+from bench.stack import ServiceStack, tree_cpu_s
 
 # ---------------------------------------------------------------------------------------------
 # (b) upload memory and throughput
 # ---------------------------------------------------------------------------------------------
-
-
-def _write_big_file(path: Path, size_bytes: int) -> None:
-    block = os.urandom(16 * CHUNK)
-    with path.open("wb") as fh:
-        for start in range(0, size_bytes, len(block)):
-            fh.write(block[: min(len(block), size_bytes - start)])
 
 
 def _plain_copy(src: Path, dst: Path) -> float:
@@ -66,63 +59,30 @@ def _plain_copy(src: Path, dst: Path) -> float:
     return time.perf_counter() - start
 
 
-def _upload(url: str, big: Path, size: int) -> float:
-    def body() -> Any:
-        with big.open("rb") as fh:
-            while chunk := fh.read(CHUNK):
-                yield chunk
-
-    start = time.perf_counter()
-    response = httpx.post(
-        f"{url}/v1/files",
-        params={"filename": "big.bin"},
-        content=body(),
-        headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
-        timeout=600,
-    )
-    elapsed = time.perf_counter() - start
-    response.raise_for_status()
-    httpx.delete(f"{url}/v1/files/{response.json()['id']}").raise_for_status()
-    return elapsed
-
-
 def bench_upload(work: Path, size_mib: int, rounds: int) -> dict[str, Any]:
     """Alternate upload and plain copy ``rounds`` times (dirty pages synced before each)."""
     size = size_mib * CHUNK
     with ServiceStack(work / "stack", workers=0) as stack:
         big = stack.work_dir / "data" / "big.bin"  # same filesystem as the uploads
-        _write_big_file(big, size)
+        write_random_file(big, size)
         pid = stack.api.pid if stack.api else 0
         httpx.post(f"{stack.url}/v1/files", params={"filename": "warm.bin"}, content=b"w" * CHUNK)
-        idle_rss, _ = rss_kib(pid)
-        peak = [idle_rss]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], rss_kib(pid)[0])
-                time.sleep(0.01)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
         upload_s, copy_s = [], []
-        for _ in range(rounds):
-            os.sync()
-            copy_s.append(_plain_copy(big, big.with_suffix(".copy")))
-            big.with_suffix(".copy").unlink()
-            os.sync()
-            upload_s.append(_upload(stack.url, big, size))
-        done.set()
-        sampler.join()
-        _, hwm = rss_kib(pid)
+        with PeakRss(pid) as rss:
+            for _ in range(rounds):
+                os.sync()
+                copy_s.append(_plain_copy(big, big.with_suffix(".copy")))
+                big.with_suffix(".copy").unlink()
+                os.sync()
+                upload_s.append(upload_through_api(stack.url, big, size, timeout_s=600))
     upload, copy = statistics.median(upload_s), statistics.median(copy_s)
     return {
         "bytes": size,
         "rounds": rounds,
-        "idle_rss_mib": idle_rss / 1024,
-        "peak_rss_mib": peak[0] / 1024,
-        "vm_hwm_mib": hwm / 1024,
-        "rss_growth_mib": (max(peak[0], hwm) - idle_rss) / 1024,
+        "idle_rss_mib": rss.idle_kib / 1024,
+        "peak_rss_mib": rss.peak_kib / 1024,
+        "vm_hwm_mib": rss.hwm_kib / 1024,
+        "rss_growth_mib": (max(rss.peak_kib, rss.hwm_kib) - rss.idle_kib) / 1024,
         "upload_s": upload_s,
         "copy_s": copy_s,
         "upload_mib_s": size_mib / upload,
@@ -238,18 +198,6 @@ def bench_latency(work: Path, clients: int, rounds: int, api_workers: int) -> di
 # ---------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="job,small,upload,latency")
@@ -294,10 +242,7 @@ def main() -> None:
             results["latency"] = bench_latency(
                 work / "latency", args.clients, args.rounds, args.api_workers
             )
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -17,58 +17,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import platform
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.stack import ServiceStack, rss_kib
-
-CHUNK = 1024 * 1024
-
-
-def _summary(values: list[float]) -> dict[str, Any]:
-    return {"values": [round(v, 3) for v in values], "median": statistics.median(values),
-            "best": min(values)}  # fmt: skip
-
-
-def _write_file(path: Path, size: int) -> str:
-    block = os.urandom(16 * CHUNK)
-    digest = hashlib.sha256()
-    with path.open("wb") as fh:
-        for start in range(0, size, len(block)):
-            piece = block[: min(len(block), size - start)]
-            fh.write(piece)
-            digest.update(piece)
-    return digest.hexdigest()
-
-
-def _through_api(url: str, path: Path, size: int) -> float:
-    def body() -> Any:
-        with path.open("rb") as fh:
-            while chunk := fh.read(CHUNK):
-                yield chunk
-
-    start = time.perf_counter()
-    response = httpx.post(
-        f"{url}/v1/files",
-        params={"filename": "big.bin"},
-        content=body(),
-        headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
-        timeout=1200,
-    )
-    elapsed = time.perf_counter() - start
-    response.raise_for_status()
-    httpx.delete(f"{url}/v1/files/{response.json()['id']}").raise_for_status()
-    return elapsed
+from bench.common import CHUNK, PeakRss, summary, upload_through_api, write_random_file
+from bench.jobs import make_job_files, service_job
+from bench.stack import ServiceStack
 
 
 def _direct(url: str, path: Path, sha256: str) -> float:
@@ -99,42 +61,29 @@ def bench_upload(work: Path, weed: Any, size_mib: int, rounds: int) -> dict[str,
     size = size_mib * CHUNK
     work.mkdir(parents=True, exist_ok=True)
     big = work / "big.bin"
-    sha256 = _write_file(big, size)
+    sha256 = write_random_file(big, size)
     env = _s3_env(weed, "bench-upload") | {"RECALIB_MAX_UPLOAD_BYTES": str(2 * size)}
     s3 = make_client(weed.endpoint)
     times: dict[str, list[float]] = {"api": [], "direct": [], "boto3": []}
     with ServiceStack(work / "stack", workers=0, **env) as stack:
         pid = stack.api.pid if stack.api else 0
         httpx.post(f"{stack.url}/v1/files", params={"filename": "w.bin"}, content=b"w" * CHUNK)
-        idle_rss, _ = rss_kib(pid)
-        peak = [idle_rss]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], rss_kib(pid)[0])
-                time.sleep(0.01)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        for i in range(rounds):
-            os.sync()
-            times["api"].append(_through_api(stack.url, big, size))
-            api_peak = peak[0]
-            times["direct"].append(_direct(stack.url, big, sha256))
-            times["boto3"].append(_boto3(s3, weed.bucket, f"bench-boto3/{i}", big))
-        done.set()
-        sampler.join()
-        _, hwm = rss_kib(pid)
+        with PeakRss(pid) as rss:
+            for i in range(rounds):
+                os.sync()
+                times["api"].append(upload_through_api(stack.url, big, size, timeout_s=1200))
+                api_peak = rss.peak_kib
+                times["direct"].append(_direct(stack.url, big, sha256))
+                times["boto3"].append(_boto3(s3, weed.bucket, f"bench-boto3/{i}", big))
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {
         "bytes": size,
         "rounds": rounds,
-        "api_idle_rss_mib": idle_rss / 1024,
+        "api_idle_rss_mib": rss.idle_kib / 1024,
         "api_peak_rss_mib_during_api_uploads": api_peak / 1024,
-        "api_vm_hwm_mib": hwm / 1024,
-        "api_rss_growth_mib": (max(api_peak, hwm) - idle_rss) / 1024,
-        **{f"{name}_s": _summary(values) for name, values in times.items()},
+        "api_vm_hwm_mib": rss.hwm_kib / 1024,
+        "api_rss_growth_mib": (max(api_peak, rss.hwm_kib) - rss.idle_kib) / 1024,
+        **{f"{name}_s": summary(values, digits=3) for name, values in times.items()},
         **{f"{name}_mib_s": size_mib / median for name, median in medians.items()},
         "direct_vs_boto3": medians["direct"] / medians["boto3"],
         "api_vs_boto3": medians["api"] / medians["boto3"],
@@ -146,31 +95,6 @@ def _s3_env(weed: Any, prefix: str) -> dict[str, str]:
         "RECALIB_STORAGE_URL": f"s3://{weed.bucket}/{prefix}",
         "RECALIB_S3_ENDPOINT_URL": weed.endpoint,
     }
-
-
-def make_job_files(out_dir: Path, samples: int) -> dict[str, Path]:
-    """The digits model and a ``samples``-sample shifted calibration set (+ the eval split)."""
-    import numpy as np
-
-    from worker.digits import load_digits_arrays, make_digits_case, shift_domain, write_demo_files
-
-    files = write_demo_files(make_digits_case(seed=0), out_dir)
-    inputs, labels = load_digits_arrays()
-    idx = np.arange(samples) % len(inputs)
-    files["calibration"] = out_dir / f"calib-{samples}.npz"
-    np.savez(files["calibration"], inputs=shift_domain(inputs[idx], seed=3), labels=labels[idx])
-    return files
-
-
-def _service_job(client: Any, ids: dict[str, str]) -> tuple[float, float]:
-    """(wall s create→succeeded, the job's load phase s)."""
-    start = time.perf_counter()
-    job = client.create_job(ids["model"], ids["calibration"], ids.get("evaluation"))
-    job = client.wait(job.id, poll_s=0.01)
-    wall = time.perf_counter() - start
-    if job.status != "succeeded":
-        raise RuntimeError(f"job {job.id} {job.status}: {job.error}")
-    return wall, float(job.result.timings_s.get("load", 0.0))
 
 
 def bench_job(work: Path, weed: Any, samples: int, repeats: int) -> dict[str, Any]:
@@ -194,12 +118,12 @@ def bench_job(work: Path, weed: Any, samples: int, repeats: int) -> dict[str, An
             service._wait_ready()
             clients[name] = exits.enter_context(RecalibClient(service.url))
             ids[name] = {role: clients[name].upload_file(p).id for role, p in files.items()}
-            _service_job(clients[name], ids[name])  # each worker's first run: not counted
+            service_job(clients[name], ids[name])  # each worker's first run: not counted
         for _ in range(repeats):
             for name in stacks:
-                times[name].append(_service_job(clients[name], ids[name])[0])
+                times[name].append(service_job(clients[name], ids[name])[0])
     result: dict[str, Any] = {"samples": samples, "repeats": repeats}
-    result |= {f"{name}_s": _summary(values) for name, values in times.items()}
+    result |= {f"{name}_s": summary(values, digits=3) for name, values in times.items()}
     for stat in ("median", "best"):
         result[f"s3_vs_local_{stat}"] = result["s3_s"][stat] / result["local_s"][stat]
     return result
