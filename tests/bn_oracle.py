@@ -12,7 +12,7 @@ against absolute accuracies, which depend on the model a machine trained.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -50,6 +50,18 @@ def pooled_bn_statistics(
     model: nn.Module, inputs: torch.Tensor, order: Sequence[int], batch_size: int
 ) -> Statistics:
     """Pooled per-channel mean / unbiased variance of every BN layer's input (see module doc)."""
+    return pooled_statistics(model, lambda net, idx: net(inputs[idx]), order, batch_size)
+
+
+def pooled_statistics(
+    model: nn.Module,
+    forward: Callable[[nn.Module, torch.Tensor], object],
+    order: Sequence[int],
+    batches: int | Sequence[int],
+) -> Statistics:
+    """Pooled per-channel mean / unbiased variance of every BN layer's input over the batches of
+    ``order`` (``batches``: their size, or the size of each), each fed by ``forward(model,
+    indices)`` to a copy of ``model`` with only its BN layers in train mode."""
     model = copy.deepcopy(model).eval()
     seen: dict[str, list[torch.Tensor]] = {}
     handles = []
@@ -59,8 +71,8 @@ def pooled_bn_statistics(
             handles.append(module.register_forward_pre_hook(partial(_collect, seen, name)))
     try:
         with torch.no_grad():
-            for idx in torch.as_tensor(list(order)).split(batch_size):
-                model(inputs[idx])
+            for idx in torch.as_tensor(list(order)).split(batches):
+                forward(model, idx)
     finally:
         for handle in handles:
             handle.remove()

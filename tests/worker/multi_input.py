@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from tests.bn_oracle import Statistics, pooled_statistics
 from worker.digits import DigitsNet
 
 
@@ -55,27 +54,8 @@ def pooled_two_view(
     order: Sequence[int],
     batch_size: int,
     sizes: Sequence[int] | None = None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+) -> Statistics:
     """Pooled per-channel mean / unbiased variance of every BN layer's input over the batches
     (``batch_size`` each, or the given ``sizes``)."""
-    model = copy.deepcopy(model).eval()
-    seen: dict[str, list[torch.Tensor]] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm):
-            module.train()
-            handles.append(module.register_forward_pre_hook(partial(_collect, seen, name)))
-    try:
-        with torch.no_grad():
-            for idx in torch.as_tensor(list(order)).split(list(sizes) if sizes else batch_size):
-                model(x=x[idx], y=y[idx])
-    finally:
-        for handle in handles:
-            handle.remove()
-    pooled = {name: torch.cat(chunks, dim=1) for name, chunks in seen.items()}
-    return {name: (v.mean(1), v.var(1)) for name, v in pooled.items()}
-
-
-def _collect(seen: dict[str, list[torch.Tensor]], name: str, module: nn.Module, args) -> None:
-    x = args[0].detach().double()
-    seen.setdefault(name, []).append(x.transpose(0, 1).reshape(x.shape[1], -1))
+    split = list(sizes) if sizes else batch_size
+    return pooled_statistics(model, lambda net, idx: net(x=x[idx], y=y[idx]), order, split)

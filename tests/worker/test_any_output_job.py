@@ -161,6 +161,19 @@ def _relative_change(before, after) -> float:
     return (diff / sum(float(a.double().square().sum()) for a in before)) ** 0.5
 
 
+def _pickled_job(model: nn.Module, files: dict[str, Path], tmp_path: Path, **options) -> JobSpec:
+    """A digits job on ``model`` saved whole with ``torch.save`` (so pickled: allowed here)."""
+    torch.save(model.eval(), tmp_path / "model.pt")
+    return JobSpec(
+        model_path=str(tmp_path / "model.pt"),
+        calibration_path=str(files["calibration"]),
+        eval_path=str(files["evaluation"]),
+        out_dir=str(tmp_path / "out"),
+        allow_unsafe_pickle=True,
+        options=JobOptions(**options),
+    )
+
+
 @pytest.mark.slow
 def test_output_without_logits_is_evaluated_label_free(digits_case, digits_files, tmp_path):
     model = _Embedder(digits_case.model).eval()
@@ -192,31 +205,14 @@ def test_output_without_logits_is_evaluated_label_free(digits_case, digits_files
 
 
 def test_labels_without_logits_ask_for_output_key_or_task_none(digits_case, digits_files, tmp_path):
-    model = _Embedder(digits_case.model).eval()
-    torch.save(model, tmp_path / "embedder.pt")
-    spec = JobSpec(
-        model_path=str(tmp_path / "embedder.pt"),
-        calibration_path=str(digits_files["calibration"]),
-        eval_path=str(digits_files["evaluation"]),
-        out_dir=str(tmp_path / "out"),
-        allow_unsafe_pickle=True,
-    )
+    spec = _pickled_job(_Embedder(digits_case.model), digits_files, tmp_path)
     with pytest.raises(InvalidModelError, match=r"keys: \['embedding', 'parts'\].*task none"):
         run_job(spec)
 
 
 @pytest.mark.slow
 def test_detector_like_outputs_count_shape_changes(digits_case, digits_files, tmp_path):
-    model = _Detector(digits_case.model).eval()
-    torch.save(model, tmp_path / "detector.pt")
-    spec = JobSpec(
-        model_path=str(tmp_path / "detector.pt"),
-        calibration_path=str(digits_files["calibration"]),
-        eval_path=str(digits_files["evaluation"]),
-        out_dir=str(tmp_path / "out"),
-        allow_unsafe_pickle=True,
-        options=JobOptions(task="none"),
-    )
+    spec = _pickled_job(_Detector(digits_case.model), digits_files, tmp_path, task="none")
     report = run_job(spec)
     assert report.task.task == "none" and report.task.reason == "requested"
     assert report.verdict is Verdict.unknown and report.before.top1 is None

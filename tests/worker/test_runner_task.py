@@ -7,20 +7,13 @@ from pathlib import Path
 import pytest
 
 from recalib import layout
-from recalib.contract import FileRecord, JobCreate, JobRecord, JobStatus
+from recalib.contract import JobCreate, JobRecord, JobStatus
 from recalib.jobs import states
-from recalib.jobs.file_store import FileStore
 from recalib.jobs.job_store import JobStore
 from recalib.jobs.records import load
 from recalib.settings import Settings
+from tests.worker.stored_files import store_files
 from worker.runner.task import _Run
-
-
-def _store_file(files: FileStore, path: Path) -> FileRecord:
-    file_id, part = files.new_part()
-    part.write(path.read_bytes())
-    part.close()
-    return files.commit("default", file_id, part, path.name)
 
 
 @pytest.fixture
@@ -41,8 +34,7 @@ def test_a_superseded_run_finishing_first_leaves_the_live_run_its_success(
     redis_conn, settings: Settings, digits_files: dict[str, Path]
 ) -> None:
     """A run whose worker was declared dead (but was only slow) finishes before the new run."""
-    files = FileStore(settings.data_dir, redis_conn, settings.max_upload_bytes)
-    ids = {name: _store_file(files, path).id for name, path in digits_files.items()}
+    ids = store_files(redis_conn, settings, digits_files)
     request = JobCreate(model_file=ids["model"], calibration_file=ids["calibration"])
     record, _ = JobStore(redis_conn, settings).create("default", request)
     first = _start(redis_conn, settings, record.id, "w1")

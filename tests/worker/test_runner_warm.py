@@ -23,23 +23,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recalib.contract import FileRecord, JobCreate, JobOptions, JobStatus
-from recalib.jobs.file_store import FileStore
+from recalib.contract import JobCreate, JobOptions, JobStatus
 from recalib.jobs.job_store import JobStore
 from recalib.jobs.records import load
 from recalib.settings import Settings
 from tests.live import REPO_ROOT, wait_until
+from tests.worker.stored_files import store_files
 from worker.runner.protocol import HORSE_GONE_EXIT, read_line, send_line
 from worker.runner.supervise import RunnerProcess
 
 WORKER = "w-test"
-
-
-def _store_file(files: FileStore, path: Path) -> FileRecord:
-    file_id, part = files.new_part()
-    part.write(path.read_bytes())
-    part.close()
-    return files.commit("default", file_id, part, path.name)
 
 
 @pytest.fixture
@@ -68,8 +61,7 @@ def runner(settings: Settings) -> Iterator[RunnerProcess]:
 
 
 def _job(conn, settings: Settings, files: dict[str, Path], **options: object) -> tuple[str, str]:
-    store = FileStore(settings.data_dir, conn, settings.max_upload_bytes)
-    ids = {role: _store_file(store, path).id for role, path in files.items()}
+    ids = store_files(conn, settings, files)
     request = JobCreate(
         model_file=ids["model"],
         calibration_file=ids["calibration"],
