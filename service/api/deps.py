@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import redis
-from fastapi import Depends, Path, Request, Security
+from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from recalib.ids import FILE_ID_PATTERN, JOB_ID_PATTERN
@@ -65,3 +65,8 @@ ArtifactStoreDep = Annotated[ArtifactStore, Depends(_artifact_store)]
 
 JobIdPath = Annotated[str, Path(pattern=JOB_ID_PATTERN, examples=["j_Zx81bQe0LsP3mNaa"])]
 FileIdPath = Annotated[str, Path(pattern=FILE_ID_PATTERN, examples=["f_3kq0cV2m9xLr8tQw"])]
+
+PageLimitQuery = Annotated[int, Query(ge=1, le=500)]
+"""Items per page of a list (default it in the route: 50)."""
+CursorQuery = Annotated[str | None, Query(max_length=128)]
+"""Where a list page starts: the ``next_cursor`` of the page before."""

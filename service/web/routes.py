@@ -22,7 +22,7 @@ from recalib.contract import JobCreate, JobOptions, JobRecord
 from recalib.errors import InvalidOptionError, RecalibError, UnauthorizedError
 from recalib.jobs.artifact_store import ArtifactStore
 from recalib.jobs.file_store import FileStore
-from service.api.deps import JobIdPath
+from service.api.deps import CursorQuery, JobIdPath
 from service.api.routes.report_html import REPORT_HTML_FILE
 from service.web import login, session
 from service.web.forms import SubmitForm, receive_submit_form
@@ -39,7 +39,7 @@ MAX_LIVE_STREAMS = 4
 @router.get("/", response_class=HTMLResponse)
 def jobs_page(
     request: Request,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    cursor: CursorQuery = None,
     created: Annotated[str | None, Query(max_length=80)] = None,
 ) -> Response:
     """Jobs of the tenant, newest first; the first unfinished ones follow their progress live."""

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from recalib.contract import FilePublic, Page
-from service.api.deps import FileIdPath, FileStoreDep, TenantDep
+from service.api.deps import CursorQuery, FileIdPath, FileStoreDep, PageLimitQuery, TenantDep
 from service.problems import problem_responses
 from service.uploads import receive_file
 
@@ -67,8 +67,8 @@ async def upload_file(
 def list_files(
     tenant: TenantDep,
     files: FileStoreDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    limit: PageLimitQuery = 50,
+    cursor: CursorQuery = None,
     sha256: Annotated[str | None, Query(pattern=r"^[0-9a-fA-F]{64}$")] = None,
 ) -> Page[FilePublic]:
     """A page of files; ``sha256`` finds the file with that content (to skip an upload)."""

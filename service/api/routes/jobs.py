@@ -17,7 +17,15 @@ from recalib.errors import InvalidOptionError, UserError
 from recalib.jobs.job_store import JobStore
 from recalib.jobs.mlflow_registry import check_configured
 from recalib.jobs.webhooks import check_webhook
-from service.api.deps import FileStoreDep, JobIdPath, JobStoreDep, SettingsDep, TenantDep
+from service.api.deps import (
+    CursorQuery,
+    FileStoreDep,
+    JobIdPath,
+    JobStoreDep,
+    PageLimitQuery,
+    SettingsDep,
+    TenantDep,
+)
 from service.problems import problem_responses
 
 logger = logging.getLogger(__name__)
@@ -71,8 +79,8 @@ def list_jobs(
     tenant: TenantDep,
     jobs: JobStoreDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    limit: PageLimitQuery = 50,
+    cursor: CursorQuery = None,
 ) -> Page[JobRecord]:
     return jobs.list(tenant, status=status_filter, cursor=cursor, limit=limit)
 
