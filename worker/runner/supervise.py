@@ -157,11 +157,9 @@ class RunnerProcess:
 
     def kill(self) -> None:
         """SIGKILL the runner (its run is abandoned) and reap it."""
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait()
+        popen = self._signal(signal.SIGKILL)
+        if popen is not None:
+            popen.wait()
 
     def after_job(self, *, clean: bool) -> None:
         """After a run: replace the runner unless the run ended ``clean`` (horse exit 0) with
@@ -190,14 +188,22 @@ class RunnerProcess:
 
     def stop(self) -> None:
         """End an idle runner: SIGTERM, then SIGKILL after ``STOP_GRACE_S``."""
-        if self.popen is None or self.popen.poll() is not None:
+        popen = self._signal(signal.SIGTERM)
+        if popen is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            self.popen.send_signal(signal.SIGTERM)
         try:
-            self.popen.wait(timeout=STOP_GRACE_S)
+            popen.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             self.kill()
+
+    def _signal(self, signum: signal.Signals) -> subprocess.Popen[bytes] | None:
+        """Send ``signum`` to the runner if it is still running: its process, else None."""
+        popen = self.popen
+        if popen is None or popen.poll() is not None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            popen.send_signal(signum)
+        return popen
 
     def close(self) -> None:
         """Stop the runner and remove the socket's directory."""
