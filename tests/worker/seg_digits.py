@@ -5,16 +5,21 @@ with class ``1 + digit`` and the rest as background 0, so 11 classes. A small BN
 is trained here on the clean digits (float64, one thread, deterministic, as ``worker.digits``
 trains the demo model) and the target domain is the demo's shift (contrast ×0.35, brightness
 +0.5, noise). The model returns ``{"out": N×11×8×8, "aux": N×11×4×4}`` like torchvision's
-segmentation models. ``seg_iou`` scores predictions with NumPy, independently of recalib.
+segmentation models. ``seg_iou`` scores predictions with NumPy, independently of recalib;
+``write_seg_files`` writes a case as a job's files, ``mask_archive`` as an image archive with PNG
+masks.
 """
 
 from __future__ import annotations
 
+import io
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from worker.digits import _reproducible_torch, load_digits_arrays, shift_domain, split_indices
@@ -107,6 +112,18 @@ def export_segnet(model: nn.Module, path: Path) -> Path:
     return path
 
 
+def write_seg_files(case: SegCase, out: Path) -> dict[str, Path]:
+    """The case as a job's files under ``out``: ``model`` (``.pt2``), ``torchscript``, and
+    ``calibration`` / ``evaluation`` (``.npz``: ``inputs``, mask ``labels``)."""
+    files = {"model": export_segnet(case.model, out / "segnet.pt2")}
+    files["torchscript"] = out / "segnet.ts"
+    torch.jit.save(torch.jit.script(case.model), str(files["torchscript"]))
+    for name, (x, masks) in (("calibration", case.calibration), ("evaluation", case.evaluation)):
+        files[name] = out / f"{name}.npz"
+        np.savez(files[name], inputs=x, labels=masks)
+    return files
+
+
 def seg_iou(
     predictions: np.ndarray, masks: np.ndarray, classes: int = SEG_CLASSES, ignore: int = 255
 ) -> tuple[float, float, list[float | None]]:
@@ -131,3 +148,39 @@ def predict(model: nn.Module, images: np.ndarray, key: str = "out") -> np.ndarra
                 logits, size=images.shape[-2:], mode="bilinear", align_corners=False
             )
     return logits.argmax(1).numpy()
+
+
+def png(array: np.ndarray, mode: str) -> bytes:
+    """A uint8 array as a grayscale PNG (``mode`` ``L``) or a palette one (``P``, same ids)."""
+    image = Image.fromarray(array, mode="L")
+    if mode == "P":
+        image = image.convert("P")
+        image.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def mask_archive(path: Path, images: np.ndarray, masks: np.ndarray, **overrides) -> Path:
+    """``images/<i>.png`` (grayscale, the float images quantized) + ``masks/<i>.png``, every
+    other mask a palette PNG; ``overrides`` replace members by name."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+            pixels = np.clip(np.round(image[0] * 255), 0, 255).astype(np.uint8)
+            members = {
+                f"data/images/{i:03d}.png": png(pixels, "L"),
+                f"data/masks/{i:03d}.png": png(mask, "P" if i % 2 else "L"),
+            }
+            for name, data in members.items():
+                if name not in overrides:
+                    archive.writestr(name, data)
+        for name, data in overrides.items():
+            archive.writestr(name, data)
+    return path
+
+
+def quantized(images: np.ndarray) -> np.ndarray:
+    """Float images as :func:`mask_archive` stores them (8-bit), back in [0, 1]."""
+    return (np.clip(np.round(images * 255), 0, 255).astype(np.uint8) / np.float32(255)).astype(
+        np.float32
+    )

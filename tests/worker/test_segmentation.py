@@ -9,7 +9,6 @@ its checkpoint must carry the oracle's statistics.
 from __future__ import annotations
 
 import io
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +26,13 @@ from tests.bn_oracle import (
 )
 from tests.worker.seg_digits import (
     SEG_CLASSES,
-    export_segnet,
     make_seg_case,
+    mask_archive,
+    png,
     predict,
+    quantized,
     seg_iou,
+    write_seg_files,
 )
 from worker.pipeline import run_job
 
@@ -44,18 +46,7 @@ def seg_case():
 
 @pytest.fixture(scope="module")
 def seg_files(seg_case, tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("seg")
-    files = {"model": export_segnet(seg_case.model, out / "segnet.pt2")}
-    scripted = torch.jit.script(seg_case.model)
-    files["torchscript"] = out / "segnet.ts"
-    torch.jit.save(scripted, str(files["torchscript"]))
-    for name, (x, masks) in (
-        ("calibration", seg_case.calibration),
-        ("evaluation", seg_case.evaluation),
-    ):
-        files[name] = out / f"{name}.npz"
-        np.savez(files[name], inputs=x, labels=masks)
-    return files
+    return write_seg_files(seg_case, tmp_path_factory.mktemp("seg"))
 
 
 def _spec(files, out_dir: Path, *, model: str = "model", eval_file: bool = True, **options):
@@ -162,49 +153,15 @@ def test_ignore_index_pixels_count_nowhere(seg_case, seg_files, tmp_path) -> Non
     assert report.after.mean_iou == pytest.approx(miou, abs=2e-3)
 
 
-def _png(array: np.ndarray, mode: str) -> bytes:
-    image = Image.fromarray(array, mode="L")
-    if mode == "P":
-        image = image.convert("P")
-        image.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _archive(path: Path, images: np.ndarray, masks: np.ndarray, **overrides) -> Path:
-    """``images/<i>.png`` (grayscale, the float images quantized) + ``masks/<i>.png``, every
-    other mask a palette PNG; ``overrides`` replace members by name."""
-    with zipfile.ZipFile(path, "w") as archive:
-        for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
-            pixels = np.clip(np.round(image[0] * 255), 0, 255).astype(np.uint8)
-            members = {
-                f"data/images/{i:03d}.png": _png(pixels, "L"),
-                f"data/masks/{i:03d}.png": _png(mask, "P" if i % 2 else "L"),
-            }
-            for name, data in members.items():
-                if name not in overrides:
-                    archive.writestr(name, data)
-        for name, data in overrides.items():
-            archive.writestr(name, data)
-    return path
-
-
-def _quantized(images: np.ndarray) -> np.ndarray:
-    return (np.clip(np.round(images * 255), 0, 255).astype(np.uint8) / np.float32(255)).astype(
-        np.float32
-    )
-
-
 @pytest.mark.slow
 def test_image_archive_with_masks_equals_the_same_tensors(seg_case, seg_files, tmp_path) -> None:
     (cx, cm), (ex, em) = (
         tuple(a[:120] for a in split) for split in (seg_case.calibration, seg_case.evaluation)
     )
-    _archive(tmp_path / "calib.zip", cx, cm)
-    _archive(tmp_path / "eval.zip", ex, em)
-    np.savez(tmp_path / "calib.npz", inputs=_quantized(cx), labels=cm)
-    np.savez(tmp_path / "eval.npz", inputs=_quantized(ex), labels=em)
+    mask_archive(tmp_path / "calib.zip", cx, cm)
+    mask_archive(tmp_path / "eval.zip", ex, em)
+    np.savez(tmp_path / "calib.npz", inputs=quantized(cx), labels=cm)
+    np.savez(tmp_path / "eval.npz", inputs=quantized(ex), labels=em)
     preprocess = {"mode": "L"}
     zipped = {
         **seg_files,
@@ -227,7 +184,7 @@ def test_archive_masks_are_resized_nearest_and_cropped_like_the_images(seg_case,
     from worker.formats.data import open_samples
 
     x, masks = (a[:6] for a in seg_case.evaluation)
-    path = _archive(tmp_path / "seg.zip", x, masks)
+    path = mask_archive(tmp_path / "seg.zip", x, masks)
     samples = open_samples(
         path,
         preprocess=JobOptions(preprocess={"mode": "L", "resize": 20, "center_crop": 16}).preprocess,
@@ -261,10 +218,10 @@ def test_masks_of_another_size_than_the_images_tensor_file(seg_case, seg_files, 
     assert error.file == str(tmp_path / "bad.npz")
 
 
-def test_masks_of_another_size_than_the_images_archive(seg_case, seg_files, tmp_path):
+def test_masks_of_another_size_than_the_imagesmask_archive(seg_case, seg_files, tmp_path):
     x, masks = (a[:8] for a in seg_case.evaluation)
-    wide = _png(np.zeros((8, 9), np.uint8), "L")
-    path = _archive(tmp_path / "bad.zip", x, masks, **{"data/masks/003.png": wide})
+    wide = png(np.zeros((8, 9), np.uint8), "L")
+    path = mask_archive(tmp_path / "bad.zip", x, masks, **{"data/masks/003.png": wide})
     files = {**seg_files, "evaluation": path}
     spec = _spec(files, tmp_path / "out", preprocess={"mode": "L"})
     _refused(spec, InvalidDataError, r"bad\.zip: mask data/masks/003\.png is 9×8 .* 8×8")
@@ -272,11 +229,11 @@ def test_masks_of_another_size_than_the_images_archive(seg_case, seg_files, tmp_
 
 def test_an_image_without_its_mask_is_named(seg_case, seg_files, tmp_path):
     x, masks = (a[:4] for a in seg_case.evaluation)
-    path = _archive(
+    path = mask_archive(
         tmp_path / "bad.zip",
         x,
         masks,
-        **{"data/images/extra.png": _png(np.zeros((8, 8), np.uint8), "L")},
+        **{"data/images/extra.png": png(np.zeros((8, 8), np.uint8), "L")},
     )
     files = {**seg_files, "evaluation": path}
     spec = _spec(files, tmp_path / "out", preprocess={"mode": "L"})
@@ -287,7 +244,7 @@ def test_rgb_masks_are_refused(seg_case, seg_files, tmp_path):
     x, masks = (a[:4] for a in seg_case.evaluation)
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="PNG")
-    path = _archive(tmp_path / "bad.zip", x, masks, **{"data/masks/001.png": buffer.getvalue()})
+    path = mask_archive(tmp_path / "bad.zip", x, masks, **{"data/masks/001.png": buffer.getvalue()})
     spec = _spec({**seg_files, "evaluation": path}, tmp_path / "out", preprocess={"mode": "L"})
     _refused(spec, InvalidDataError, r"mask data/masks/001\.png has mode RGB")
 
