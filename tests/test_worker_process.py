@@ -29,6 +29,7 @@ from tests.live import (
     create_job,
     free_port,
     fresh_db_url,
+    job_body,
     upload,
     wait_for_job,
     wait_until,
@@ -63,14 +64,6 @@ def _something_listens(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(1.0)
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _body(ids: dict[str, str]) -> dict[str, object]:
-    return {
-        "model_file": ids["model"],
-        "calibration_file": ids["calibration"],
-        "eval_file": ids["evaluation"],
-    }
 
 
 # -- Redis -----------------------------------------------------------------------------------
@@ -153,6 +146,20 @@ def test_a_worker_without_data_dir_refuses_to_start_naming_the_setting(
     assert not (elsewhere / "recalib-data").exists()  # it created nothing there
 
 
+def _assert_job_fails_naming_the_data_dir(
+    stack: Stack, digits_files: dict[str, Path], data_dir: Path
+) -> None:
+    """A digits job through ``stack`` fails naming RECALIB_DATA_DIR and the worker's ``data_dir``
+    (never retention)."""
+    with stack.client() as client:
+        ids = {name: upload(client, path) for name, path in digits_files.items()}
+        job = wait_for_job(client, create_job(client, job_body(ids))["id"], FINAL, timeout_s=120)
+    assert job["status"] == "failed", job
+    message = job["error"]["message"]
+    assert "RECALIB_DATA_DIR" in message and str(data_dir) in message, message
+    assert "retention" not in message.lower(), message
+
+
 @pytest.mark.slow
 def test_a_job_on_a_worker_started_before_the_api_with_another_data_dir_fails_naming_the_setting(
     stack: Stack, tmp_path: Path, digits_files: dict[str, Path]
@@ -163,13 +170,7 @@ def test_a_job_on_a_worker_started_before_the_api_with_another_data_dir_fails_na
     stack.start_worker("wrong-dir", wait=False, RECALIB_DATA_DIR=str(other))
     stack.start_api()
     wait_until(lambda: "wrong-dir" in _listed(stack), 120, "the worker to register")
-    with stack.client() as client:
-        ids = {name: upload(client, path) for name, path in digits_files.items()}
-        job = wait_for_job(client, create_job(client, _body(ids))["id"], FINAL, timeout_s=120)
-    assert job["status"] == "failed", job
-    message = job["error"]["message"]
-    assert "RECALIB_DATA_DIR" in message and str(other) in message, message
-    assert "retention" not in message.lower(), message
+    _assert_job_fails_naming_the_data_dir(stack, digits_files, other)
 
 
 @pytest.mark.slow
@@ -184,13 +185,7 @@ def test_a_job_fails_naming_the_setting_when_redis_lost_which_data_dir_the_api_u
     other = tmp_path / "other-data"
     other.mkdir()
     stack.start_worker("no-files", RECALIB_DATA_DIR=str(other))
-    with stack.client() as client:
-        ids = {name: upload(client, path) for name, path in digits_files.items()}
-        job = wait_for_job(client, create_job(client, _body(ids))["id"], FINAL, timeout_s=120)
-    assert job["status"] == "failed", job
-    message = job["error"]["message"]
-    assert "RECALIB_DATA_DIR" in message and str(other) in message, message
-    assert "retention" not in message.lower(), message
+    _assert_job_fails_naming_the_data_dir(stack, digits_files, other)
 
 
 # -- the registry ----------------------------------------------------------------------------
