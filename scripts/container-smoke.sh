@@ -3,7 +3,11 @@
 # images with podman, starts Valkey, the API and a worker as containers sharing a data volume,
 # checks the images' properties (no torch in the API, non-root, HEALTHCHECK), runs one
 # recalibration job through the REST API (digits model + shifted target domain), checks that it
-# succeeded and improved accuracy, stops the worker gracefully, and cleans up after itself.
+# succeeded and improved accuracy, and stops the worker gracefully. Then the multi-host shape
+# (deploy/compose.*.yml): another API container and worker container that share no volume, with
+# S3 storage (SeaweedFS's `weed mini` from the venv, signatures checked), run the same job
+# (uploads go straight to the store, presigned), and the artifacts are found in the bucket.
+# It cleans up after itself.
 #
 # Once per machine (root): bash /work/shared/containers/setup.sh  (podman, a local base image)
 # Then, with the project venv (bash scripts/setup.sh dev):  bash scripts/container-smoke.sh
@@ -20,9 +24,13 @@ worker_image=localhost/recalib-worker:smoke
 volume=recalib-smoke-data-$$
 work=$(mktemp -d)
 containers=()
+weed_pid=
+weed_dir=
 
 cleanup() {
   for c in "${containers[@]}"; do podman rm -f -t 5 "$c" >/dev/null 2>&1 || true; done
+  [ -z "$weed_pid" ] || kill -- "-$weed_pid" 2>/dev/null || true
+  [ -z "$weed_dir" ] || rm -rf "$weed_dir"
   podman volume rm -f "$volume" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
@@ -134,4 +142,76 @@ podman stop -t 60 "$worker" >/dev/null
 code=$(podman inspect --format '{{.State.ExitCode}}' "$worker")
 echo "   worker stopped in $(since "$t5") s, exit code $code"
 [ "$code" = 0 ] || fail "worker exit code $code on SIGTERM"
+podman rm -f -t 5 "$api" >/dev/null
+
+echo "== no shared volume: an api and a worker container on S3 storage"
+# The store runs on the host (the venv's weed binary, as in the tests); each container has only
+# its own anonymous /data volume (the image's VOLUME: local scratch), never another's.
+.venv/bin/python - "$work/weed.env" <<'EOF'
+import sys
+from tests.s3_fixtures import start_weed
+server = start_weed()
+values = server.env | {"ENDPOINT": server.endpoint, "BUCKET": server.bucket,
+                       "WEED_PID": str(server.proc.pid), "WEED_DIR": str(server.workdir)}
+with open(sys.argv[1], "w") as out:
+    out.writelines(f"{name}={value}\n" for name, value in values.items())
+EOF
+set -a  # the store's credentials, for the bucket listing below (the standard AWS chain)
+# shellcheck disable=SC1091
+source "$work/weed.env"
+set +a
+weed_pid=$WEED_PID
+weed_dir=$WEED_DIR
+prefix=smoke-$$
+s3_env=(-e "RECALIB_REDIS_URL=redis://127.0.0.1:$redis_port/1" -e "RECALIB_STORAGE_URL=s3://$BUCKET/$prefix"
+        -e "RECALIB_S3_ENDPOINT_URL=$ENDPOINT" -e "AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID"
+        -e "AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY" -e AWS_REGION=us-east-1
+        -e AWS_EC2_METADATA_DISABLED=true -e RECALIB_REAPER_INTERVAL_S=2
+        -e RECALIB_WORKER_HEARTBEAT_S=5)
+api_port2=$((api_port + 1))
+t6=$(now)
+# shellcheck disable=SC2086
+api2=$(podman run -d $RUN_FLAGS "${s3_env[@]}" -e UVICORN_HOST=127.0.0.1 \
+  -e UVICORN_PORT="$api_port2" "$api_image")
+containers+=("$api2")
+# shellcheck disable=SC2086
+worker2=$(podman run -d $RUN_FLAGS "${s3_env[@]}" -e RECALIB_WORKER_DEVICE=cpu "$worker_image")
+containers+=("$worker2")
+until curl -fsS "http://127.0.0.1:$api_port2/readyz" -o "$work/ready.json" 2>/dev/null \
+    && grep -q '"workers":\[{' "$work/ready.json"; do
+  [ "$(echo "$(now) - $t6 > 120" | bc)" = 0 ] || fail "S3 stack not ready: \
+$(podman logs "$api2" 2>&1 | tail) $(podman logs "$worker2" 2>&1 | tail)"
+  sleep 0.5
+done
+echo "   api and worker ready on s3://$BUCKET/$prefix $(since "$t6") s after podman run"
+mounts() { podman inspect --format '{{range .Mounts}}{{.Source}} {{end}}' "$1"; }
+api_mounts=$(mounts "$api2")
+worker_mounts=$(mounts "$worker2")
+for source in $api_mounts; do
+  case " $worker_mounts " in *" $source "*) fail "the api and the worker share $source";; esac
+done
+echo "   mounts: api [${api_mounts% }], worker [${worker_mounts% }]: none shared"
+t7=$(now)
+.venv/bin/recalib submit "$work/digits.pt2" --calib "$work/target-calibration.npz" \
+  --eval "$work/target-evaluation.npz" --server "http://127.0.0.1:$api_port2" \
+  --wait --download "$work/out-s3" --json > "$work/job-s3.json"
+echo "   submit to downloaded: $(since "$t7") s"
+.venv/bin/python - "$work/job-s3.json" "$ENDPOINT" "$BUCKET" "$prefix" <<'EOF'
+import json, sys
+from recalib.jobs.storage.s3 import make_client
+job = json.load(open(sys.argv[1]))
+report = job["result"]
+if job["status"] != "succeeded" or report["after"]["top1"] < report["before"]["top1"] + 0.5:
+    sys.exit(f"job did not recover accuracy: {job}")
+endpoint, bucket, prefix = sys.argv[2:]
+keys = [item["Key"] for item in make_client(endpoint).list_objects_v2(
+    Bucket=bucket, Prefix=f"{prefix}/")["Contents"]]
+artifacts = sorted(k.rsplit("/", 1)[-1] for k in keys if f"/jobs/{job['id']}/" in k)
+if "report.json" not in artifacts or report["checkpoint"]["file"] not in artifacts:
+    sys.exit(f"the job's artifacts are not in the bucket: {keys}")
+print(f"   job {job['id']}: {job['status']}, top-1 {report['before']['top1']:.3f} -> "
+      f"{report['after']['top1']:.3f}; {len(keys)} objects in the bucket, the job's: "
+      f"{', '.join(artifacts)}")
+EOF
+ls "$work/out-s3" | sed 's/^/   downloaded /'
 echo "== container smoke test passed in $(since "$t0") s"
