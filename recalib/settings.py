@@ -245,8 +245,8 @@ class Settings(BaseSettings):
         defaults.INPUT_CACHE_BYTES,
         ge=0,
         description=(
-            "Bytes of inputs fetched by URI a worker keeps on local disk, by sha256 (least "
-            "recently used evicted first); 0: no cache."
+            "Bytes of inputs a worker keeps on local disk, by sha256: fetched by URI, and "
+            "uploads when the store is S3 (least recently used evicted first); 0: no cache."
         ),
     )
     mlflow_tracking_uri: str = Field(

@@ -143,7 +143,11 @@ class InputSource(Output):
     uri: str | None = Field(None, description="The URI, when the input was given by one.")
     sha256: str
     bytes: int
-    cached: bool = Field(False, description="A URI input served from the worker's cache.")
+    cached: bool = Field(
+        False,
+        description="Served from the worker's cache (an upload downloaded before, or a URI "
+        "input whose source was unchanged).",
+    )
 
 
 class DataSplit(Output):

@@ -188,31 +188,42 @@ class FileStore:
                     removed += 1
         return removed
 
-    def materialize(self, file_id: str, target_dir: Path, role: str) -> Path:
-        """The content of ``file_id`` at ``target_dir/<its filename>`` (a hard link when the
-        store is local and it can, else a download).
-
-        Raises :class:`NotFoundError` naming ``role`` when the file is gone.
-        """
+    def input_record(self, file_id: str, role: str, tenant: str) -> FileRecord:
+        """The record of ``file_id``, the ``role`` input of a job of ``tenant``;
+        :class:`NotFoundError` naming ``role`` when the file is gone."""
         record = self._read(file_id)
-        gone = (
-            f"the {role} file {file_id} no longer exists (uploads are deleted after "
-            "RECALIB_RETENTION_S); upload it again and submit a new job"
-        )
-        if record is None:
-            raise NotFoundError(gone, file=file_id)
-        target = target_dir / Path(record.filename).name
+        if record is None or record.tenant != tenant:
+            raise NotFoundError(
+                f"the {role} file {file_id} no longer exists (uploads are deleted after "
+                "RECALIB_RETENTION_S); upload it again and submit a new job",
+                file=file_id,
+            )
+        return record
+
+    def download(self, record: FileRecord, target: Path, role: str) -> None:
+        """The content of ``record``'s file at ``target`` (a hard link when the store is local
+        and it can, else a download); :class:`NotFoundError` naming ``role`` when it is gone."""
         try:
             with self.storage.guard("worker"):
-                self.storage.download(content_key(file_id), target)
+                self.storage.download(content_key(record.id), target)
         except ObjectMissingError as exc:
-            raise NotFoundError(
-                f"the {role} file {file_id} ({record.filename}): its content is missing from "
-                f"{self.storage.describe()}, deleted outside recalib; upload it again and "
-                "submit a new job",
-                file=file_id,
-            ) from exc
-        return target
+            raise self._content_missing(record, role) from exc
+
+    def check_content(self, record: FileRecord, role: str) -> None:
+        """:class:`NotFoundError` naming ``role`` unless ``record``'s content, whole, is still in
+        the store (one HEAD: a worker that holds a copy still honours a deletion)."""
+        with self.storage.guard("worker"):
+            info = self.storage.info(content_key(record.id))
+        if info is None or info.bytes != record.bytes:
+            raise self._content_missing(record, role)
+
+    def _content_missing(self, record: FileRecord, role: str) -> NotFoundError:
+        return NotFoundError(
+            f"the {role} file {record.id} ({record.filename}): its content is missing from "
+            f"{self.storage.describe()}, deleted outside recalib; upload it again and "
+            "submit a new job",
+            file=record.id,
+        )
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -1,4 +1,7 @@
-"""A worker's cache of inputs fetched by URI: content by sha256, a URI → (validator, sha256) map.
+"""A worker's cache of its inputs: content by sha256, a URI → (validator, sha256) map.
+
+Inputs fetched by URI, and uploads when the store is not local (a job on the same upload, or
+another upload of the same content, links it from here instead of downloading it again).
 
 ``<root>/sha256/<hex>`` is the content, ``<root>/uris/<sha256 of the URI>.json`` what was fetched
 from a URI and the validator (S3 ETag, HTTP ETag or Last-Modified) the source gave with it: a
@@ -11,19 +14,19 @@ evicted once the cache holds more than ``max_bytes``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import secrets
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CacheEntry:
     validator: str
     sha256: str
@@ -51,14 +54,21 @@ class InputCache:
             entry = CacheEntry(meta["validator"], meta["sha256"], int(meta["bytes"]), Path())
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        path = self._content_path(entry.sha256)
+        path = self.content(entry.sha256, entry.bytes)
+        return None if path is None else dataclasses.replace(entry, path=path)
+
+    def content(self, sha256: str, size: int) -> Path | None:
+        """The kept content with ``sha256`` (``size`` bytes), marked recently used; else None."""
+        if not self.enabled:
+            return None
+        path = self._content_path(sha256)
         try:
-            if path.stat().st_size != entry.bytes:
+            if path.stat().st_size != size:
                 return None
             os.utime(path)  # recently used
         except OSError:
             return None
-        return CacheEntry(entry.validator, entry.sha256, entry.bytes, path)
+        return path
 
     def tmp_path(self) -> Path:
         """A fresh path in the cache's filesystem to download into."""
@@ -71,9 +81,7 @@ class InputCache:
 
         Without a validator the content is kept by sha256 but the URI is not remembered.
         """
-        target = self._content_path(sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
+        target = self.keep(path, sha256)
         if validator:
             meta = {"uri": uri, "validator": validator, "sha256": sha256, "bytes": size}
             uri_path = self._uri_path(uri)
@@ -81,6 +89,13 @@ class InputCache:
             tmp = uri_path.with_name(f".{uri_path.name}.{secrets.token_hex(4)}")
             tmp.write_text(json.dumps(meta), encoding="utf-8")
             os.replace(tmp, uri_path)
+        return target
+
+    def keep(self, path: Path, sha256: str) -> Path:
+        """Move the downloaded ``path``, whose content has ``sha256``, in; return its place."""
+        target = self._content_path(sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
         self._evict(keep=target)
         return target
 

@@ -10,6 +10,7 @@ cache, :mod:`recalib.jobs.input_cache`, by :mod:`recalib.jobs.uri_fetch`), and
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from recalib.contract import InputSource, JobRecord, Report
+from recalib.errors import NotFoundError
 from recalib.jobs.file_store import FileStore, sanitize_filename
 from recalib.jobs.input_cache import InputCache
 from recalib.jobs.outbound import OutboundPolicy
@@ -64,12 +66,7 @@ class JobInputs:
         request = self.record.request
         file_id, uri = getattr(request, f"{role}_file"), getattr(request, f"{role}_uri")
         if file_id is not None:
-            path = self.files.materialize(file_id, target_dir, role)
-            stored = self.files.get(self.record.tenant, file_id)
-            self.sources[role] = InputSource(
-                role=role, file_id=file_id, sha256=stored.sha256, bytes=stored.bytes
-            )
-            return path
+            return self._upload(role, file_id, target_dir)
         if uri is None:
             return None
         return self._fetch(role, uri, target_dir)
@@ -82,6 +79,37 @@ class JobInputs:
     def sha256_of(self, role: str) -> str | None:
         source = self.sources.get(role)
         return source.sha256 if source else None
+
+    def _upload(self, role: str, file_id: str, target_dir: Path) -> Path:
+        """The upload ``file_id``; from a remote store through the cache, by its sha256 (the
+        download is checked against it before it is kept; a cached copy is used only while the
+        upload is still in the store)."""
+        stored = self.files.input_record(file_id, role, self.record.tenant)
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target = target_dir / Path(stored.filename).name
+        remote = not self.files.storage.is_local and self.cache.enabled
+        cached = self.cache.content(stored.sha256, stored.bytes) if remote else None
+        if cached is not None:
+            self.files.check_content(stored, role)
+            _link(cached, target)
+        elif not remote:
+            self.files.download(stored, target, role)
+        else:
+            tmp = self.cache.tmp_path()
+            try:
+                self.files.download(stored, tmp, role)
+                _check_content(tmp, stored.sha256, role, file_id)
+                _link(self.cache.keep(tmp, stored.sha256), target)
+            finally:
+                tmp.unlink(missing_ok=True)
+        self.sources[role] = InputSource(
+            role=role,
+            file_id=file_id,
+            sha256=stored.sha256,
+            bytes=stored.bytes,
+            cached=cached is not None,
+        )
+        return target
 
     def _fetch(self, role: str, uri: str, target_dir: Path) -> Path:
         field = f"{role}_uri"
@@ -140,6 +168,18 @@ class JobInputs:
             tmp.write_text(report.model_dump_json(indent=2), encoding="utf-8")
             os.replace(tmp, path)
         return report
+
+
+def _check_content(path: Path, sha256: str, role: str, file_id: str) -> None:
+    """:class:`NotFoundError` unless ``path`` holds the content recorded at upload."""
+    with path.open("rb") as file:
+        found = hashlib.file_digest(file, "sha256").hexdigest()
+    if found != sha256:
+        raise NotFoundError(
+            f"the {role} file {file_id}: its content in the store was changed outside recalib "
+            f"(sha256 {found}, uploaded as {sha256}); upload it again and submit a new job",
+            file=file_id,
+        )
 
 
 def _link(source: Path, target: Path) -> None:

@@ -1,6 +1,7 @@
 """Inputs by URI (recalib.jobs.uri_fetch, input_cache, inputs): a real HTTPS server (self-signed,
 trusted by the test) and a real S3 server; the size cap, the SSRF policy (redirects re-checked),
-not found, and the cache by sha256 (a second fetch of an unchanged source reads nothing)."""
+not found, and the cache by sha256 (a second fetch of an unchanged source reads nothing; an
+upload on a remote store is downloaded once, checked against its sha256)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from recalib.errors import (
     OutboundNotAllowedError,
     PayloadTooLargeError,
 )
-from recalib.jobs.file_store import FileStore, check_job_uris
+from recalib.jobs.file_store import FileStore, check_job_uris, content_key
 from recalib.jobs.input_cache import InputCache
 from recalib.jobs.inputs import JobInputs
 from recalib.jobs.outbound import OutboundPolicy
 from recalib.jobs.storage import LocalStorage
+from recalib.jobs.storage.s3 import S3Storage
 from recalib.jobs.uri_fetch import FetchContext
 from tests import s3_fixtures
 from tests.s3_fixtures import S3Store
@@ -217,3 +219,51 @@ def test_an_s3_endpoint_named_in_the_uri_obeys_the_policy(
         tmp_path, {"model_uri": uri}, FetchContext(OutboundPolicy(["127.0.0.1"]), 1 << 30)
     )
     assert allowed.materialize("model", tmp_path / "r2").read_bytes() == CONTENT
+
+
+def test_an_upload_on_a_remote_store_is_downloaded_once_then_linked_from_the_cache(
+    s3_store: S3Store, tmp_path: Path, redis_conn
+) -> None:
+    storage = S3Storage(s3_store.url, endpoint_url=s3_store.server.endpoint, who="worker")
+    files = FileStore(storage, redis_conn, 1 << 30)
+    good, changed = (_commit(files, name, CONTENT) for name in ("model.pt2", "calib.npz"))
+    cache = InputCache(tmp_path / "cache", 1 << 30)
+
+    def run_inputs(model_file: str) -> JobInputs:
+        body = JobCreate(model_file=model_file, calibration_file=good)
+        record = JobRecord(
+            id="j_test0000000000000", status=JobStatus.running, tenant="t", attempts=1,
+            created_at="2026-01-01T00:00:00Z", request=body,
+        )  # fmt: skip
+        return JobInputs(files, record, FetchContext(OutboundPolicy(), 1 << 30), cache)
+
+    first = run_inputs(good)
+    assert first.materialize("model", tmp_path / "r1").read_bytes() == CONTENT
+    source = first.sources["model"]
+    assert (source.file_id, source.sha256) == (good, hashlib.sha256(CONTENT).hexdigest())
+    assert source.cached is False
+    second = run_inputs(good)
+    path = second.materialize("model", tmp_path / "r2")
+    assert path.read_bytes() == CONTENT and second.sources["model"].cached is True
+    kept = cache.content(source.sha256, len(CONTENT))
+    assert kept is not None and path.stat().st_ino == kept.stat().st_ino  # linked, not fetched
+    # Deleted behind our back: the cached copy does not make it usable again.
+    storage.client.delete_object(Bucket=storage.bucket, Key=storage.key(content_key(good)))
+    with pytest.raises(NotFoundError, match=f"model file {good}.*missing"):
+        run_inputs(good).materialize("model", tmp_path / "r3")
+
+    # Content replaced behind our back (not in the cache): refused, and nothing of it kept.
+    key = storage.key(content_key(changed))
+    storage.client.put_object(Bucket=storage.bucket, Key=key, Body=CONTENT[::-1])
+    cache.clear()
+    with pytest.raises(NotFoundError, match=f"model file {changed}.*changed outside recalib"):
+        run_inputs(changed).materialize("model", tmp_path / "r4")
+    assert not list((tmp_path / "cache" / "sha256").glob("*"))
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
+
+
+def _commit(files: FileStore, filename: str, content: bytes) -> str:
+    file_id, part = files.new_part()
+    part.write(content)
+    part.close()
+    return files.commit("t", file_id, part, filename).id
