@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -65,11 +66,11 @@ def _children(pid: int) -> list[int]:
 class Serve:
     """``recalib serve --port <free>`` in a session of its own, with a tmp data directory."""
 
-    def __init__(self, tmp_dir: Path) -> None:
+    def __init__(self, tmp_dir: Path, extra_env: Mapping[str, str] | None = None) -> None:
         self.data_dir = (tmp_dir / "data").resolve()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = os.environ | FAST_ENV | SECRETS | {"OMP_NUM_THREADS": "1"}
+        env = os.environ | FAST_ENV | SECRETS | {"OMP_NUM_THREADS": "1"} | dict(extra_env or {})
         env |= {"RECALIB_DATA_DIR": str(self.data_dir), "PYTHONPATH": str(REPO_ROOT)}
         env.pop("RECALIB_REDIS_URL", None)
         env.pop("RECALIB_READY_REQUIRES_WORKER", None)

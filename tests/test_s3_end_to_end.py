@@ -7,7 +7,9 @@ filesystem), a real S3 server (SeaweedFS) between them.
   second job on the same URIs is served from the worker's cache;
 - bad URIs are refused at create time (missing, forbidden host) naming the field;
 - an upload's content deleted behind our back fails the job naming the file;
-- a worker without the API's object store refuses to start, naming the setting.
+- a worker without the API's object store refuses to start, naming the setting;
+- ``recalib serve`` on the object store: its workers get the store's credentials (not the API's
+  secrets), and a job succeeds.
 
 The store down and wrong credentials: ``tests/test_s3_store_faults.py``.
 """
@@ -32,9 +34,11 @@ from tests.live import (
     wait_until,
 )
 from tests.s3_fixtures import S3Store, WeedServer
+from tests.serve_harness import Serve, proc_environ
 
 pytestmark = pytest.mark.slow
 weed_server = s3_fixtures.weed_server  # fixtures (one SeaweedFS per test session)
+s3_store = s3_fixtures.s3_store
 FINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -208,3 +212,21 @@ def test_a_worker_without_the_apis_object_store_refuses_to_start_naming_the_sett
     assert proc.popen.returncode != 0
     log = proc.log()
     assert "RECALIB_STORAGE_URL" in log and store.url in log, log[-2000:]
+
+
+def test_recalib_serve_gives_its_workers_the_store_credentials_and_runs_a_job(
+    s3_store: S3Store, tmp_path: Path, digits_files: dict[str, Path]
+) -> None:
+    server = Serve(tmp_path, s3_store.env)
+    try:
+        server.wait_ready()
+        [worker] = server.workers()
+        environ = proc_environ(worker)
+        assert environ["AWS_SECRET_ACCESS_KEY"] == s3_store.env["AWS_SECRET_ACCESS_KEY"]
+        assert "RECALIB_API_KEYS" not in environ
+        with server.client() as client:
+            ids = {name: upload(client, path) for name, path in digits_files.items()}
+            job = wait_for_job(client, create_job(client, job_body(ids))["id"], FINAL, 120)
+        assert job["status"] == "succeeded", job
+    finally:
+        server.close()

@@ -39,7 +39,13 @@ SECRET_WORDS = frozenset(
     {"KEY", "KEYS", "APIKEY", "SECRET", "SECRETS", "TOKEN", "TOKENS", "PASSWORD", "PASSWD"}
     | {"CREDENTIAL", "CREDENTIALS"}
 )
-"""A variable whose name has one of these words (``_``-separated) is withheld from workers."""
+"""A variable whose name has one of these words (``_``-separated) is withheld from workers..."""
+WORKER_CREDENTIALS = frozenset(
+    {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"}
+    | {"MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD"}
+)
+"""... except these, which a worker uses for its job: the object store's and ``s3://`` inputs'
+(the standard AWS chain) and the MLflow registry's."""
 
 
 def is_secret(name: str) -> bool:
@@ -48,8 +54,12 @@ def is_secret(name: str) -> bool:
 
 
 def worker_env(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` without secrets: workers run untrusted model code and need none of them."""
-    return {name: value for name, value in env.items() if not is_secret(name)}
+    """``env`` without the secrets a worker does not use: workers run untrusted model code."""
+    return {
+        name: value
+        for name, value in env.items()
+        if not is_secret(name) or name.upper() in WORKER_CREDENTIALS
+    }
 
 
 def exit_text(returncode: int) -> str:
