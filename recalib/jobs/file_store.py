@@ -6,8 +6,8 @@ Both are committed whole (atomic rename on disk, a completed upload in S3), cont
 file whose metadata exists is complete. Redis holds only the listing order and a sha256 → id
 lookup per tenant (:mod:`recalib.jobs.file_index`); entries whose metadata has gone (a crash)
 are dropped when a listing meets them. The API (upload, list, delete), the worker
-(:meth:`FileStore.materialize`) and retention (:meth:`FileStore.remove`) all go through this
-class.
+(:meth:`FileStore.input_record`, :meth:`FileStore.download`, :meth:`FileStore.check_content`)
+and retention (:meth:`FileStore.remove`) all go through this class.
 """
 
 from __future__ import annotations

@@ -10,13 +10,13 @@ cache, :mod:`recalib.jobs.input_cache`, by :mod:`recalib.jobs.uri_fetch`), and
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
+from recalib.client_upload import sha256_of
 from recalib.contract import InputSource, JobRecord, Report
 from recalib.errors import NotFoundError
 from recalib.jobs.file_store import FileStore, sanitize_filename
@@ -172,8 +172,7 @@ class JobInputs:
 
 def _check_content(path: Path, sha256: str, role: str, file_id: str) -> None:
     """:class:`NotFoundError` unless ``path`` holds the content recorded at upload."""
-    with path.open("rb") as file:
-        found = hashlib.file_digest(file, "sha256").hexdigest()
+    found = sha256_of(path)
     if found != sha256:
         raise NotFoundError(
             f"the {role} file {file_id}: its content in the store was changed outside recalib "
