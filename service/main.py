@@ -1,8 +1,13 @@
 """The FastAPI app: :func:`create_app` wires settings, Redis, stores, auth, routes and problems.
 
-Run it with ``recalib serve`` or ``uvicorn --factory service.main:create_app``. The app's lifespan
-prepares the upload area (removing uploads that a killed process left half-done) and runs the
-reaper (re-queues or fails jobs of dead workers) in a daemon thread until shutdown.
+Run it with ``recalib serve`` or ``uvicorn --factory service.main:create_app``. The OpenAPI
+document is at ``/openapi.json``; FastAPI's ``/docs`` and ``/redoc`` are off: they load scripts
+from a CDN without Subresource Integrity and carry no Content-Security-Policy, on the origin that
+holds the web page's login cookie.
+
+The app's lifespan prepares the upload area (removing uploads that a killed process left
+half-done) and runs the reaper (re-queues or fails jobs of dead workers) in a daemon thread until
+shutdown.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=_lifespan,
+        docs_url=None,  # see the module docstring: no CDN scripts on the cookie's origin
+        redoc_url=None,
     )
     conn = connect_redis(settings)
     app.state.settings = settings

@@ -96,7 +96,7 @@ def _validation_message(err: dict[str, Any]) -> str:
         reason = (err.get("ctx") or {}).get("error") or "JSON decode error"
         return f"invalid JSON{where}: {reason}"
     if err.get("type") == "extra_forbidden":
-        return "unknown field (check the spelling; see /docs for the accepted ones)"
+        return "unknown field (check the spelling; /openapi.json lists the accepted ones)"
     return str(err.get("msg", "invalid value"))
 
 
