@@ -3,7 +3,8 @@
 Served from the attempt the job's record names (``output_attempt``) only, with the sha256 as
 ``ETag`` (``If-None-Match`` → 304), a ``Content-Disposition`` named after the model, and HTTP
 Range requests (local store: Starlette's ``FileResponse``, 206 and multipart/byteranges; object
-store: one range streamed from the store, :mod:`service.object_response`). With
+store: one range streamed from the store, :mod:`service.object_response`), all with
+``X-Content-Type-Options: nosniff``. With
 ``RECALIB_PRESIGNED_DOWNLOADS`` and object storage, a 307 to a presigned URL of the store
 instead. Range errors are checked here first so that they, too, are problem documents. ``HEAD``
 gives the same status and headers without the body.
@@ -146,9 +147,14 @@ async def _serve(
     info = await anyio.to_thread.run_sync(_info, artifacts, art.key)
     if info is None:
         raise NotFoundError(f"the {which} of job {job_id} is no longer stored", field=which)
+    headers = {
+        "ETag": art.etag,
+        "Cache-Control": "private, max-age=0, must-revalidate",
+        # the bytes are the user's: a browser must not sniff them into HTML on the API's origin
+        "X-Content-Type-Options": "nosniff",
+    }
     if if_none_match and _etag_matches(if_none_match, art.etag):
-        return Response(status_code=304, headers={"ETag": art.etag})
-    headers = {"ETag": art.etag, "Cache-Control": "private, max-age=0, must-revalidate"}
+        return Response(status_code=304, headers=headers)
     local = storage.local_path(art.key)
     if local is None and settings.presigned_downloads:
         url = await anyio.to_thread.run_sync(
