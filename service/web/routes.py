@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from recalib.contract import JobCreate, JobOptions, JobRecord
 from recalib.errors import InvalidOptionError, RecalibError, UnauthorizedError
+from recalib.jobs.admission import admit, check_request
 from recalib.jobs.artifact_store import ArtifactStore
 from recalib.jobs.file_store import FileStore
 from service.api.deps import CursorQuery, JobIdPath
@@ -134,7 +135,10 @@ def _submit_form(
 
 @router.post("/submit")
 async def submit(request: Request) -> Response:
-    """Upload the form's files and queue a job over them; then show the job list."""
+    """Upload the form's files and queue a job over them; then show the job list.
+
+    The job is admitted by the same rules as ``POST /v1/jobs`` (:mod:`recalib.jobs.admission`);
+    the rules that need no stored file run before the uploads are kept."""
     files: FileStore = request.app.state.file_store
     fields: dict[str, str] = {}
     try:
@@ -145,11 +149,13 @@ async def submit(request: Request) -> Response:
         try:
             session.check_csrf(request, fields.get(session.CSRF_FIELD))
             create = _job_create(form)
+            settings = request.app.state.settings
+            await anyio.to_thread.run_sync(check_request, create, tenant, settings)  # keep no file
             await anyio.to_thread.run_sync(form.commit, files, tenant)
         finally:
             form.discard()
         record, _ = await anyio.to_thread.run_sync(
-            request.app.state.job_store.create, tenant, create
+            admit, request.app.state.job_store, files, tenant, create
         )
     except UnauthorizedError:
         return to_login(request)

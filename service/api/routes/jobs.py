@@ -14,16 +14,14 @@ from fastapi.responses import StreamingResponse
 
 from recalib.contract import JobCreate, JobEvent, JobPublic, JobRecord, JobStatus, Page
 from recalib.errors import InvalidOptionError, UserError
+from recalib.jobs.admission import admit
 from recalib.jobs.job_store import JobStore
-from recalib.jobs.mlflow_registry import check_configured
-from recalib.jobs.webhooks import check_webhook
 from service.api.deps import (
     CursorQuery,
     FileStoreDep,
     JobIdPath,
     JobStoreDep,
     PageLimitQuery,
-    SettingsDep,
     TenantDep,
 )
 from service.problems import problem_responses
@@ -55,15 +53,12 @@ def create_job(
     tenant: TenantDep,
     jobs: JobStoreDep,
     files: FileStoreDep,
-    settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> JobPublic:
-    """Queue a job over uploaded files; the same ``Idempotency-Key`` + body give the same job."""
-    files.require_job_inputs(tenant, body)
-    check_webhook(body.webhook, tenant, settings)
-    if body.options.register is not None:
-        check_configured(settings.mlflow_tracking_uri, "options.register")
-    record, created = jobs.create(tenant, body, idempotency_key=idempotency_key)
+    """Queue a job over uploaded files; the same ``Idempotency-Key`` + body give the same job.
+
+    Admitted by the job layer's rules (:func:`recalib.jobs.admission.admit`), as the web form."""
+    record, created = admit(jobs, files, tenant, body, idempotency_key=idempotency_key)
     response.status_code = status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK
     response.headers["Location"] = f"/v1/jobs/{record.id}"
     return record
