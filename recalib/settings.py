@@ -249,6 +249,14 @@ class Settings(BaseSettings):
             "uploads when the store is S3 (least recently used evicted first); 0: no cache."
         ),
     )
+    uri_fetch_deadline_s: float = Field(
+        300.0,
+        gt=0,
+        description=(
+            "Longest download of one input given by https:// URI, seconds, redirects included; "
+            "past it the fetch fails, naming the URI (each read also times out after 30 s)."
+        ),
+    )
     mlflow_tracking_uri: str = Field(
         "",
         description=(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 import httpx
@@ -162,11 +162,18 @@ def _kind(address: IpAddress) -> str:
     return "non-public"
 
 
-def guarded_client(policy: OutboundPolicy, *, field: str, **kwargs: object) -> httpx.Client:
-    """An ``httpx.Client`` that checks each request (redirects included) against ``policy``."""
+def guarded_client(
+    policy: OutboundPolicy,
+    *,
+    field: str,
+    on_request: Sequence[Callable[[httpx.Request], None]] = (),
+    **kwargs: object,
+) -> httpx.Client:
+    """An ``httpx.Client`` that checks each request (redirects included) against ``policy``,
+    then passes it to each of ``on_request`` (more request hooks)."""
 
     def check(request: httpx.Request) -> None:
         policy.check_url(str(request.url), field=field)
 
-    hooks = {"request": [check]}
+    hooks = {"request": [check, *on_request]}
     return httpx.Client(event_hooks=hooks, **kwargs)  # type: ignore[arg-type]

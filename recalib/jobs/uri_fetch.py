@@ -6,6 +6,10 @@ the source's validator (ETag, Last-Modified) or says that the cached copy is sti
 scheme is added by writing its function (and, optionally, its create-time check in
 :data:`CHECKS`) and listing it in ``recalib.contract.api.INPUT_URI_SCHEMES``.
 
+An ``https://`` fetch, redirects included, ends after ``RECALIB_URI_FETCH_DEADLINE_S``
+(:class:`FetchDeadline`): httpx's timeouts are per read, and a source that sends a byte now and
+then would otherwise hold a worker until the job's timeout.
+
 Safety: ``https://`` URLs, every redirect included, and S3 endpoints named in a URI
 (``s3://bucket/key?endpoint=https://host``) reach only public addresses unless the operator
 lists them in ``RECALIB_OUTBOUND_ALLOW_HOSTS`` (:mod:`recalib.jobs.outbound`). ``s3://`` URIs
@@ -15,6 +19,11 @@ worker's credentials; a URI never carries credentials.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import socket
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +37,14 @@ from recalib.jobs.input_cache import CacheEntry
 from recalib.jobs.meter import Meter, MeteredFile
 from recalib.jobs.outbound import OutboundPolicy, guarded_client
 from recalib.jobs.storage import Storage
+from recalib.settings import get_settings
 
 CHUNK_BYTES = 1024 * 1024
-HTTP_TIMEOUT_S = 30.0
+HTTP_TIMEOUT_S = 30.0  # each connect, read and write; the whole fetch: FetchContext.deadline_s
+
+
+def _deadline_setting() -> float:
+    return get_settings().uri_fetch_deadline_s
 
 
 @dataclass
@@ -43,6 +57,8 @@ class FetchContext:
     s3_endpoint_url: str | None = None
     verify: Any = True  # httpx's verify: True, or a CA bundle / SSL context (tests)
     mlflow_tracking_uri: str | None = None  # for models:/ URIs (RECALIB_MLFLOW_TRACKING_URI)
+    # the longest https:// fetch, redirects included (RECALIB_URI_FETCH_DEADLINE_S)
+    deadline_s: float = dataclasses.field(default_factory=_deadline_setting)
 
 
 class Sink(MeteredFile):
@@ -80,34 +96,108 @@ CheckFn = Callable[[str, str, FetchContext], None]
 # -- https -------------------------------------------------------------------------------------
 
 
+class FetchDeadline:
+    """The end of one HTTP fetch, ``seconds`` from now, redirects included.
+
+    Each request's timeouts are cut to the time left (:meth:`before_request`, a request hook of
+    the client), and at the deadline a timer shuts down the sockets the fetch opened: that
+    wakes a read blocked anywhere (TLS, headers, body), httpx raises, and :meth:`passed` tells
+    the caller why. Use it as a context manager (the timer stops on exit).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._ends = time.monotonic() + seconds
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._shut = False
+        self._timer = threading.Timer(seconds, self._shut_down)
+        self._timer.daemon = True
+
+    def __enter__(self) -> FetchDeadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+
+    def passed(self) -> bool:
+        return self._shut or time.monotonic() >= self._ends - 0.01  # a socket timeout's rounding
+
+    def before_request(self, request: httpx.Request) -> None:
+        left_s = self._ends - time.monotonic()
+        if left_s <= 0:
+            raise httpx.TimeoutException("the fetch deadline passed", request=request)
+        timeout_s = min(HTTP_TIMEOUT_S, left_s)
+        request.extensions["timeout"] = dict.fromkeys(("connect", "read", "write", "pool"),
+                                                      timeout_s)  # fmt: skip
+        request.extensions["trace"] = self._trace  # httpcore's: hands over each new socket
+
+    def _trace(self, event: str, info: dict[str, Any]) -> None:
+        if event.endswith((".connect_tcp.complete", ".start_tls.complete")):  # proxies too
+            sock = info["return_value"].get_extra_info("socket")
+            with self._lock:
+                self._sockets.append(sock)
+                if self._shut:
+                    _shut_down(sock)
+
+    def _shut_down(self) -> None:
+        with self._lock:
+            self._shut = True
+            for sock in self._sockets:
+                _shut_down(sock)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    # socket.socket's shutdown, also for an SSLSocket: its own drops the TLS state under the
+    # thread reading it. A socket already closed (or detached by TLS) raises: nothing to do.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 def fetch_https(
     uri: str, field: str, sink: Sink, cached: CacheEntry | None, ctx: FetchContext
 ) -> Fetched:
     headers = {"If-None-Match": cached.validator} if cached else {}
-    try:
-        with (
-            guarded_client(
-                ctx.policy,
-                field=field,
-                follow_redirects=True,
-                timeout=HTTP_TIMEOUT_S,
-                verify=ctx.verify,
-            ) as client,
-            client.stream("GET", uri, headers=headers) as response,
-        ):
-            if response.status_code == 304 and cached is not None:
-                return Fetched(cached.validator, not_modified=True)
-            if response.status_code in (404, 410):
-                raise NotFoundError(f"{field}: {uri} was not found (HTTP 404)", field=field)
-            if response.status_code != 200:
-                raise UserError(f"{field}: {uri} answered HTTP {response.status_code}", field=field)
-            length = response.headers.get("content-length")
-            sink.check_size(int(length) if length and length.isdigit() else None)
-            for chunk in response.iter_bytes(CHUNK_BYTES):
-                sink.write(chunk)
-            return Fetched(response.headers.get("etag"))
-    except httpx.HTTPError as exc:
-        raise UserError(f"{field}: cannot fetch {uri}: {exc}", field=field) from exc
+    with FetchDeadline(ctx.deadline_s) as deadline:
+        try:
+            with (
+                guarded_client(
+                    ctx.policy,
+                    field=field,
+                    on_request=[deadline.before_request],
+                    follow_redirects=True,
+                    timeout=HTTP_TIMEOUT_S,
+                    verify=ctx.verify,
+                ) as client,
+                client.stream("GET", uri, headers=headers) as response,
+            ):
+                return _receive(uri, field, sink, cached, response)
+        except httpx.HTTPError as exc:
+            if deadline.passed():
+                raise UserError(
+                    f"{field}: cannot fetch {uri}: not complete after {ctx.deadline_s:g} s, the "
+                    "longest an input's download may take, redirects included "
+                    "(RECALIB_URI_FETCH_DEADLINE_S)",
+                    field=field,
+                ) from exc
+            raise UserError(f"{field}: cannot fetch {uri}: {exc}", field=field) from exc
+
+
+def _receive(
+    uri: str, field: str, sink: Sink, cached: CacheEntry | None, response: httpx.Response
+) -> Fetched:
+    if response.status_code == 304 and cached is not None:
+        return Fetched(cached.validator, not_modified=True)
+    if response.status_code in (404, 410):
+        raise NotFoundError(f"{field}: {uri} was not found (HTTP 404)", field=field)
+    if response.status_code != 200:
+        raise UserError(f"{field}: {uri} answered HTTP {response.status_code}", field=field)
+    length = response.headers.get("content-length")
+    sink.check_size(int(length) if length and length.isdigit() else None)
+    for chunk in response.iter_bytes(CHUNK_BYTES):
+        sink.write(chunk)
+    return Fetched(response.headers.get("etag"))
 
 
 def check_https(uri: str, field: str, ctx: FetchContext) -> None:
