@@ -2,8 +2,9 @@
 
 Safety policy (the limits come from :class:`~worker.formats.data.DataLimits`):
 
-- member count: a zip's count is read from its end-of-central-directory record before the
-  directory itself is parsed; a tar is walked lazily. Over ``max_archive_members`` → rejected.
+- member count: a zip's central-directory headers are counted before ``zipfile`` parses them
+  (never the count its end record claims, which may lie), stopping once over the limit; a tar
+  is walked lazily. Over ``max_archive_members`` → rejected.
 - size: the declared uncompressed sizes of all file members together must stay within
   ``max_archive_bytes``; a zip member over 1 MiB may not expand more than ``MAX_RATIO``×, a
   compressed tar not more than ``MAX_RATIO``× its file size (beyond 64 MiB); a member that yields
@@ -33,7 +34,7 @@ from recalib.errors import ArchiveRejectedError, InvalidDataError
 from worker.formats.data import DataLimits
 
 MAX_RATIO = 200
-_RATIO_FREE_BYTES = 1024**2
+RATIO_FREE_BYTES = 1024**2
 _TAR_RATIO_FREE_BYTES = 64 * 1024**2
 Locator = tuple[str, int, int]  # (zip member name or "", offset, size)
 
@@ -75,8 +76,9 @@ class ArchiveReader:
         self._tar: tarfile.TarFile | None = None
         self._spool: IO[bytes] | None = None
         if kind == "zip":
-            self._check_count(_zip_entry_count(path))
+            self._check_count(_zip_entry_count(path, limits.max_archive_members))
             self._zip = self._open_zip()
+            self._check_count(len(self._zip.infolist()))  # whatever zipfile itself found
         else:
             self._tar = _open_tar(path)
             if _is_compressed(path):
@@ -189,7 +191,7 @@ class ArchiveReader:
         if info.is_dir():
             return Member(info.filename, parts, "dir", 0)
         self._add_declared(info.file_size)
-        if info.file_size > _RATIO_FREE_BYTES and info.file_size > MAX_RATIO * info.compress_size:
+        if info.file_size > RATIO_FREE_BYTES and info.file_size > MAX_RATIO * info.compress_size:
             raise self._bomb(f"member {info.filename!r}", info.file_size)
         mode = info.external_attr >> 16
         kind: Literal["file", "link", "encrypted"] = "file"
@@ -229,24 +231,52 @@ def _is_compressed(path: Path) -> bool:
         return handle.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
 
 
-def _zip_entry_count(path: Path) -> int:
-    """Entries a zip declares in its end-of-central-directory record (zip64 aware)."""
-    size = path.stat().st_size
+_CENTRAL_HEADER = struct.Struct("<4s24xHHH12x")  # signature, name/extra/comment lengths
+_ZIP64_RECORD_BYTES, _ZIP64_LOCATOR_BYTES = 56, 20
+
+
+def _zip_entry_count(path: Path, limit: int) -> int:
+    """Entries in a zip's central directory, counted one header at a time; the count stops just
+    past ``limit``. The end record's own entry count is never trusted: ``zipfile`` ignores it
+    (it walks the directory's declared size), so a lying one would let any number through."""
     with open(path, "rb") as handle:
-        tail_start = max(0, size - (1 << 16) - 22)
-        handle.seek(tail_start)
-        tail = handle.read()
-        end = tail.rfind(b"PK\x05\x06")
-        if end < 0 or len(tail) < end + 22:
-            raise InvalidDataError(
-                f"{path.name}: corrupt or truncated zip archive (no end record)", file=str(path)
-            )
-        count = struct.unpack("<H", tail[end + 10 : end + 12])[0]
-        locator = tail.rfind(b"PK\x06\x07", 0, end)
-        if count == 0xFFFF and locator >= 0:  # zip64: the count lives in the zip64 end record
-            (offset,) = struct.unpack("<Q", tail[locator + 8 : locator + 16])
-            handle.seek(offset)
-            record = handle.read(56)
-            if record[:4] == b"PK\x06\x06":
-                count = struct.unpack("<Q", record[32:40])[0]
-        return int(count)
+        start, size = _central_directory(handle, path)
+        handle.seek(start)
+        count, walked = 0, 0
+        while walked < size and count <= limit:
+            header = handle.read(_CENTRAL_HEADER.size)
+            if len(header) < _CENTRAL_HEADER.size or header[:4] != b"PK\x01\x02":
+                raise InvalidDataError(
+                    f"{path.name}: corrupt or truncated zip archive (bad central directory)",
+                    file=str(path),
+                )
+            _, name, extra, comment = _CENTRAL_HEADER.unpack(header)
+            handle.seek(name + extra + comment, os.SEEK_CUR)
+            walked += _CENTRAL_HEADER.size + name + extra + comment
+            count += 1
+        return count
+
+
+def _central_directory(handle: IO[bytes], path: Path) -> tuple[int, int]:
+    """(offset, size) of the central directory, located as ``zipfile`` locates it: ``size``
+    bytes before the end record (before the zip64 records when they are present)."""
+    size = handle.seek(0, os.SEEK_END)
+    tail_start = max(0, size - (1 << 16) - 22)
+    handle.seek(tail_start)
+    tail = handle.read()
+    end = tail.rfind(b"PK\x05\x06")
+    if end < 0 or len(tail) < end + 22:
+        raise InvalidDataError(
+            f"{path.name}: corrupt or truncated zip archive (no end record)", file=str(path)
+        )
+    end_offset = tail_start + end
+    (directory_size,) = struct.unpack("<I", tail[end + 12 : end + 16])
+    locator = end_offset - _ZIP64_LOCATOR_BYTES
+    record = locator - _ZIP64_RECORD_BYTES
+    if record >= 0:
+        handle.seek(record)
+        zip64 = handle.read(_ZIP64_RECORD_BYTES + _ZIP64_LOCATOR_BYTES)
+        if zip64[56:60] == b"PK\x06\x07" and zip64[:4] == b"PK\x06\x06":
+            (directory_size,) = struct.unpack("<Q", zip64[40:48])
+            end_offset = record
+    return end_offset - directory_size, directory_size
