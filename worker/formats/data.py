@@ -33,11 +33,13 @@ MAX_SKIPPED_EXAMPLES = 20
 
 @dataclass(frozen=True)
 class DataLimits:
-    """Safety limits for image archives (the operator's settings; defaults for the CLI).
+    """Safety limits for image archives and ``.npz`` files (the operator's settings; defaults
+    for the CLI).
 
     Args:
         max_archive_members: most entries (files, folders, links) an archive may list.
-        max_archive_bytes: most declared uncompressed bytes of all its members together.
+        max_archive_bytes: most declared uncompressed bytes of all its members together (of an
+            ``.npz``: of the arrays it is read for, as their ``.npy`` headers declare them).
         max_image_pixels: largest image (width × height) decoded; larger ones are skipped.
     """
 
@@ -112,7 +114,7 @@ def open_samples(
     Args:
         path: the data file.
         preprocess: image preprocessing (image archives only; default: RGB, no resize/crop).
-        limits: archive safety limits.
+        limits: archive safety limits (``max_archive_bytes`` also bounds an ``.npz``'s arrays).
         work_dir: where a compressed tar's image bytes are spooled (an anonymous temporary file,
             default the system temp dir); nothing is ever extracted by member name.
         input_names: the arrays of a tensor file fed to the model (``options.input_names``);
@@ -129,7 +131,7 @@ def open_samples(
     path = Path(path)
     kind = _detect(path)
     if kind in ("npz", "safetensors", "pt"):
-        return tensors.open_tensor_file(path, kind, tuple(input_names))
+        return tensors.open_tensor_file(path, kind, tuple(input_names), limits)
     if len(input_names) > 1:
         raise InvalidOptionError(
             f"{path.name} is an image archive, which holds one input per sample, but "

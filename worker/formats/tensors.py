@@ -11,14 +11,21 @@ with the same N; batches then come out as a dict name → tensor, in that order.
 sample (N×H×W class ids, H×W the size of the first input's last two dimensions; their values are
 checked against the model's classes and ``ignore_index`` later). Other keys are ignored.
 
-Nothing is unpickled: ``.npz`` is read with ``allow_pickle=False`` (object arrays fail), ``.pt``
-with ``torch.load(weights_only=True)`` (memory-mapped when possible). The finiteness check walks
-the inputs in chunks, so it never holds a second full-size copy.
+Nothing is unpickled: ``.npz`` members are read with ``allow_pickle=False`` (object arrays fail),
+``.pt`` with ``torch.load(weights_only=True)`` (memory-mapped when possible). The finiteness check
+walks the inputs in chunks, so it never holds a second full-size copy.
+
+An ``.npz`` is a zip whose members inflate: before any array is allocated, the ``.npy`` header of
+every member read is checked, its declared bytes (shape × itemsize) must fit in the member, stay
+within ``max_archive_bytes`` together, and (over 1 MiB) not exceed ``MAX_RATIO``× the member's
+compressed size, as for image archives (:mod:`worker.formats.archives`).
 """
 
 from __future__ import annotations
 
+import math
 import pickle
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +35,8 @@ import numpy as np
 import torch
 
 from recalib.errors import InvalidDataError, UnsafePickleError
-from worker.formats.data import SampleSet
+from worker.formats.archives import MAX_RATIO, RATIO_FREE_BYTES
+from worker.formats.data import DataLimits, SampleSet
 from worker.formats.pickle_safety import refused_global
 
 _CHECK_CHUNK_ELEMENTS = 1 << 22
@@ -62,12 +70,18 @@ class TensorSamples(SampleSet):
 
 
 def open_tensor_file(
-    path: Path, kind: str, input_names: Sequence[str] = ("inputs",)
+    path: Path,
+    kind: str,
+    input_names: Sequence[str] = ("inputs",),
+    limits: DataLimits | None = None,
 ) -> TensorSamples:
-    """Read and validate a tensor file (``kind``: ``npz``, ``safetensors`` or ``pt``)."""
+    """Read and validate a tensor file (``kind``: ``npz``, ``safetensors`` or ``pt``); an
+    ``.npz``'s arrays are bounded by ``limits.max_archive_bytes`` (default: the CLI's)."""
     wanted = (*input_names, "labels")
-    reader = {"npz": _read_npz, "safetensors": _read_safetensors, "pt": _read_pt}[kind]
-    arrays = reader(path, wanted)
+    if kind == "npz":
+        arrays = _read_npz(path, wanted, limits or DataLimits())
+    else:
+        arrays = {"safetensors": _read_safetensors, "pt": _read_pt}[kind](path, wanted)
     named = {
         name: _check_inputs(arrays.get(name), path, sorted(arrays), name, input_names)
         for name in input_names
@@ -95,26 +109,80 @@ def open_tensor_file(
     )
 
 
-def _read_npz(path: Path, wanted: Sequence[str]) -> dict[str, torch.Tensor]:
-    arrays: dict[str, torch.Tensor] = {}
+def _read_npz(path: Path, wanted: Sequence[str], limits: DataLimits) -> dict[str, torch.Tensor]:
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            for key in npz.files:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            declared = 0
+            for key, info in members.items():
                 if key in wanted:
-                    arrays[key] = _from_numpy(npz[key], path, key)
-                else:
+                    declared += _declared_bytes(archive, info, key, path, limits, declared)
+            arrays: dict[str, torch.Tensor] = {}
+            for key, info in members.items():
+                if key not in wanted:
                     arrays[key] = torch.empty(0)  # listed in messages only
-    except ValueError as exc:
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-            raise InvalidDataError(
-                f"{path.name} holds object arrays (pickled Python objects), which recalib never "
-                "unpickles; save numeric arrays (np.savez(file, inputs=..., labels=...))",
-                file=str(path),
-            ) from exc
-        raise InvalidDataError(f"{path.name}: unreadable .npz: {exc}", file=str(path)) from exc
-    except (OSError, EOFError) as exc:
+                    continue
+                with archive.open(info) as stream:
+                    array = np.lib.format.read_array(stream, allow_pickle=False)
+                arrays[key] = _from_numpy(array, path, key)
+    except InvalidDataError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise InvalidDataError(f"{path.name}: unreadable .npz: {exc}", file=str(path)) from exc
     return arrays
+
+
+def _declared_bytes(
+    archive: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    key: str,
+    path: Path,
+    limits: DataLimits,
+    before: int,
+) -> int:
+    """The bytes ``info``'s ``.npy`` header declares (shape × itemsize), read from its header
+    alone and refused when they could not be honoured (see the module docstring)."""
+    with archive.open(info) as stream:
+        version = np.lib.format.read_magic(stream)
+        if version not in ((1, 0), (2, 0)):
+            raise InvalidDataError(
+                f"{path.name}: {key}.npy is in .npy format {version[0]}.{version[1]}, which "
+                "recalib does not read; save plain numeric arrays with np.savez",
+                file=str(path),
+            )
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }[version]
+        shape, _, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise InvalidDataError(
+            f"{path.name} holds object arrays (pickled Python objects), which recalib never "
+            "unpickles; save numeric arrays (np.savez(file, inputs=..., labels=...))",
+            file=str(path),
+        )
+    size = math.prod(shape) * dtype.itemsize
+    what = f"{path.name}: {key}.npy declares {size} bytes (shape {tuple(shape)}, {dtype})"
+    if before + size > limits.max_archive_bytes:
+        raise InvalidDataError(
+            f"{what}; the arrays read from one data file may hold at most "
+            f"{limits.max_archive_bytes} bytes together (max_archive_bytes, "
+            "RECALIB_MAX_ARCHIVE_BYTES): use fewer samples or raise the limit",
+            file=str(path),
+        )
+    if size > info.file_size:
+        raise InvalidDataError(
+            f"{what}, more than the {info.file_size} bytes the member holds (corrupt or forged "
+            "header)",
+            file=str(path),
+        )
+    if size > RATIO_FREE_BYTES and size > MAX_RATIO * info.compress_size:
+        raise InvalidDataError(
+            f"{what}, over {MAX_RATIO}× its {info.compress_size} compressed bytes "
+            "(compression bomb?)",
+            file=str(path),
+        )
+    return size
 
 
 def _from_numpy(array: np.ndarray, path: Path, key: str) -> torch.Tensor:
