@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from recalib.errors import ArchiveRejectedError, InvalidDataError
-from tests.worker.formats_files import digit_pngs
+from recalib.contract import Preprocess
+from recalib.errors import ArchiveRejectedError, InvalidDataError, InvalidOptionError
+from tests.worker.formats_files import digit_pngs, png_bytes
 from worker.digits import load_digits_arrays
 from worker.formats.data import DataLimits, open_samples
 
@@ -163,3 +164,33 @@ def test_a_valid_npz_still_opens(tmp_path):
     batch, labels = samples.get_batch([0, 5])
     assert torch.equal(batch, torch.from_numpy(inputs[[0, 5]]))
     assert labels.tolist() == [0, 5]
+
+
+def _zip_pngs(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_a_resize_past_max_image_pixels_is_an_invalid_option(pngs, tmp_path):
+    path = _zip_pngs(tmp_path / "tiny.zip", {f"{i}.png": p for i, p in enumerate(pngs)})
+    with pytest.raises(InvalidOptionError, match=r"preprocess\.resize 8192") as info:
+        open_samples(path, preprocess=Preprocess(resize=8192))
+    assert info.value.field == "options.preprocess.resize"
+    assert "max_image_pixels" in info.value.message and "50000000" in info.value.message
+
+
+def test_an_image_that_a_resize_makes_too_large_is_skipped(tmp_path):
+    square = png_bytes(np.zeros((8, 8), dtype=np.uint8))
+    tall = png_bytes(np.zeros((80, 8), dtype=np.uint8))  # 64 → 64×640 pixels after the resize
+    path = _zip_pngs(tmp_path / "mixed.zip", {"a.png": square, "b.png": tall})
+    samples = open_samples(
+        path,
+        preprocess=Preprocess(mode="L", resize=64, center_crop=64),
+        limits=DataLimits(max_image_pixels=10_000),
+    )
+    assert samples.num_samples == 1 and samples.sample_shape == (1, 64, 64)
+    assert samples.skipped_entries == 1
+    assert "b.png" in samples.skipped_examples[0]
+    assert "max_image_pixels" in samples.skipped_examples[0]

@@ -63,6 +63,16 @@ def resized_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
     return int(shorter * width / height), shorter
 
 
+def peak_pixels(size: tuple[int, int], preprocess: Preprocess) -> int:
+    """The most pixels an image of ``size`` occupies while preprocessed: decoded, then resized
+    (the crop only shrinks it); bounded by ``max_image_pixels`` before anything is decoded."""
+    width, height = size
+    if preprocess.resize is not None:
+        resized = resized_size(size, preprocess.resize)
+        return max(width * height, resized[0] * resized[1])
+    return width * height
+
+
 def final_shape(size: tuple[int, int], preprocess: Preprocess) -> tuple[int, int, int] | None:
     """C×H×W after ``preprocess`` for an image of ``size``; None if smaller than the crop."""
     width, height = size

@@ -10,9 +10,12 @@ labeled archive needs ``root/<class>/<image>``. Other depths are an error.
 Skipped and counted (``skipped_entries``, ≤ 20 ``skipped_examples`` with the reason): files
 without an image extension, hidden and ``__MACOSX`` files, links and devices, encrypted members,
 images Pillow cannot identify or verify (JPEGs are test-decoded at reduced scale), images over
-``max_image_pixels`` (decompression bombs; checked from the header, before decoding) and images
-smaller than ``center_crop`` after resizing. A decode failure that slips past these checks fails
-the batch with an :class:`InvalidDataError` naming the member.
+``max_image_pixels`` (decompression bombs; checked from the header, before decoding), images that
+``preprocess.resize`` would take over ``max_image_pixels`` and images smaller than
+``center_crop`` after resizing. A ``resize`` that takes every image over ``max_image_pixels``
+(its square alone is larger) is an :class:`InvalidOptionError`, before the archive is read. A
+decode failure that slips past these checks fails the batch with an :class:`InvalidDataError`
+naming the member.
 
 Each sample's final size is known at open time from the image headers: when images would differ
 in size (no ``center_crop``), opening fails with a message naming two of them. Decoding and
@@ -22,6 +25,7 @@ preprocessing one image: :mod:`worker.formats.image_decode`.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +34,16 @@ import torch
 from PIL import Image
 
 from recalib.contract import Preprocess
-from recalib.errors import InvalidDataError
+from recalib.errors import InvalidDataError, InvalidOptionError
 from worker.formats.archives import ArchiveReader, Locator, Member, UnreadableMemberError
 from worker.formats.data import MAX_SKIPPED_EXAMPLES, DataLimits, SampleSet
 from worker.formats.image_decode import (
     DECODE_ERRORS,
     checked_shape,
     final_shape,
+    peak_pixels,
     quiet_bomb_warnings,
+    resized_size,
     to_tensor,
     undecodable,
 )
@@ -83,8 +89,8 @@ class ImageSamples(SampleSet):
         try:
             with quiet_bomb_warnings():
                 image = Image.open(io.BytesIO(data))
-                if image.width * image.height > self.max_image_pixels:
-                    raise ValueError("image grew past max_image_pixels")
+                if peak_pixels(image.size, self.preprocess) > self.max_image_pixels:
+                    raise ValueError("the image or its resize grew past max_image_pixels")
                 tensor = to_tensor(image, self.preprocess)
         except DECODE_ERRORS as exc:
             raise undecodable(self.path, self.names[i], exc) from exc
@@ -113,6 +119,7 @@ def open_image_archive(
     path: Path, kind: str, preprocess: Preprocess, limits: DataLimits, work_dir: Path | None
 ) -> ImageSamples:
     """Scan an archive (safety checks, image headers) and return its samples, nothing decoded."""
+    check_resize(preprocess, limits)
     reader = ArchiveReader(path, kind, limits, work_dir)
     try:
         scan = _scan(reader, preprocess, limits)
@@ -120,6 +127,23 @@ def open_image_archive(
     except BaseException:
         reader.close()
         raise
+
+
+def check_resize(preprocess: Preprocess, limits: DataLimits) -> None:
+    """A ``resize`` whose square alone is over ``max_image_pixels`` fits no image.
+
+    Raises:
+        InvalidOptionError: naming ``options.preprocess.resize`` and the limit.
+    """
+    side = preprocess.resize
+    if side is not None and side * side > limits.max_image_pixels:
+        raise InvalidOptionError(
+            f"preprocess.resize {side} makes every image at least {side}×{side} = "
+            f"{side * side} pixels, over max_image_pixels {limits.max_image_pixels} "
+            f"(RECALIB_MAX_IMAGE_PIXELS); resize to at most "
+            f"{math.isqrt(limits.max_image_pixels)} or raise the limit",
+            field="options.preprocess.resize",
+        )
 
 
 def _scan(reader: ArchiveReader, preprocess: Preprocess, limits: DataLimits) -> _Scan:
@@ -156,6 +180,10 @@ def _probe(
             if size[0] * size[1] > limits.max_image_pixels:
                 scan.skip(name, f"{size[0]}×{size[1]} pixels, over max_image_pixels")
                 return
+            side = preprocess.resize
+            if side is not None and peak_pixels(size, preprocess) > limits.max_image_pixels:
+                scan.skip(name, _resized_too_large(size, side))
+                return
             _check_integrity(image)
     except Image.DecompressionBombError:
         scan.skip(name, "over Pillow's decompression-bomb limit")
@@ -169,6 +197,14 @@ def _probe(
         return
     scan.headers[member.parts] = (size, mode)
     scan.images.append((member.parts, reader.keep(member, data), shape))
+
+
+def _resized_too_large(size: tuple[int, int], side: int) -> str:
+    width, height = resized_size(size, side)
+    return (
+        f"{size[0]}×{size[1]} resizes to {width}×{height} pixels (preprocess.resize {side}), "
+        "over max_image_pixels"
+    )
 
 
 def _check_integrity(image: Image.Image) -> None:
