@@ -34,6 +34,9 @@ from worker.formats.data import DataLimits, SampleSet, check_labels, check_masks
 from worker.formats.models import LoadedModel, load_model
 from worker.splits import DataPlan, plan_data
 
+MAX_CAUSE_CHARS = 2000
+"""Characters of a model's own error message kept in the preflight error (its every line)."""
+
 
 def load_job(spec: JobSpec) -> tuple[LoadedModel, DataPlan]:
     """The model and the data plan of ``spec``; files missing are a :class:`NotFoundError`."""
@@ -127,9 +130,15 @@ def _probe(
             hint = f" (input_names {list(options.input_names)} must match its forward arguments)"
         raise InvalidDataError(
             f"the model fails on samples of shape {shape} from {Path(samples.path).name}: "
-            f"{str(exc).splitlines()[0]}{hint}",
+            f"{_bounded(str(exc) or type(exc).__name__)}{hint}",
             file=str(samples.path),
         ) from exc
+
+
+def _bounded(cause: str) -> str:
+    if len(cause) <= MAX_CAUSE_CHARS:
+        return cause
+    return f"{cause[:MAX_CAUSE_CHARS]}… ({len(cause) - MAX_CAUSE_CHARS} more characters)"
 
 
 def _shapes(probe: Any) -> str:

@@ -15,12 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from recalib.contract import Preprocess
+from recalib.contract import JobOptions, Preprocess
 from recalib.errors import ArchiveRejectedError, InvalidDataError, InvalidOptionError
 from tests.worker.formats_files import digit_pngs, png_bytes
+from worker.batch_limits import BatchLimits
 from worker.digits import load_digits_arrays
+from worker.engine.inputs import call_model
 from worker.formats.data import DataLimits, open_samples
+from worker.formats.models import LoadedModel
+from worker.preflight import check_job
+from worker.splits import plan_data
 
 
 def _lie_about_the_count(path: Path, count: int) -> None:
@@ -194,3 +200,46 @@ def test_an_image_that_a_resize_makes_too_large_is_skipped(tmp_path):
     assert samples.skipped_entries == 1
     assert "b.png" in samples.skipped_examples[0]
     assert "max_image_pixels" in samples.skipped_examples[0]
+
+
+class _FailingNet(nn.Module):
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(1)
+        self.message = message
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.bn(x)
+        raise RuntimeError(self.message)
+
+
+def _check_failing_model(message: str, tmp_path: Path) -> InvalidDataError:
+    data = tmp_path / "data.npz"
+    np.savez(data, inputs=np.zeros((4, 1, 8, 8), dtype=np.float32), labels=np.zeros(4, int))
+    samples = open_samples(data)
+    model = _FailingNet(message).eval()
+    loaded = LoadedModel(module=model, format="module", source_path=tmp_path / "model.pt")
+    options = JobOptions()
+    plan = plan_data(samples, None, options)
+    with pytest.raises(InvalidDataError) as info:
+        check_job(model, loaded, plan, BatchLimits(), options, call_model)
+    return info.value
+
+
+def test_preflight_keeps_every_line_of_the_models_failure(tmp_path):
+    error = _check_failing_model(
+        "shapes cannot be multiplied\n  in layer fc: expects 64 features, got 256", tmp_path
+    )
+    assert "samples of shape (1, 8, 8) from data.npz" in error.message
+    assert "expects 64 features, got 256" in error.message
+
+
+def test_preflight_bounds_the_length_of_the_cause(tmp_path):
+    error = _check_failing_model("why it failed " + "x" * 10_000, tmp_path)
+    assert "why it failed" in error.message
+    assert len(error.message) < 2_300
+
+
+def test_preflight_names_a_failure_that_has_no_message(tmp_path):
+    error = _check_failing_model("", tmp_path)
+    assert error.message.endswith("from data.npz: RuntimeError")
