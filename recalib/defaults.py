@@ -60,9 +60,6 @@ RUNNER_MAX_JOBS = 200
 RUNNER_MAX_RSS_MB = 8192
 """A warm runner whose resident memory passed this after a job is replaced (0: never)."""
 
-MODEL_CACHE_BYTES = 2 * 1024**3
-"""Tensor bytes of loaded models a warm runner keeps for later jobs on the same model (0: none)."""
-
 DATA_WORKERS = -1
 """DataLoader processes decoding image archives; -1: min(8, CPU cores - 1)."""
 

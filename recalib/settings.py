@@ -113,10 +113,26 @@ class Settings(BaseSettings):
     worker_mode: Literal["warm", "fork"] = Field(
         defaults.WORKER_MODE,
         description=(
-            "`warm`: each worker keeps one runner process (spawned, never forked) that has torch, "
-            "the device and recent models loaded and runs the jobs one after another; `fork`: "
-            "each job runs in a fresh process forked from the worker (pays torch's first-use "
-            "costs every job)."
+            "`warm`: each worker keeps one runner process (spawned, never forked) that has torch "
+            "loaded and forks a fresh sandboxed process for each job; `fork`: each job starts a "
+            "one-shot runner of its own (pays torch's import every job)."
+        ),
+    )
+    sandbox: Literal["strict", "basic", "off"] = Field(
+        "strict",
+        description=(
+            "How jobs' models are confined (README, Security). `strict`: Landlock (files, TCP), "
+            "seccomp (no socket, program, process or tracing) and a network namespace; "
+            "`basic`: without the namespace (containers that forbid unshare); `off`: none "
+            "(trusted models only). A worker refuses to start when a mechanism is missing."
+        ),
+    )
+    job_memory_mb: int = Field(
+        16384,
+        ge=0,
+        description=(
+            "Address space a job's sandboxed process may map, MiB (RLIMIT_AS; 0: unbounded; "
+            "not applied to CUDA jobs, whose driver maps far more than it uses)."
         ),
     )
     runner_max_jobs: int = Field(
@@ -132,20 +148,13 @@ class Settings(BaseSettings):
             "(0: never)."
         ),
     )
-    model_cache_bytes: int = Field(
-        defaults.MODEL_CACHE_BYTES,
-        ge=0,
-        description=(
-            "Tensor bytes of loaded models a warm runner keeps (LRU, by content sha256), so a "
-            "later job on the same model skips loading it; 0 disables the cache."
-        ),
-    )
     data_workers: int = Field(
         defaults.DATA_WORKERS,
         ge=-1,
         description=(
             "DataLoader processes decoding image archives while the model computes (0: in the "
-            "job's own process); -1: min(8, CPU cores - 1)."
+            "job's own process); -1: min(8, CPU cores - 1). Only with `RECALIB_SANDBOX=off`: "
+            "the sandbox lets a job start no process."
         ),
     )
     retention_s: int = Field(

@@ -73,6 +73,15 @@ def parent_pid(pid: int) -> int:
         return -1
 
 
+def job_pids(runner_pid: int) -> list[int]:
+    """The job processes a runner forked (at most one at a time)."""
+    try:
+        children = Path(f"/proc/{runner_pid}/task/{runner_pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(pid) for pid in children]
+
+
 def runner_pids(worker_pid: int) -> list[int]:
     """The warm runner(s) of a worker: its children running ``worker.runner.warm`` (not their
     own children, the DataLoader processes, which share that command line)."""

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from recalib.jobs.records import load
-from tests.job_watch import event_at, parent_pid, runner_pids, running_in
+from tests.job_watch import event_at, job_pids, parent_pid, runner_pids, running_in
 from tests.live import (
     Stack,
     create_job,
@@ -39,7 +39,7 @@ REAPER_BOUND_S = 3 * 1 + 0.5  # tests.live.FAST_ENV: 1 s beats, 0.5 s reaper pas
 def stack(live_redis_url: str, tmp_path_factory: pytest.TempPathFactory):
     with Stack(live_redis_url, tmp_path_factory.mktemp("warm"), OMP_NUM_THREADS="1") as stack:
         stack.start_api()
-        stack.start_worker("w1", RECALIB_RUNNER_MAX_JOBS="3", RECALIB_DATA_WORKERS="2")
+        stack.start_worker("w1", RECALIB_RUNNER_MAX_JOBS="3")
         yield stack
 
 
@@ -70,7 +70,7 @@ def _one_runner(worker_pid: int) -> int:
 
 
 @pytest.mark.slow
-def test_jobs_share_one_warm_runner_and_its_cached_model(
+def test_jobs_share_one_warm_runner_each_in_a_sandboxed_process_of_its_own(
     client: httpx.Client, stack: Stack, digits_ids
 ) -> None:
     worker = stack.workers["w1"]
@@ -79,8 +79,11 @@ def test_jobs_share_one_warm_runner_and_its_cached_model(
     second = _run(client, digits_ids, seed=2)
     assert runner_pids(worker.pid) == [runner]  # the same runner ran both
     log = worker.log()
-    assert log.count("from the runner's cache") == 1  # the second job skipped loading the model
     assert re.search(rf"job {second['id']} attempt 1: succeeded", log)
+    for done in (first, second):
+        assert done["result"]["sandbox"]["level"] == "strict"
+        assert set(done["result"]["sandbox"]["mechanisms"]) >= {"seccomp", "netns"}
+    assert job_pids(runner) == []  # each job's process is gone with its job
     assert not _maps_torch(worker.pid)  # the worker itself never loads torch
     assert _maps_torch(runner)
     assert first["result"]["runtime"]["oom_retries"] == []
@@ -97,13 +100,12 @@ def test_the_runner_is_recycled_after_its_job_limit(
     new = _one_runner(worker.pid)
     assert new != old
     assert "3 jobs (RECALIB_RUNNER_MAX_JOBS)" in worker.log()
-    hits = worker.log().count("from the runner's cache")
     _run(client, digits_ids, seed=4)
-    assert worker.log().count("from the runner's cache") == hits  # a new runner: a new cache
+    assert runner_pids(worker.pid) == [new]
 
 
 @pytest.mark.slow
-def test_a_killed_horse_takes_its_runner_and_the_job_runs_again(
+def test_a_killed_horse_takes_its_job_process_and_the_job_runs_again(
     client: httpx.Client, stack: Stack, digits_ids, long_calibration_id, record_property
 ) -> None:
     worker = stack.workers["w1"]
@@ -111,7 +113,9 @@ def test_a_killed_horse_takes_its_runner_and_the_job_runs_again(
     job_id = create_job(client, job_body(ids, batch_size=2))["id"]
     running_in(client, job_id, "recalibrating")
     runner = _one_runner(worker.pid)
-    horses = [p for p in session_pids(worker.pid) if p not in (worker.pid, runner)]
+    jobs = job_pids(runner)
+    assert len(jobs) == 1, jobs
+    horses = [p for p in session_pids(worker.pid) if p not in (worker.pid, runner, *jobs)]
     assert len(horses) == 1, horses
     seen = len(client.get(f"/v1/jobs/{job_id}/events").json())
     killed_at = time.monotonic()
@@ -119,12 +123,13 @@ def test_a_killed_horse_takes_its_runner_and_the_job_runs_again(
     event_at(client, job_id, seen, _queued, "the job to be queued again", 30)
     record_property("horse_kill_to_requeued_s", round(time.monotonic() - killed_at, 2))
     assert time.monotonic() - killed_at < 5.0
-    assert runner not in runner_pids(worker.pid)  # killed with the horse's run
+    assert runner in runner_pids(worker.pid)  # the runner holds nothing of the job: it stays
+    wait_until(lambda: jobs[0] not in job_pids(runner), 5, "the job's process to be killed")
     messages = [e["message"] or "" for e in client.get(f"/v1/jobs/{job_id}/events").json()]
     assert any("work horse died" in m and "killed by SIGKILL" in m for m in messages), messages
     running_in(client, job_id, "recalibrating")
     assert client.get(f"/v1/jobs/{job_id}").json()["attempts"] == 2
-    assert _one_runner(worker.pid) != runner  # a new runner runs attempt 2
+    assert _one_runner(worker.pid) == runner  # the same runner runs attempt 2, in a new process
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
     done = wait_for_job(client, job_id, FINAL, timeout_s=30)
     assert done["status"] == "cancelled"
@@ -132,12 +137,11 @@ def test_a_killed_horse_takes_its_runner_and_the_job_runs_again(
 
 
 @pytest.mark.slow
-def test_a_killed_runner_is_seen_at_once_while_its_loader_processes_linger(
+def test_a_killed_runner_is_seen_at_once_and_takes_its_job_process(
     client: httpx.Client, stack: Stack, digits_ids, digits_case, tmp_path: Path, record_property
 ) -> None:
-    """Image archives are decoded by DataLoader processes forked from the runner: they hold
-    copies of its connection to the horse (and outlive it by up to 5 s), so the horse must not
-    wait for end of file alone to learn that its runner died."""
+    """The job's process holds a copy of the horse's connection: the horse must not wait for
+    end of file alone to learn that the runner died, and the job's process dies with it."""
     inputs, labels = digits_case.shifted_calibration
     archive = tmp_path / "digits.zip"
     pngs = digit_pngs(np.tile(inputs, (4, 1, 1, 1)), len(inputs) * 4)  # a few thousand
@@ -150,8 +154,8 @@ def test_a_killed_runner_is_seen_at_once_while_its_loader_processes_linger(
     running_in(client, job_id, "recalibrating")
     worker = stack.workers["w1"]
     runner = _one_runner(worker.pid)
-    loaders = [p for p in session_pids(worker.pid) if parent_pid(p) == runner]
-    assert loaders, "no DataLoader process: RECALIB_DATA_WORKERS did not apply"
+    jobs = job_pids(runner)
+    assert len(jobs) == 1, jobs
     seen = len(client.get(f"/v1/jobs/{job_id}/events").json())
     killed_at = time.monotonic()
     os.kill(runner, signal.SIGKILL)
@@ -159,6 +163,8 @@ def test_a_killed_runner_is_seen_at_once_while_its_loader_processes_linger(
     took_s = time.monotonic() - killed_at
     record_property("runner_kill_to_requeued_s", round(took_s, 2))
     assert took_s < 3.0, f"{took_s:.1f} s"
+    wait_until(lambda: not Path(f"/proc/{jobs[0]}").exists() or parent_pid(jobs[0]) != runner,
+               5, "the job's process to die with its runner")  # fmt: skip
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
     wait_for_job(client, job_id, FINAL, timeout_s=60)
 
@@ -189,12 +195,14 @@ def test_the_runner_and_horse_die_with_their_worker(
 
 
 @pytest.mark.slow
-def test_a_fork_mode_worker_runs_jobs_in_its_horses(
+def test_a_fork_mode_worker_runs_each_job_in_a_one_shot_runner(
     client: httpx.Client, stack: Stack, digits_ids
 ) -> None:
     worker = stack.start_worker("f1", RECALIB_WORKER_MODE="fork")
     done = _run(client, digits_ids, seed=6)
     assert load(stack.conn, done["id"]).record.worker == "f1"  # type: ignore[union-attr]
-    assert runner_pids(worker.pid) == []
+    assert runner_pids(worker.pid) == []  # no runner of its own: each horse starts one
     assert "fork mode" in worker.log()
-    assert _maps_torch(worker.pid)  # a forking worker preloads torch for its horses
+    assert "ready (sandbox strict" in worker.log()
+    assert done["result"]["sandbox"]["level"] == "strict"
+    assert not _maps_torch(worker.pid)  # neither worker nor horse loads torch

@@ -100,10 +100,10 @@ def _settings_error(exc: ValidationError) -> InvalidOptionError:
 def main(args: argparse.Namespace) -> int:
     spec = build_spec(args)
     require("worker", "run")
-    from worker.pipeline import run_job  # torch is imported only here
+    from worker.runner.sandboxed import run_spec  # the same sandboxed path as the service's
 
     with _ProgressBar() as bar:
-        report = run_job(spec, on_progress=bar.update)
+        report = run_spec(spec, get_settings(), on_progress=bar.update)
     if args.json:
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
     else:

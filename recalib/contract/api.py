@@ -218,6 +218,10 @@ class WorkerInfo(Output):
     state: str
     current_job: str | None = None
     last_heartbeat: datetime | None = None
+    sandbox: str | None = Field(
+        None,
+        description="The sandbox its jobs run in, e.g. `strict (landlock-abi7, seccomp, netns)`.",
+    )
 
 
 class Readiness(Output):

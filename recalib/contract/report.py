@@ -238,6 +238,15 @@ class RegisteredModel(Output):
     )
 
 
+class SandboxUsed(Output):
+    """Which sandbox ran the job's model (``RECALIB_SANDBOX``) and what enforced it."""
+
+    level: Literal["strict", "basic", "off"]
+    mechanisms: list[str] = Field(
+        description="e.g. landlock-abi7, seccomp, netns; empty at level off."
+    )
+
+
 class Report(Output):
     """``report.json``: the result of one recalibration."""
 
@@ -273,4 +282,7 @@ class Report(Output):
     )
     registered: RegisteredModel | None = Field(
         None, description="The MLflow model version registered (`options.register`)."
+    )
+    sandbox: SandboxUsed | None = Field(
+        None, description="The sandbox the model ran in; set by the trusted worker."
     )

@@ -29,8 +29,11 @@ from recalib.jobs.upload_area import clean_stale_uploads
 
 T = TypeVar("T")
 
-INPUTS_DIR = "inputs"
-"""Inside an attempt directory: the run's inputs (links to the uploads), removed when it ends."""
+INPUTS_SUFFIX = ".inputs"
+"""Beside an attempt directory: the run's inputs (links to the uploads), removed when it ends.
+Never inside it: the sandboxed job may write its attempt directory, and must not write these."""
+TMP_SUFFIX = ".tmp"
+"""Beside an attempt directory: the sandboxed job's scratch (``TMPDIR``), removed when it ends."""
 LOCK_NAME = ".lock"
 SCRATCH_DIR = "scratch"
 
@@ -66,6 +69,20 @@ class ArtifactStore:
             raise RuntimeError("an ArtifactStore over object storage needs a scratch_root")
         return self.scratch_root / f"{job_id}-attempt-{attempt}"
 
+    def inputs_dir(self, job_id: str, attempt: int) -> Path:
+        """Where run ``attempt`` finds its inputs (read-only to the sandboxed job)."""
+        path = self.attempt_dir(job_id, attempt)
+        return path.with_name(path.name + INPUTS_SUFFIX)
+
+    def tmp_dir(self, job_id: str, attempt: int) -> Path:
+        """The sandboxed job's scratch directory."""
+        path = self.attempt_dir(job_id, attempt)
+        return path.with_name(path.name + TMP_SUFFIX)
+
+    def _drop_run_dirs(self, job_id: str, attempt: int) -> None:
+        shutil.rmtree(self.inputs_dir(job_id, attempt), ignore_errors=True)
+        shutil.rmtree(self.tmp_dir(job_id, attempt), ignore_errors=True)
+
     def output_prefix(self, record: JobRecord) -> str | None:
         """The key prefix of the artifacts of the run that succeeded; None when no run has."""
         if record.output_attempt is None:
@@ -93,6 +110,9 @@ class ArtifactStore:
         """An empty directory for run ``attempt`` (what an earlier try of it left is removed)."""
         path = self.attempt_dir(job_id, attempt)
         shutil.rmtree(path, ignore_errors=True)
+        self._drop_run_dirs(job_id, attempt)
+        for run_dir in (self.inputs_dir(job_id, attempt), self.tmp_dir(job_id, attempt)):
+            run_dir.mkdir(parents=True, mode=0o700)
         if not isinstance(self.storage, LocalStorage) and self.scratch_root is not None:
             self.scratch_root.mkdir(parents=True, exist_ok=True)
             clean_stale_uploads(self.scratch_root)  # runs on this machine that were killed
@@ -113,19 +133,19 @@ class ArtifactStore:
         with self.storage.guard("worker"):
             for path in sorted(local_dir.rglob("*")):
                 relative = path.relative_to(local_dir)
-                if not path.is_file() or relative.parts[0] in (INPUTS_DIR, LOCK_NAME):
-                    continue
+                if path.is_symlink() or not path.is_file() or relative.parts[0] == LOCK_NAME:
+                    continue  # written by the sandboxed job: regular files only
                 self.storage.upload_file(path, prefix + relative.as_posix())
 
     def end_attempt(self, job_id: str, attempt: int, *, published: bool) -> None:
         """After a run: drop its inputs (and its scratch); drop everything it wrote unless it
         was published, and when it was, every other attempt's leftovers."""
         path = self.attempt_dir(job_id, attempt)
+        self._drop_run_dirs(job_id, attempt)
         if isinstance(self.storage, LocalStorage):
             if not published:
                 shutil.rmtree(path, ignore_errors=True)
                 return
-            shutil.rmtree(path / INPUTS_DIR, ignore_errors=True)
             for other in layout.job_dir(self.storage.root, job_id).glob("attempt-*"):
                 if other != path:
                     shutil.rmtree(other, ignore_errors=True)

@@ -39,6 +39,7 @@ def fetch_context(settings: Settings, store: Storage | None) -> FetchContext:
         store=store,
         s3_endpoint_url=settings.s3_endpoint_url or None,
         mlflow_tracking_uri=settings.mlflow_tracking_uri or None,
+        deadline_s=settings.uri_fetch_deadline_s,
     )
 
 

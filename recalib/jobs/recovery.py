@@ -47,7 +47,7 @@ from recalib.jobs.direct_uploads import GRACE_S, DirectUploads
 from recalib.jobs.file_store import FileStore
 from recalib.jobs.keys import ACTIVE_KEY, FINISHED_KEY, REAPER_LOCK_KEY, as_text, events_key
 from recalib.jobs.records import Stored, utcnow
-from recalib.jobs.states import recover_run, requeue_lost
+from recalib.jobs.states import RunEnd, end_run
 from recalib.jobs.storage import open_storage, scratch_root
 from recalib.jobs.workers import read_worker
 from recalib.settings import Settings
@@ -130,7 +130,8 @@ class Reaper:
         worker = read_worker(self.conn, record.worker) if record.worker else None
         if worker is None or worker.current_job != record.id:
             reason = f"worker {record.worker} died while running the job"
-            return recover_run(self.conn, self.settings, record.id, reason=reason) is not None
+            seen = RunEnd(record.id, "lost", reason)
+            return end_run(self.conn, self.settings, seen) is not None
         waited_s = time.time() - stored.cancel_at if stored.cancel_at else 0.0
         if (
             record.status == JobStatus.cancelling
@@ -149,7 +150,8 @@ class Reaper:
         if queued_at is None or (utcnow() - queued_at).total_seconds() < QUEUED_GRACE_S:
             return False
         if stored.rq_job_id is None:
-            return requeue_lost(self.conn, self.settings, stored, "the job had no run queued")
+            seen = RunEnd(stored.record.id, "handed-back", "the job had no run queued")
+            return end_run(self.conn, self.settings, seen) is not None
         state, worker_name = queue.rq_job_state(self.conn, stored.rq_job_id)
         if state in (RqStatus.QUEUED, RqStatus.DEFERRED, RqStatus.SCHEDULED):
             return False
@@ -158,7 +160,8 @@ class Reaper:
             if worker is not None and worker.current_job == stored.record.id:
                 return False  # taken; the work horse is starting
         reason = "the queued run was lost" if state is None else f"the queued run ended {state}"
-        return requeue_lost(self.conn, self.settings, stored, reason)
+        seen = RunEnd(stored.record.id, "handed-back", reason, rq_job_id=stored.rq_job_id)
+        return end_run(self.conn, self.settings, seen) is not None
 
     # -- retention -------------------------------------------------------------------------
 

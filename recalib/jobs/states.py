@@ -10,7 +10,9 @@
                ├──cancel_queued──▶ cancelled
                └──fail_unstarted─▶ failed
 
-Each function states the status (and run) it expects; when the job has moved on it changes
+:func:`end_run` is the one place that decides what the end of a run (as a worker, a work horse
+or the reaper saw it) makes of the job; it calls the transitions below. Each function states the
+status (and run) it expects; when the job has moved on it changes
 nothing and returns None, so a stale writer (an earlier run, a second reaper, a worker finishing
 while the reaper recovers it) can never overwrite a newer state. The API, the worker and the
 reaper call these functions and never write a record themselves.
@@ -19,6 +21,8 @@ reaper call these functions and never write a record themselves.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Literal
 
 import redis
 from redis.client import Pipeline
@@ -284,3 +288,54 @@ def recover_run(
     if new is not None:
         logger.warning("job %s: %s → %s", job_id, reason, new.status.value)
     return new
+
+
+# -- the end of a run, whoever saw it -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """What a caller saw of the end of a job's run (RQ job ``rq_job_id``, attempt, worker).
+
+    ``how``: ``finished`` (the run ended its job itself: ``status`` with ``result`` or
+    ``error``); ``lost`` (its process died, or its worker: ``reason`` says how, and
+    ``unstarted_reason`` what kept it from starting the job, if it had not); ``handed-back`` (a
+    shutdown or an unavailable store took it away before it could run: never the job's fault).
+    """
+
+    job_id: str
+    how: Literal["finished", "lost", "handed-back"]
+    reason: str = ""
+    rq_job_id: str | None = None
+    attempt: int | None = None
+    worker: str | None = None
+    status: JobStatus | None = None
+    result: Report | None = None
+    error: JobError | None = None
+    unstarted_reason: str = ""
+
+
+def end_run(conn: redis.Redis, settings: Settings, seen: RunEnd) -> JobRecord | None:
+    """The one place that decides what the end of a run makes of its job.
+
+    Finished → :func:`finish_run`. Lost or handed back while running → :func:`recover_run`
+    (cancelled if being cancelled, failed past the timeout or out of attempts, else queued again).
+    Still queued (the run never started it): handed back → :func:`requeue_lost`; lost →
+    :func:`fail_unstarted` (a run that cannot start a job would fail the next one the same way).
+    A job that moved on (another run, a final status) is left alone: None.
+    """
+    if seen.how == "finished":
+        if seen.status is None or seen.attempt is None:
+            raise ValueError("a finished run needs its status and attempt")
+        return finish_run(conn, seen.job_id, seen.attempt, seen.worker, seen.status,
+                          result=seen.result, error=seen.error)  # fmt: skip
+    stored = load(conn, seen.job_id)
+    if stored is None or stored.record.status.is_final:
+        return None
+    if seen.rq_job_id is not None and stored.rq_job_id != seen.rq_job_id:
+        return None
+    if stored.record.status == JobStatus.queued:
+        if seen.how == "handed-back":
+            return stored.record if requeue_lost(conn, settings, stored, seen.reason) else None
+        return fail_unstarted(conn, stored, seen.unstarted_reason or seen.reason)
+    return recover_run(conn, settings, seen.job_id, reason=seen.reason, rq_job_id=seen.rq_job_id)

@@ -15,8 +15,7 @@ import time
 import redis
 
 from recalib.errors import ServiceUnavailableError
-from recalib.jobs import records
-from recalib.jobs.states import requeue_lost
+from recalib.jobs.states import RunEnd, end_run
 from recalib.jobs.storage import open_storage
 from recalib.settings import Settings
 
@@ -49,7 +48,9 @@ def wait_for_store(
             break
         logger.warning("job %s waits for the store: %s", job_id, reason)
         time.sleep(PROBE_EVERY_S)
-    stored = records.load(conn, job_id)
-    if stored is not None and stored.rq_job_id == rq_job_id:
-        requeue_lost(conn, settings, stored, f"the store is unavailable ({reason})")
+    seen = RunEnd(
+        job_id, "handed-back", f"the store is unavailable ({reason})", rq_job_id=rq_job_id
+    )
+    if rq_job_id is not None:
+        end_run(conn, settings, seen)
     return False

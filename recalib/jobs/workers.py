@@ -80,5 +80,6 @@ def _info(name: str, raw: dict[bytes, bytes]) -> WorkerInfo:
         device=fields.get("device", "unknown"),
         state=fields.get("state", "unknown"),
         current_job=fields.get("current_job") or None,
+        sandbox=fields.get("sandbox") or None,
         last_heartbeat=datetime.fromisoformat(beat_at) if beat_at else None,
     )

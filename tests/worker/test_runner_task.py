@@ -13,7 +13,7 @@ from recalib.jobs.job_store import JobStore
 from recalib.jobs.records import load
 from recalib.settings import Settings
 from tests.worker.stored_files import store_files
-from worker.runner.task import _Run
+from worker.runner.task import JobRun
 
 
 @pytest.fixture
@@ -42,12 +42,12 @@ def test_a_superseded_run_finishing_first_leaves_the_live_run_its_success(
     second = _start(redis_conn, settings, record.id, "w2")
     assert (first.attempts, second.attempts) == (1, 2)
 
-    _Run(redis_conn, settings, first).execute()  # the stale run completes its work first
+    JobRun(redis_conn, settings, first).execute()  # the stale run completes its work first
     stored = load(redis_conn, record.id)
     assert stored is not None and stored.record.status == JobStatus.running  # untouched
     assert not layout.attempt_dir(settings.data_dir, record.id, 1).exists()
 
-    _Run(redis_conn, settings, second).execute()
+    JobRun(redis_conn, settings, second).execute()
     done = load(redis_conn, record.id)
     assert done is not None, "job record vanished"
     assert done.record.status == JobStatus.succeeded, done.record.error
@@ -57,5 +57,6 @@ def test_a_superseded_run_finishing_first_leaves_the_live_run_its_success(
     assert (out / done.record.result.checkpoint.file).is_file()
     assert (out / "report.json").is_file()
     assert not (out / "inputs").exists()
+    assert not out.with_name("attempt-2.inputs").exists()
     job_dir = layout.job_dir(settings.data_dir, record.id)
     assert sorted(p.name for p in job_dir.iterdir()) == ["attempt-2"]

@@ -1,11 +1,12 @@
 """The warm runner process (worker/runner/warm.py) and the worker's handle on it (supervise.py),
 with a real Valkey, real files and real processes; this test plays the work horse's part.
 
-- a run through the runner's socket ends the job's record as the in-process task would;
-- a horse that goes away mid-run makes the runner exit at once (no unsupervised run);
+- jobs through the runner's socket end their records, each in a fresh sandboxed process;
+- a trusted side that goes away mid-job has the job's process killed at once (no unsupervised
+  job), and the runner takes the next job;
 - the runner dies with its worker (``PR_SET_PDEATHSIG``);
 - recycling after ``RECALIB_RUNNER_MAX_JOBS`` jobs or past ``RECALIB_RUNNER_MAX_RSS_MB``, and
-  replacement after an unclean run;
+  replacement of a runner that died;
 - the worker's side imports no torch.
 """
 
@@ -16,21 +17,29 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from recalib.contract import JobCreate, JobOptions, JobStatus
+from recalib.contract import JobCreate, JobOptions, JobSpec, JobStatus
 from recalib.jobs.job_store import JobStore
 from recalib.jobs.records import load
 from recalib.settings import Settings
 from tests.live import REPO_ROOT, wait_until
 from tests.worker.stored_files import store_files
-from worker.runner.protocol import HORSE_GONE_EXIT, read_line, send_line
+from worker.runner.protocol import (
+    SOCKET_ENV,
+    JobRequest,
+    LineReader,
+    encode_request,
+    read_line,
+    send_line,
+)
 from worker.runner.supervise import RunnerProcess
+from worker.runner.task import JobRun, start
+from worker.sandbox.confine import JobConfinement
 
 WORKER = "w-test"
 
@@ -74,70 +83,73 @@ def _job(conn, settings: Settings, files: dict[str, Path], **options: object) ->
     return record.id, stored.rq_job_id
 
 
-def _ask(runner: RunnerProcess, job_id: str, rq_job_id: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(str(runner.socket_path))
-    send_line(sock, {"job_id": job_id, "rq_job_id": rq_job_id, "worker": WORKER})
-    return sock
+def _spec_request(tmp_path: Path, files: dict[str, Path], **options: object) -> JobRequest:
+    """A job's request as a trusted side would send it, for files already in ``tmp_path``."""
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    out.mkdir()
+    scratch.mkdir()
+    spec = JobSpec(
+        model_path=str(files["model"]),
+        calibration_path=str(files["calibration"]),
+        options=JobOptions.model_validate(options),
+        out_dir=str(out),
+    )
+    inputs = tuple(str(files[role]) for role in ("model", "calibration"))
+    confinement = JobConfinement(inputs=inputs, out_dir=str(out), tmp_dir=str(scratch))
+    return JobRequest(spec=spec.model_dump(mode="json"), confinement=confinement, level="strict")
 
 
 @pytest.mark.slow
-def test_a_run_through_the_socket_ends_the_record(
-    redis_conn, settings: Settings, runner: RunnerProcess, digits_files
+def test_jobs_through_the_socket_end_their_records(
+    redis_conn, settings: Settings, runner: RunnerProcess, digits_files, monkeypatch
 ) -> None:
-    for seed in (1, 2):  # the second run reuses the runner (and its cached model)
+    monkeypatch.setenv(SOCKET_ENV, str(runner.socket_path))
+    for seed in (1, 2):  # the second job reuses the runner; its process is a fresh fork
         job_id, rq_job_id = _job(redis_conn, settings, digits_files, seed=seed)
-        with _ask(runner, job_id, rq_job_id) as sock:
-            assert read_line(sock) == {"ok": True}
+        record = start(redis_conn, settings, job_id, rq_job_id)
+        assert record is not None
+        JobRun(redis_conn, settings, record).execute()
         stored = load(redis_conn, job_id)
         assert stored is not None
         assert stored.record.status == JobStatus.succeeded, stored.record.error
-        assert (stored.record.worker, stored.record.attempts) == (WORKER, 1)
+        assert stored.record.result is not None and stored.record.result.sandbox is not None
+        assert stored.record.result.sandbox.level == "strict"
     assert runner.alive()
 
 
 @pytest.mark.slow
-def test_a_request_for_a_job_that_is_not_queued_changes_nothing(
-    redis_conn, settings: Settings, runner: RunnerProcess, digits_files
-) -> None:
-    job_id, _ = _job(redis_conn, settings, digits_files)
-    with _ask(runner, job_id, "another-run") as sock:  # a stale run of the job
-        assert read_line(sock) == {"ok": True}
-    stored = load(redis_conn, job_id)
-    assert stored is not None and stored.record.status == JobStatus.queued
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # garbage: ignored
+def test_a_garbled_request_is_ignored(runner: RunnerProcess) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(runner.socket_path))
         sock.sendall(b"not json\n")
-        assert read_line(sock) is None
+        assert read_line(sock) is None  # closed without an answer
     assert runner.alive()
 
 
 @pytest.mark.slow
-def test_a_horse_that_goes_away_mid_run_takes_the_runner_with_it(
-    redis_conn, settings: Settings, runner: RunnerProcess, digits_files, digits_case, tmp_path
+def test_a_trusted_side_that_goes_away_mid_job_has_its_job_killed(
+    runner: RunnerProcess, digits_files, digits_case, tmp_path
 ) -> None:
     long = tmp_path / "long.npz"  # 40,000 samples at batch_size 2: minutes of recalibration
     np.savez(long, inputs=np.tile(digits_case.shifted_calibration[0], (112, 1, 1, 1))[:40_000])
-    files = digits_files | {"calibration": long}
-    job_id, rq_job_id = _job(redis_conn, settings, files, batch_size=2)
-    sock = _ask(runner, job_id, rq_job_id)
-
-    def recalibrating() -> bool:
-        stored = load(redis_conn, job_id)
-        return stored is not None and stored.record.progress.phase.value == "recalibrating"
-
-    wait_until(recalibrating, 90, "the run to recalibrate")
+    request = _spec_request(tmp_path, {"model": digits_files["model"], "calibration": long},
+                            batch_size=2)  # fmt: skip
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(runner.socket_path))
+    send_line(sock, encode_request(request))
+    reader, pid, phase = LineReader(sock), None, None
+    while phase != "recalibrating":
+        event = reader.read()
+        assert event is not None and event.get("event") != "exit", event
+        pid = event.get("pid", pid)
+        phase = (event.get("progress") or {}).get("phase", phase)
+    assert pid is not None and _alive(pid)
     sock.close()  # what the kernel does when the horse is SIGKILLed
-    assert runner.popen is not None
-    assert runner.popen.wait(timeout=15) == HORSE_GONE_EXIT
-    assert runner.death() == f"exit status {HORSE_GONE_EXIT}"
-    stored = load(redis_conn, job_id)
-    assert stored is not None and stored.record.status == JobStatus.running  # the worker's call
-    started = time.monotonic()
-    late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with late, pytest.raises(ConnectionRefusedError):  # the next horse learns it at once
-        late.connect(str(runner.socket_path))
-    assert time.monotonic() - started < 1.0
+    wait_until(lambda: not _alive(pid), 10, f"job process {pid} to be killed")
+    assert runner.alive()  # the runner holds nothing of the job: it stays
+    again = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with again:
+        again.connect(str(runner.socket_path))  # and takes the next job
 
 
 PARENT = """
@@ -178,28 +190,31 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_recycled_after_max_jobs_or_memory_and_replaced_after_an_unclean_run(
+def test_recycled_after_max_jobs_or_memory_and_replaced_when_it_died(
     settings: Settings,
 ) -> None:
     process = RunnerProcess(settings.model_copy(update={"runner_max_jobs": 2}), WORKER)
     process.start()
     try:
         first = process.pid
-        process.after_job(clean=True)
+        process.after_job()
         assert process.pid == first  # one job of two
-        process.after_job(clean=True)
+        process.after_job()
         second = process.pid
         assert second != first and process.jobs == 0 and not _alive(first)
 
         assert process.wait_ready(tick=lambda: None, tick_s=1.0)
         process.settings = settings.model_copy(update={"runner_max_rss_mb": 1})
-        process.after_job(clean=True)  # any runner holds more than 1 MiB
+        process.after_job()  # any runner holds more than 1 MiB
         third = process.pid
         assert third != second and not _alive(second)
 
         process.settings = settings
-        process.after_job(clean=False)  # its horse was killed: the run may still go on
-        assert process.pid != third and not _alive(third) and process.alive()
+        assert third is not None
+        os.kill(third, signal.SIGKILL)
+        wait_until(lambda: not _alive(third), 10, "the runner to die")
+        process.after_job()  # it died: replaced
+        assert process.pid != third and process.alive()
         assert process.starts == 4
     finally:
         process.close()
@@ -209,7 +224,8 @@ def test_recycled_after_max_jobs_or_memory_and_replaced_after_an_unclean_run(
 def test_the_worker_side_imports_no_torch() -> None:
     code = (
         "import sys\n"
-        "import worker.runner.process, worker.runner.task, worker.runner.proxy\n"
+        "import worker.runner.process, worker.runner.task, worker.runner.client\n"
+        "import worker.runner.sandboxed, worker.sandbox.levels\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))"
     )
     env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}

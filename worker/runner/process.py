@@ -5,14 +5,15 @@ timeout and warm/cold shutdown all work on the horse as RQ intends. RQ's ``Simpl
 used: it runs jobs in-process, ignores the stop-job command and stops heart-beating during a job.
 What the horse does depends on ``RECALIB_WORKER_MODE``:
 
-- ``warm`` (default): this process never imports torch. It keeps a warm runner
-  (:mod:`worker.runner.supervise`, :mod:`worker.runner.warm`: a spawned process with torch, the
-  device and a model cache loaded once) and each horse, cheap to fork, hands its run to it and
-  waits (:mod:`worker.runner.proxy`). A runner that dies, or whose horse is killed (cancel's
-  stop-job, the timeout, a cold shutdown), is replaced; the job is reconciled as below.
-- ``fork``: the horse runs the job itself, paying torch's first-use costs every job. CUDA must
-  then never be initialised here (a CUDA context does not survive ``fork()``): this process
-  imports torch for its horses but never calls ``torch.cuda.*``.
+- ``warm`` (default): it keeps a warm runner (:mod:`worker.runner.supervise`,
+  :mod:`worker.runner.warm`: a spawned process with torch loaded once, which forks a sandboxed
+  process per job) and each horse, cheap to fork, hands its job to it (:mod:`worker.runner.task`,
+  :mod:`worker.runner.client`). A runner that dies is replaced; the job is reconciled as below.
+- ``fork``: each horse starts a one-shot runner of its own, paying torch's import every job.
+
+Either way this process and its horses never import torch, and never run a user's model: the
+sandbox level (``RECALIB_SANDBOX``) is checked before the worker starts, and it refuses to start,
+in one line naming the missing mechanism, when the kernel or container cannot provide it.
 
 Either way the device is detected in a short-lived subprocess, and :class:`RecalibWorker`
 
@@ -24,7 +25,7 @@ Either way the device is detected in a short-lived subprocess, and :class:`Recal
   with that message instead of "the uploaded file no longer exists");
 - ends the record of a run whose horse (or runner) died (killed, out of memory, stopped by a
   cancel) as soon as the horse exits: cancelled, re-queued or failed
-  (:func:`recalib.jobs.states.recover_run`);
+  (:func:`recalib.jobs.states.end_run`);
 - makes a horse and the runner die with their worker (``PR_SET_PDEATHSIG``), so no orphan keeps
   running a job that the reaper will give to another worker.
 
@@ -45,11 +46,10 @@ from rq import Worker
 from rq.job import Job
 from rq.queue import Queue
 
-from recalib.contract import JobStatus
 from recalib.errors import ServiceUnavailableError
 from recalib.jobs import data_dir, records, workers
 from recalib.jobs.connection import connect_redis, redis_url, require_redis
-from recalib.jobs.states import fail_unstarted, recover_run, requeue_lost
+from recalib.jobs.states import RunEnd, end_run, fail_unstarted
 from recalib.settings import Settings, get_settings
 from worker.runner.procs import (
     default_worker_name,
@@ -58,7 +58,9 @@ from worker.runner.procs import (
     die_with_parent,
 )
 from worker.runner.protocol import RUNNER_LOST_EXIT
+from worker.runner.sandboxed import SANDBOX_ENV
 from worker.runner.supervise import RunnerProcess
+from worker.sandbox.levels import check as check_sandbox
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class RecalibWorker(Worker):
         settings: Settings,
         device: str,
         runner: RunnerProcess | None = None,
+        sandbox: str = "",
         **kwargs: Any,
     ) -> None:
         self.settings = settings
@@ -92,6 +95,7 @@ class RecalibWorker(Worker):
             "current_job": "",
             "pid": os.getpid(),  # this process's, also when a forked horse beats
             "hostname": socket.gethostname(),
+            "sandbox": sandbox,
         }
         super().__init__(*args, **kwargs)
 
@@ -156,8 +160,8 @@ class RecalibWorker(Worker):
             raise
         finally:
             self._beat(current_job="")
-        if self.runner is not None:  # a runner whose run did not end cleanly is replaced first
-            self.runner.after_job(clean=self._horse_status == 0)
+        if self.runner is not None:  # a runner that died, or is past its limits, is replaced
+            self.runner.after_job()
         reason = f"{self._who_died} died while running the job"
         if self._horse_exit:
             reason += f" ({self._horse_exit}; out of memory?)"
@@ -192,32 +196,19 @@ class RecalibWorker(Worker):
             self._horse_exit = self.runner.death()
         else:
             self._horse_exit = describe_wait_status(ret_val)  # None: RQ killed it, past timeout
-            if self.runner is not None:
-                self.runner.kill()  # it was running the killed horse's job
+            # the runner kills the job's process itself when the horse's connection closes
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
 
     def _reconcile(
         self, job_id: str, rq_job_id: str, reason: str, *, handing_back: bool = False
     ) -> None:
-        """After a horse exits: a run that did not end its job's record is ended here.
-
-        Running/cancelling → :func:`recover_run` (cancelled, re-queued or failed). Still queued
-        (the horse exited before the task marked it running): re-queued on a shutdown, else
-        failed, since a horse that cannot start a job would fail the next run the same way.
-        """
+        """After a horse exits: a run that did not end its job's record is ended here, by
+        :func:`recalib.jobs.states.end_run` (lost, or handed back on a shutdown)."""
+        how = "handed-back" if handing_back else "lost"
+        unstarted = self._horse_exit or "its task failed before it began"
+        seen = RunEnd(job_id, how, reason, rq_job_id=rq_job_id, unstarted_reason=unstarted)
         try:
-            stored = records.load(self.connection, job_id)
-            if stored is None or stored.rq_job_id != rq_job_id or stored.record.status.is_final:
-                return
-            if stored.record.status != JobStatus.queued:
-                recover_run(
-                    self.connection, self.settings, job_id, reason=reason, rq_job_id=rq_job_id
-                )
-            elif handing_back:
-                requeue_lost(self.connection, self.settings, stored, reason)
-            else:
-                detail = self._horse_exit or "its task failed before it began"
-                fail_unstarted(self.connection, stored, detail)
+            end_run(self.connection, self.settings, seen)
         except redis.RedisError:
             logger.exception("job %s: run not reconciled; the reaper will", job_id)
 
@@ -240,6 +231,9 @@ def run_worker(
     becomes this device. Heartbeats every ``worker_heartbeat_s`` seconds, idle or busy.
     Returns whether any job was processed.
     """
+    sandbox = check_sandbox(settings.sandbox)  # fail closed: one line naming what is missing
+    os.environ[SANDBOX_ENV] = f"{sandbox.level}:{','.join(sandbox.mechanisms)}"
+    logger.info("sandbox %s", sandbox.describe())
     probe = connect_redis(settings)  # logs which Redis, and whether the URL was the default
     try:
         require_redis(probe, settings)  # one line and a non-zero exit, not a silent retry loop
@@ -259,7 +253,7 @@ def run_worker(
     settings = settings.model_copy(update={"worker_device": device})
     name = name or default_worker_name()
     runner = RunnerProcess(settings, name) if settings.worker_mode == "warm" else None
-    _preload(with_pipeline=runner is None)
+    _preload()
     beat_s = settings.worker_heartbeat_s
     worker = RecalibWorker(
         [settings.queue_name],
@@ -270,6 +264,7 @@ def run_worker(
         settings=settings,
         device=device,
         runner=runner,
+        sandbox=sandbox.describe(),
     )
     logger.info(
         "worker %s on %s, queue %s, %s mode",
@@ -281,14 +276,6 @@ def run_worker(
     return bool(worker.work(burst=burst, logging_level=settings.log_level))
 
 
-def _preload(*, with_pipeline: bool) -> None:
-    """Import the task (and in fork mode the pipeline, torch) once, here, so that each forked
-    horse starts with them loaded. Importing torch does not initialise CUDA; nothing here may
-    call it. A warm worker imports only the torch-free task: its runner has the pipeline."""
-    try:
-        import worker.runner.task
-
-        if with_pipeline:
-            import worker.pipeline  # noqa: F401
-    except ImportError:
-        logger.exception("the pipeline cannot be imported; jobs will fail until it can")
+def _preload() -> None:
+    """Import the torch-free task once, here, so that each forked horse starts with it loaded."""
+    import worker.runner.task  # noqa: F401

@@ -42,11 +42,29 @@ EXIT_WAIT_S = 5.0
 START_TIMEOUT_S = 600.0
 
 
+RUNNER_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "PYTHONHASHSEED",
+              "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
+              "NVIDIA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # fmt: skip
+"""All a runner inherits of its starter's environment: nothing secret, no Redis or store URL."""
+
+
+def runner_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in RUNNER_ENV}
+
+
 class RunnerProcess:
     """A worker's warm runner (one at a time)."""
 
-    def __init__(self, settings: Settings, worker_name: str) -> None:
-        self.settings, self.worker_name = settings, worker_name
+    def __init__(
+        self,
+        settings: Settings,
+        worker_name: str,
+        *,
+        one_shot: bool = False,
+        log_level: str | None = None,
+    ) -> None:
+        self.settings, self.worker_name, self.one_shot = settings, worker_name, one_shot
+        self.log_level = log_level or settings.log_level
         self._dir: Path | None = None
         self.popen: subprocess.Popen[bytes] | None = None
         self._ready_fd: int | None = None  # read end of the runner's ready pipe, until read
@@ -75,10 +93,12 @@ class RunnerProcess:
         try:
             listener.bind(str(self.socket_path))
             listener.listen(1)
-            env = {k: v for k, v in os.environ.items() if k not in (SOCKET_ENV, PID_ENV)}
+            env = runner_environment()
             cmd = [sys.executable, "-m", "worker.runner.warm", "--fd", str(listener.fileno())]
             cmd += ["--ready-fd", str(ready_write), "--parent", str(os.getpid())]
-            cmd += ["--worker", self.worker_name]
+            cmd += ["--sandbox", self.settings.sandbox, "--log-level", self.log_level]
+            if self.one_shot:
+                cmd.append("--one-shot")
             self.popen = subprocess.Popen(
                 cmd, env=env, pass_fds=(listener.fileno(), ready_write), process_group=0
             )
@@ -161,13 +181,13 @@ class RunnerProcess:
         if popen is not None:
             popen.wait()
 
-    def after_job(self, *, clean: bool) -> None:
-        """After a run: replace the runner unless the run ended ``clean`` (horse exit 0) with
-        the runner alive; recycle it past its job or memory limit."""
+    def after_job(self) -> None:
+        """After a job: replace the runner if it died; recycle it past its job or memory limit.
+        (It holds nothing of a job: each ran in a process of its own, gone now.)"""
         self.jobs += 1
-        if not clean or not self.alive():
-            self.kill()
-            logger.info("worker %s: replacing the runner after an unclean run", self.worker_name)
+        if not self.alive():
+            logger.info("worker %s: replacing the runner, which died (%s)", self.worker_name,
+                        self.death())  # fmt: skip
             self.start()
             return
         reason = self._recycle_reason()

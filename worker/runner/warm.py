@@ -1,159 +1,143 @@
-"""The warm runner: one long-lived process per worker that runs its jobs one after another.
+"""The runner: a clean, warm parent that forks one confined process per job.
 
-Started by the worker (:class:`worker.runner.supervise.RunnerProcess`) as a fresh interpreter
-(``python -m worker.runner.warm``: spawned, never forked from a process that initialised torch
-or CUDA), it imports torch and the pipeline once, initialises the worker's device once, says so
-on its ready pipe (``--ready-fd``), then accepts one run at a time on the listening Unix socket
-the worker handed it (``--fd``), from the work horse that RQ forked for the job
-(:mod:`worker.runner.proxy`). Each run is the queue task's own :class:`~worker.runner.task._Run`:
-the runner marks the record running and ends it, exactly as an in-process run would; here it
-also has a :class:`~worker.runner.model_cache.ModelCache`.
+Started by a worker (:class:`worker.runner.supervise.RunnerProcess`) or by ``recalib run`` as a
+fresh interpreter (``python -m worker.runner.warm``: spawned, never forked from a process that
+initialised torch or CUDA) with an environment holding no secret. At sandbox level ``strict`` it
+first enters a network namespace of its own (before any thread exists). It then imports torch
+and the pipeline once, pays their first-use costs on a model of its own, and never loads a user's
+model nor touches CUDA: it stays single-threaded (one intra-op thread, so that no OpenMP pool
+exists to be broken by ``fork``) and holds no connection to Redis or the store.
 
-It dies with its worker (``PR_SET_PDEATHSIG``), and exits as soon as the horse of the running
-job goes away (killed by a cancel's stop-job, the job timeout or a cold shutdown), so that no
-run ever continues unsupervised. After each job it releases what it can: Python garbage, the
-CUDA caching allocator's free blocks, glibc's free heap. Ctrl-C in a terminal does not reach it
-(a process group of its own); the worker stops it.
+For each connection on its listening socket (one at a time) it reads a
+:class:`~worker.runner.protocol.JobRequest`, forks the job's process
+(:func:`worker.runner.job_process.run_confined`) and supervises it: it answers the process's
+forbidden system calls (:class:`worker.sandbox.syscalls.Listener`), kills it as soon as the
+trusted side's connection closes, and once it is gone sends ``exit`` with its end and its
+attempts. ``--one-shot`` serves one job and exits (``recalib run`` and forking workers). It dies
+with its worker (``PR_SET_PDEATHSIG``); Ctrl-C in a terminal does not reach it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
+import dataclasses
 import gc
 import logging
 import os
+import select
 import signal
 import socket
 import sys
-import threading
 from typing import Any
+
+from worker.runner.protocol import JobRequest, decode_request, read_line, send_line
 
 logger = logging.getLogger(__name__)
 
-HORSE_CLOSE_WAIT_S = 5.0
 
+class Runner:
+    """The runner's state: its sandbox level and the jobs it ran."""
 
-class _HorseWatch(threading.Thread):
-    """Exits the runner when the horse's connection closes before the run ended."""
+    def __init__(self, level: str) -> None:
+        self.level = level
+        self.jobs = 0
+        self.network = "shared"
+        if level == "strict":
+            from worker.sandbox.namespaces import unshare_network
 
-    def __init__(self, sock: socket.socket, job_id: str) -> None:
-        super().__init__(name="horse-watch", daemon=True)
-        self.sock, self.job_id = sock, job_id
-        self.run_ended = threading.Event()
-
-    def run(self) -> None:
-        try:
-            while self.sock.recv(4096):
-                pass
-        except OSError:
-            pass
-        if not self.run_ended.is_set():
-            from worker.runner.protocol import HORSE_GONE_EXIT
-
-            logger.warning("job %s: its work horse went away; abandoning the run", self.job_id)
-            os._exit(HORSE_GONE_EXIT)
-
-
-class WarmRunner:
-    """The runner's state: Redis connection, device, model cache, jobs run."""
-
-    def __init__(self, worker_name: str) -> None:
-        import redis
+            self.network = unshare_network()  # before torch starts any thread
         import torch
 
-        import worker.pipeline  # noqa: F401  (paid once here, not by the first job)
-        from recalib.jobs.connection import redis_url
-        from recalib.settings import get_settings
-        from worker.runner.model_cache import ModelCache
-        from worker.runner.task import data_workers
+        self.default_threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # no OpenMP pool in the parent: jobs fork from it
+        import worker.pipeline  # noqa: F401  (paid once here, not by every job)
 
-        self.settings = get_settings()
-        self.worker_name = worker_name
-        self.conn = redis.Redis.from_url(redis_url(self.settings))
-        self.cache = ModelCache(self.settings.model_cache_bytes)
-        self.data_workers = data_workers(self.settings)
-        self.device = self.settings.worker_device
-        self.jobs = 0
-        if self.device.startswith("cuda") and torch.cuda.is_available():
-            torch.cuda.init()
-            torch.empty(1, device=self.device)  # the context, once, not per job
-        _warm_up(self.device)
-        # Everything loaded so far lives as long as the runner: keep it out of the collector's
-        # passes (the collection after each job then takes ~0.08 s instead of ~0.3 s here).
-        gc.freeze()
-        logger.info(
-            "runner %d ready on %s (model cache %d bytes, %d data workers)",
-            os.getpid(),
-            self.device,
-            self.settings.model_cache_bytes,
-            self.data_workers,
-        )
+        _warm_up()
+        gc.freeze()  # what is loaded now lives as long as the runner: out of the collector's way
+        logger.info("runner %d ready (sandbox %s, network %s, %d threads per job)",
+                    os.getpid(), level, self.network, self.default_threads)  # fmt: skip
 
-    def serve(self, listener: socket.socket) -> None:
-        """Accept and run one request at a time, forever."""
-        from worker.runner.protocol import decode_request, read_line
-
+    def serve(self, listener: socket.socket, *, one_shot: bool = False) -> None:
+        """Accept and run one job at a time (forever, or once)."""
+        self.listener = listener
         while True:
             client, _ = listener.accept()
             with client:
                 request = decode_request(read_line(client))
                 if request is None:
                     logger.warning("runner: a connection without a valid request; ignored")
-                    continue
-                watch = _HorseWatch(client, request.job_id)
-                watch.start()
-                reply = self._run(request)
-                watch.run_ended.set()
-                self._answer(client, reply, watch)
-            self._release_memory()  # while the worker does its bookkeeping
-            self.cache.prepare_spare()  # the next job on this model need not copy it
+                else:
+                    self.jobs += 1
+                    self.run(client, request)
+            gc.collect()
+            if one_shot:
+                return
 
-    def _run(self, request: Any) -> dict[str, Any]:
-        from worker.runner.task import _Run, _start
+    def run(self, client: socket.socket, request: JobRequest) -> None:
+        """Fork the job's process, supervise it until it is gone, send ``exit``."""
+        if request.level != self.level:  # a runner never weakens or changes its level
+            request = dataclasses.replace(request, level=self.level)
+        if request.threads <= 0:
+            request = dataclasses.replace(request, threads=self.default_threads)
+        ours, theirs = socket.socketpair()
+        runner_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the job's process: nothing of the runner's but its connection
+            ours.close()
+            self.listener.close()
+            from worker.runner.job_process import run_confined
+            from worker.runner.procs import die_with_parent
 
+            die_with_parent(runner_pid)  # a job never outlives its supervisor
+
+            run_confined(client, theirs, request)
+        theirs.close()
+        status, attempts = self._supervise(pid, client, ours)
+        with contextlib.suppress(OSError):
+            send_line(client, {"event": "exit", "status": status, "attempts": attempts})
+
+    def _supervise(self, pid: int, client: socket.socket, side: socket.socket) -> tuple[str, Any]:
+        from worker.runner.procs import describe_wait_status
+        from worker.sandbox.syscalls import Listener
+
+        listener: Listener | None = None
+        pidfd = os.pidfd_open(pid)
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        poller.register(client, select.POLLRDHUP)
+        poller.register(side, select.POLLIN)
+        gone = False
         try:
-            record = _start(
-                self.conn, self.settings, request.job_id, request.rq_job_id, request.worker
-            )
-            if record is not None:
-                self.jobs += 1
-                run = _Run(
-                    self.conn,
-                    self.settings,
-                    record,
-                    model_cache=self.cache,
-                    data_workers=self.data_workers,
-                )
-                run.execute()
-        except Exception as exc:  # the run's own errors end its record; this is Redis etc.
-            logger.exception("job %s: the runner could not run it", request.job_id)
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
-        return {"ok": True}
-
-    def _answer(self, client: socket.socket, reply: dict[str, Any], watch: _HorseWatch) -> None:
-        from worker.runner.protocol import send_line
-
-        try:
-            send_line(client, reply)
-        except OSError as exc:
-            logger.warning("runner: the horse left before the answer: %s", exc)
-        watch.join(HORSE_CLOSE_WAIT_S)
-        if watch.is_alive():
-            with contextlib.suppress(OSError):
-                client.shutdown(socket.SHUT_RDWR)  # wakes the watch's recv
-            watch.join(HORSE_CLOSE_WAIT_S)
-
-    def _release_memory(self) -> None:
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-        if sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError, AttributeError):
-                ctypes.CDLL(None).malloc_trim(0)
+            while not gone:
+                for fd, events in poller.poll():
+                    if fd == pidfd:
+                        gone = True
+                    elif fd == client.fileno() and events & (select.POLLRDHUP | select.POLLHUP):
+                        logger.warning("job %d: its trusted side went away; killing it", pid)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                        poller.unregister(client)
+                    elif fd == side.fileno():
+                        poller.unregister(side)
+                        with contextlib.suppress(OSError, ValueError):
+                            _, fds, _, _ = socket.recv_fds(side, 16, 1)
+                            if fds:
+                                listener = Listener(fds[0])
+                                poller.register(listener.fd, select.POLLIN)
+                    elif listener is not None and fd == listener.fd:
+                        if events & select.POLLIN:
+                            listener.handle()
+                        else:
+                            poller.unregister(listener.fd)
+            _, status = os.waitpid(pid, 0)
+        finally:
+            os.close(pidfd)
+            side.close()
+            if listener is not None:
+                listener.close()
+        attempts = [a.describe() for a in listener.attempts] if listener is not None else []
+        return describe_wait_status(status), attempts
 
 
 WARM_IMPORTS = (
@@ -163,8 +147,8 @@ WARM_IMPORTS = (
 )
 
 
-def _warm_up(device: str) -> None:
-    """Pay first-use costs here, before any job: lazy imports, a train-mode BN forward."""
+def _warm_up() -> None:
+    """Pay first-use costs before any job: lazy imports, a train-mode BN forward, on the CPU."""
     import importlib
 
     import torch
@@ -172,19 +156,20 @@ def _warm_up(device: str) -> None:
     for name in WARM_IMPORTS:
         with contextlib.suppress(ImportError):  # private modules: may move between versions
             importlib.import_module(name)
-    target = device if device not in ("", "auto") else "cpu"
     with contextlib.suppress(Exception), torch.no_grad():
-        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).to(target)
-        model(torch.zeros(2, 3, 8, 8, device=target))
-        model.eval()(torch.zeros(2, 3, 8, 8, device=target))
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        model(torch.zeros(2, 3, 8, 8))
+        model.eval()(torch.zeros(2, 3, 8, 8))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="recalib's warm job runner (started by a worker)")
+    parser = argparse.ArgumentParser(description="recalib's job runner (started by a worker)")
     parser.add_argument("--fd", type=int, required=True, help="listening Unix socket fd")
     parser.add_argument("--ready-fd", type=int, required=True, help="pipe: one byte when ready")
-    parser.add_argument("--parent", type=int, required=True, help="the worker's pid")
-    parser.add_argument("--worker", required=True, help="the worker's name")
+    parser.add_argument("--parent", type=int, required=True, help="the starting process's pid")
+    parser.add_argument("--sandbox", required=True, help="sandbox level (RECALIB_SANDBOX)")
+    parser.add_argument("--one-shot", action="store_true", help="serve one job, then exit")
+    parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
 
     from worker.runner.procs import die_with_parent
@@ -192,17 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(args.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when this process ends
     listener = socket.socket(fileno=args.fd)
-
-    from recalib.settings import get_settings
-
     logging.basicConfig(
-        level=get_settings().log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    runner = WarmRunner(args.worker)
+    runner = Runner(args.sandbox)
     os.write(args.ready_fd, b"1")
     os.close(args.ready_fd)
-    runner.serve(listener)
+    runner.serve(listener, one_shot=args.one_shot)
     return 0
 
 
