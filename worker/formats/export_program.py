@@ -33,7 +33,8 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from recalib.errors import InternalError, InvalidModelError
-from worker.formats.pt2_checks import check_graph_targets, check_pt2_archive
+from worker.formats.op_allowlist import allowlists_enabled
+from worker.formats.pt2_checks import check_graph_targets, check_program_names, check_pt2_archive
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +104,23 @@ def program_input(program: torch.export.ExportedProgram) -> ProgramInput | None:
 
 
 def load_program(
-    path: Path, archive: zipfile.ZipFile, root: str, *, allow_unsafe_pickle: bool
+    path: Path,
+    archive: zipfile.ZipFile,
+    root: str,
+    *,
+    allow_unsafe_pickle: bool,
+    check_ops: bool | None = None,
 ) -> torch.export.ExportedProgram:
     """Vet and load a ``.pt2`` (see :mod:`worker.formats.pt2_checks`).
 
+    Args:
+        check_ops: apply the operator and name allowlists (:mod:`worker.formats.op_allowlist`)
+            before anything turns the program into code; None: as
+            :func:`~worker.formats.op_allowlist.model_allowlists` says (on by default).
+
     Raises:
-        InvalidModelError / UnsafePickleError: a tampered, unsupported or unreadable archive.
+        InvalidModelError / UnsafePickleError: a tampered, unsupported or unreadable archive, or
+            a program calling an operator or using a name the allowlists refuse.
     """
     check_pt2_archive(path, archive, root, allow_unsafe_pickle=allow_unsafe_pickle)
     try:
@@ -118,7 +130,9 @@ def load_program(
             f"{path.name}: torch.export.load failed: {str(exc).strip().splitlines()[0][:300]}",
             file=str(path),
         ) from exc
-    check_graph_targets(program, path)
+    if allowlists_enabled(check_ops):
+        check_program_names(program, path)
+        check_graph_targets(program, path)
     return program
 
 

@@ -13,13 +13,22 @@ suggests. Verified code paths that run attacker-chosen code, each closed here:
   each must be a comparison of input sizes (:func:`check_guard`).
 - ``data/aotinductor/`` holds compiled shared objects that get ``dlopen``-ed: refused.
 - graph nodes may target any ``torch.*`` attribute (``torch.os.system`` resolves): after
-  loading, every call target must be a torch operator (:func:`check_graph_targets`).
+  loading, every call target must be on the operator allowlist (:func:`check_graph_targets`,
+  :mod:`worker.formats.op_allowlist`).
+- ``program.module()`` writes the program's names into Python source that it ``exec``-s and runs
+  on every call: parameter, buffer, constant and submodule names go into ``getattr(self, "...")``
+  unescaped, keyword argument names into the ``forward`` signature, dict input keys into the
+  generated guard function. Before it is called, each must be a plain name
+  (:func:`check_program_names`).
 """
 
 from __future__ import annotations
 
 import ast
+import collections
 import json
+import math
+import operator
 import re
 import zipfile
 from collections.abc import Iterator
@@ -29,6 +38,8 @@ from typing import Any
 import torch
 
 from recalib.errors import InvalidModelError, UnsafePickleError
+from worker.formats import op_allowlist
+from worker.formats.op_allowlist import CALL_PATH, IDENTIFIER, INPUT_KEY, MODULE_PATH
 from worker.formats.pickle_safety import OPT_IN_HINT, RISK, check_weights_only
 
 _SYMPY_NAMES = frozenset(
@@ -43,6 +54,8 @@ _TORCH_SYMPY_PREFIXES = ("OpaqueUnaryFn_", "BitwiseFn_")
 _EXPR_TOKEN = re.compile(
     r"\s+|'[A-Za-z0-9_.+\-]*'|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|[A-Za-z_]\w*|\*\*|[-+*/%(),=<>!]"
 )
+_OPERATOR_NAMES = """getitem add sub mul truediv floordiv mod pow neg pos abs invert eq ne lt le gt
+ge and_ or_ xor not_ lshift rshift"""
 _GUARD_NAMES = frozenset({"L", "math"} | {"Max", "Min", "Abs", "Mod", "FloorDiv", "CeilDiv"})
 _GUARD_ATTRS = frozenset({"size", "stride", "storage_offset", "dim", "numel", "floor", "ceil"})
 _GUARD_NODES = (
@@ -64,8 +77,13 @@ _GUARD_NODES = (
     ast.operator,
     ast.unaryop,
 )
-_OPERATOR_NAMESPACES = frozenset({"aten", "prims", "quantized"})
-_DENIED_OPS = frozenset({"aten::from_file"})  # reads (or with shared=True creates) any file
+# Python callables a program's graph calls: shape arithmetic and tuple indexing (the deserializer
+# resolves "_operator.*", "math.*" and "torch.*" names; operator.call/attrgetter are not these).
+_PYTHON_CALLS = frozenset(
+    {getattr(operator, name) for name in _OPERATOR_NAMES.split()}
+    | {value for name, value in vars(math).items() if callable(value) and name[0] != "_"}
+    | {getattr(torch, name) for name in dir(torch) if name.startswith("sym_")}
+)
 
 
 def _torch_sympy_names() -> frozenset[str]:
@@ -201,38 +219,129 @@ def _check_payload_config(
 
 
 def check_graph_targets(program: torch.export.ExportedProgram, path: Path) -> None:
-    """Refuse a program whose graph calls anything but torch operators and arithmetic.
+    """Refuse a program whose graphs call anything but allowed operators and shape arithmetic.
+
+    Checks the main graph and every subgraph (``cond`` branches, ``while_loop`` bodies, ...)
+    against :mod:`worker.formats.op_allowlist`.
 
     Raises:
-        InvalidModelError: naming the first offending call target.
+        InvalidModelError: naming the first offending call target and why.
     """
     for module in program.graph_module.modules():
         if not isinstance(module, torch.fx.GraphModule):
             continue
         for node in module.graph.nodes:
-            if node.op == "call_function" and not _is_allowed_target(node.target):
+            if node.op != "call_function":
+                continue
+            problem = _target_problem(node.target)
+            if problem:
                 raise InvalidModelError(
-                    f"{path.name}: the program calls {_target_name(node.target)}, which is not "
-                    "a torch operator; refusing to run it (tampered or unsupported program)",
+                    f"{path.name}: the program calls {problem}; refusing to run it (nothing ran)",
                     file=str(path),
                 )
 
 
-def _is_allowed_target(target: Any) -> bool:
+def _target_problem(target: Any) -> str | None:
+    """What the call target is and why it is refused, or None if it is allowed."""
     if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
         name = (
             target.name()
             if isinstance(target, torch._ops.OpOverload)
             else target._qualified_op_name
         )
-        namespace = name.split("::", 1)[0]
-        return namespace in _OPERATOR_NAMESPACES and name.split(".")[0] not in _DENIED_OPS
+        problem = op_allowlist.operator_problem(name)
+        return f"{name}, which {problem}" if problem else None
     if isinstance(target, torch._ops.HigherOrderOperator):
-        return True
-    module = getattr(target, "__module__", None)
-    if module in ("_operator", "operator", "math"):
-        return True
-    return callable(target) and getattr(target, "__name__", "").lstrip("_").startswith("sym_")
+        if target.name() in op_allowlist.HIGHER_ORDER_OPS:
+            return None
+        return f"the higher-order operator {target.name()}, which is not on the allowlist"
+    try:
+        if target in _PYTHON_CALLS:
+            return None
+    except TypeError:  # unhashable
+        pass
+    return (
+        f"{_target_name(target)}, which is not a torch operator (tampered or unsupported program)"
+    )
+
+
+def check_program_names(program: torch.export.ExportedProgram, path: Path) -> None:
+    """Refuse a program with a name that ``program.module()`` would write into code unescaped.
+
+    Parameter, buffer, constant and submodule names (graph signature, state dict, constants,
+    module call graph, ``nn_module_stack``, ``get_attr``/``call_module`` targets) must be dotted
+    paths of letters, digits and ``_`` (``layers.0.bn``); graph node and argument names
+    identifiers; dict input keys free of quotes, backslashes and control characters.
+
+    Raises:
+        InvalidModelError: naming the offending name (``repr``) and where it is.
+    """
+    for where, name, pattern in _program_names(program):
+        if not isinstance(name, str) or not pattern.fullmatch(name):
+            raise InvalidModelError(
+                f"{path.name}: {where} {name!r} is not a plain name; program.module() would "
+                "paste it into the code it runs, so the program is refused (nothing ran)",
+                file=str(path),
+            )
+
+
+def _program_names(program: torch.export.ExportedProgram) -> Iterator[tuple[str, Any, re.Pattern]]:
+    signature = program.graph_signature
+    for spec in signature.input_specs:
+        if spec.target is not None:
+            yield f"{spec.kind.name.lower()} name", spec.target, MODULE_PATH
+        if getattr(spec.arg, "name", None) is not None:
+            yield "input name", spec.arg.name, IDENTIFIER
+    for spec in signature.output_specs:
+        if spec.target is not None:
+            yield f"{spec.kind.name.lower()} target", spec.target, MODULE_PATH
+    for name in (*program.state_dict, *program.constants):
+        yield "state name", name, MODULE_PATH
+    for entry in program.module_call_graph:
+        yield "module path", entry.fqn, CALL_PATH
+        for arg in getattr(entry.signature, "forward_arg_names", None) or ():
+            yield "forward argument", arg, IDENTIFIER
+    in_spec = program.call_spec.in_spec
+    if in_spec is not None and in_spec.type is tuple and in_spec.num_children == 2:
+        keywords = in_spec.child(1)  # (args, kwargs): their names become forward's parameters
+        for key in keywords.context if keywords.type is dict else ():
+            yield "keyword input", key, IDENTIFIER
+    for key in _spec_keys(in_spec):
+        yield "input key", key, INPUT_KEY
+    if program.example_inputs is not None:
+        for key_path, _ in torch.utils._pytree.tree_flatten_with_path(program.example_inputs)[0]:
+            for key in key_path:
+                if isinstance(key, torch.utils._pytree.MappingKey) and not isinstance(key.key, int):
+                    yield "sample input key", key.key, INPUT_KEY
+    for module in program.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            yield from _graph_names(module.graph)
+
+
+def _graph_names(graph: torch.fx.Graph) -> Iterator[tuple[str, Any, re.Pattern]]:
+    for node in graph.nodes:
+        yield "graph node", node.name, IDENTIFIER
+        if node.op in ("get_attr", "call_module"):
+            yield f"{node.op} target", node.target, MODULE_PATH
+        for key in node.kwargs:
+            yield "keyword argument", key, IDENTIFIER
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            yield "module path", path, CALL_PATH
+
+
+def _spec_keys(spec: Any) -> Iterator[Any]:
+    """The keys of every dict in a pytree spec; int keys are rendered by repr, so skipped."""
+    if spec is None:
+        return
+    if spec.type in (dict, collections.OrderedDict):
+        keys = spec.context
+    elif spec.type is collections.defaultdict:
+        keys = spec.context[1]
+    else:
+        keys = []
+    yield from (key for key in keys if not isinstance(key, int))
+    for child in spec.children():
+        yield from _spec_keys(child)
 
 
 def _target_name(target: Any) -> str:
