@@ -19,6 +19,7 @@ from torch import fx, nn
 from recalib.errors import InvalidModelError
 from tests.worker.formats_files import export_program
 from worker.digits import DigitsNet
+from worker.engine import recalibrate
 from worker.formats.models import read_model
 from worker.formats.op_allowlist import model_allowlists, operator_problem
 from worker.formats.pt2_checks import check_graph_targets
@@ -466,3 +467,38 @@ def test_allowlists_can_be_switched_off_for_the_sandbox_tests(secret, marker, tm
         with pytest.raises(InvalidModelError):
             read_model(path)
     assert not marker.exists()
+
+
+class StatsFree(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.free = nn.BatchNorm2d(4, track_running_stats=False)
+        self.layers = nn.Sequential(
+            nn.ReLU(), nn.BatchNorm2d(4, track_running_stats=False, affine=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.free(self.bn(self.conv(x))))
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_pt2_lists_track_running_stats_false_layers_as_skipped_like_torchscript(
+    decomposed, tmp_path
+):
+    model, x = StatsFree().eval(), torch.randn(6, 3, 4, 4)
+    program = torch.export.export(model, (x,))
+    torch.export.save(program.run_decompositions() if decomposed else program, tmp_path / "m.pt2")
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "m.pt"))
+    batches = [torch.randn(6, 3, 4, 4) for _ in range(3)]
+    skipped = {}
+    for kind in ("pt2", "pt"):
+        loaded = read_model(tmp_path / f"m.{kind}")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.module(x), model(x))  # the rewrite computes the same
+        result = recalibrate(loaded.module, batches)
+        assert result.layers == ["bn"]
+        skipped[kind] = [(s.name, s.type, s.reason) for s in result.skipped]
+    assert [name for name, _, _ in skipped["pt"]] == ["free", "layers.1"]
+    assert skipped["pt2"] == skipped["pt"]

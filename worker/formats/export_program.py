@@ -9,8 +9,10 @@ running buffers, named after the original module path (``"features.1"``). The en
 it like any eager model. :func:`save_program` writes the module's current BN buffers back into the
 program's state and saves a new ``.pt2``, which it reloads and runs once as a check.
 
-Batch-norm calls in training form (``training=True``) or without running statistics are left as
-they are (logged): they have no statistics to re-estimate.
+A batch-norm call without running statistics (``track_running_stats=False``: ``training=True``
+and no mean/var, or ``_native_batch_norm_legit.no_stats``) becomes a call of a BN module built the
+same way, which computes the same thing: the engine then lists it as skipped, as it does for an
+eager or TorchScript model. Other calls in training form are left as they are (logged).
 
 A program's input shape may be fixed (exported without ``dynamic_shapes``) or bounded; its graph
 then asserts it on every call. :func:`program_input` reads those sizes, so that the caller can feed
@@ -182,29 +184,47 @@ def rewrite_batchnorm(gm: fx.GraphModule) -> list[str]:
 
 
 def _bn_args(node: fx.Node) -> tuple[Any, ...] | None:
-    """(x, weight, bias, mean, var, momentum, eps) of an inference BN call, else None."""
+    """(x, weight, bias, mean, var, momentum, eps) of an inference BN call, else None.
+
+    A call without running statistics (``track_running_stats=False``) has mean and var None.
+    """
     if node.op != "call_function":
         return None
     args = list(node.args)
     if node.target is torch.ops.aten.batch_norm.default and len(args) >= 9:
         x, weight, bias, mean, var, training, momentum, eps, _ = args[:9]
-        if training is not False:
-            logger.info("batch_norm %s runs in training form; left as it is", node.name)
-            return None
     elif node.target is torch.ops.aten._native_batch_norm_legit_no_training.default:
-        if len(args) < 7 or not all(
-            user.target is operator.getitem and user.args[1] == 0 for user in node.users
-        ):
+        if len(args) < 7 or not _uses_output_only(node):
             return None
         x, weight, bias, mean, var, momentum, eps = args[:7]
+        training = False
+    elif node.target is torch.ops.aten._native_batch_norm_legit.no_stats:
+        if len(args) < 6 or not _uses_output_only(node):
+            return None
+        x, weight, bias, training, momentum, eps = args[:6]
+        mean = var = None
     else:
         return None
-    if not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in (mean, var)):
+    stats_free = training is True and mean is None and var is None  # track_running_stats=False
+    if training is not False and not stats_free:
+        logger.info("batch_norm %s runs in training form; left as it is", node.name)
+        return None
+    if not stats_free and not all(
+        isinstance(t, fx.Node) and t.op == "get_attr" for t in (mean, var)
+    ):
         logger.info("batch_norm %s has no running statistics; left as it is", node.name)
         return None
     if (weight is None) != (bias is None):
         return None
+    attrs = (weight, bias)
+    if stats_free and not all(t is None or getattr(t, "op", None) == "get_attr" for t in attrs):
+        return None
     return x, weight, bias, mean, var, momentum, eps
+
+
+def _uses_output_only(node: fx.Node) -> bool:
+    """The legit variants return (out, save_mean, save_rstd); true if only out is read."""
+    return all(user.target is operator.getitem and user.args[1] == 0 for user in node.users)
 
 
 def _install_bn(
@@ -212,12 +232,14 @@ def _install_bn(
     node: fx.Node,
     weight: fx.Node | None,
     bias: fx.Node | None,
-    mean: fx.Node,
-    var: fx.Node,
+    mean: fx.Node | None,
+    var: fx.Node | None,
     momentum: float,
     eps: float,
 ) -> str | None:
     """Create (or reuse) the BN submodule for one call; return its qualified name."""
+    if mean is None:
+        return _install_stats_free_bn(gm, node, weight, bias, momentum, eps)
     mean_target = str(mean.target)
     owner, _, attr = mean_target.rpartition(".")
     running_mean = fetch_attr(gm, mean_target)
@@ -250,6 +272,83 @@ def _install_bn(
     parent, _, leaf = name.rpartition(".")
     setattr(_get_module(gm, parent) if parent else gm, leaf, bn)
     return name
+
+
+def _install_stats_free_bn(
+    gm: fx.GraphModule,
+    node: fx.Node,
+    weight: fx.Node | None,
+    bias: fx.Node | None,
+    momentum: float | None,
+    eps: float,
+) -> str:
+    """Create (or reuse) a ``track_running_stats=False`` BN submodule for a call without
+    running statistics; return its qualified name, the original module's where it is free."""
+    affine = weight is not None and bias is not None
+    targets = [str(n.target) for n in (weight, bias) if n is not None] if affine else []
+    params = [fetch_attr(gm, target) for target in targets]
+    path = targets[0].rpartition(".")[0] if affine else _module_path(node)
+    existing = _get_module(gm, path) if path else None
+    if (
+        isinstance(existing, _BatchNorm)
+        and existing.running_mean is None
+        and (not affine or existing.weight is params[0])
+    ):
+        return path  # the same BN module called twice
+    value = node.args[0].meta.get("val")  # type: ignore[union-attr]
+    rank = getattr(value, "ndim", None)
+    bn_type = _BN_BY_RANK.get(rank, AnyRankBatchNorm) if isinstance(rank, int) else AnyRankBatchNorm
+    bn = bn_type(
+        params[0].numel() if affine else _channels(value),
+        eps=float(eps),
+        momentum=None if momentum is None else float(momentum),
+        affine=affine,
+        track_running_stats=False,
+    )
+    if affine:
+        bn.weight, bn.bias = (_as_parameter(p) for p in params)
+    parent, _, leaf = path.rpartition(".")
+    parent_module = _get_module(gm, parent) if parent else gm
+    if parent_module is None:  # "layers" holds no parameters, so the program has no module
+        parent_module = _make_modules(gm, parent)
+    holds_only_params = (
+        existing is not None
+        and not existing._modules
+        and not existing._buffers
+        and set(existing._parameters) == ({"weight", "bias"} if affine else set())
+    )
+    free = bool(leaf) and (
+        holds_only_params or (parent_module is not None and not hasattr(parent_module, leaf))
+    )
+    name = path if free else _unique_name(gm, f"{path or 'bn'}_bn".replace(".", "_"))
+    owner, _, attr = name.rpartition(".")
+    setattr(_get_module(gm, owner) if owner else gm, attr, bn)
+    return name
+
+
+def _make_modules(gm: nn.Module, path: str) -> nn.Module | None:
+    """The module at ``path``, adding empty modules where there are none (None: not a module)."""
+    module = gm
+    for part in path.split("."):
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        child = getattr(module, part)
+        if not isinstance(child, nn.Module):
+            return None
+        module = child
+    return module
+
+
+def _module_path(node: fx.Node) -> str:
+    """The path of the module that made a call (``"layers.1"``), or ``""``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()), ("", None))[0] if stack else ""
+    return str(path).split("@", 1)[0]
+
+
+def _channels(value: Any) -> int:
+    size = value.shape[1] if isinstance(value, torch.Tensor) and value.ndim > 1 else 0
+    return size if isinstance(size, int) else 0
 
 
 def _as_parameter(tensor: torch.Tensor) -> nn.Parameter:
