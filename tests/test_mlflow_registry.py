@@ -133,7 +133,8 @@ def test_recalibrated_model_comes_out_as_a_new_version_with_metrics_and_tags(
     digits_files: dict[str, Path],
     tmp_path: Path,
 ) -> None:
-    from worker.pipeline import run_job
+    from recalib.settings import Settings
+    from worker.runner.sandboxed import run_spec  # the model sandboxed, registered outside it
 
     resolved = resolve_model_uri(f"models:/{NAME}@champion", tmp_path / "in", tracking_uri)
     spec = JobSpec(
@@ -144,7 +145,7 @@ def test_recalibrated_model_comes_out_as_a_new_version_with_metrics_and_tags(
         out_dir=str(tmp_path / "out"),
         model_source=resolved.uri,
     )
-    report = run_job(spec)
+    report = run_spec(spec, Settings())
     registered = report.registered
     assert registered is not None
     assert registered.name == NAME

@@ -24,8 +24,6 @@ import torch
 
 from recalib.contract import FoldReport, JobSpec, Phase, Progress, Report
 from recalib.errors import JobCancelledError
-from recalib.jobs.mlflow_registry import register_job_output
-from recalib.settings import get_settings
 from worker import report as reporting
 from worker.batch_limits import batch_limits, probe_indices, shape_guards_as_data_errors
 from worker.devices import resolve_device
@@ -166,12 +164,7 @@ class _Job:
         )
         report = report.model_copy(update={"runtime": runtime})
         reporting.write_report(report, self.out_dir)
-        if self.options.register is not None:  # a new MLflow model version (recalib[mlflow])
-            tracking_uri = get_settings().mlflow_tracking_uri
-            registered = register_job_output(self.spec, report, self.out_dir, tracking_uri)
-            report = report.model_copy(update={"registered": registered})
-            reporting.write_report(report, self.out_dir)
-        return report
+        return report  # options.register: the trusted side registers it (worker.runner.sandboxed)
 
     def _loader(self, samples: SampleSet, indices: list[int], batch_size: int) -> TimedBatches:
         pin_memory = self.device.type == "cuda"
