@@ -166,6 +166,14 @@ class Settings(BaseSettings):
         default_factory=lambda: list(defaults.ARCH_ALLOWLIST),
         description="Module prefixes an `arch` (`module:callable`) may be imported from.",
     )
+    vet_models: bool = Field(
+        True,
+        description=(
+            "Vet `.pt2` and TorchScript models by allowlist (operators, names) before they run, "
+            "a second layer behind the sandbox. `false` only to prove the sandbox alone holds "
+            "(the escape suite does)."
+        ),
+    )
     allow_unsafe_pickle: bool = Field(
         False,
         description="Operator opt-in to unpickle whole-module `.pt` files (runs arbitrary code).",

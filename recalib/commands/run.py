@@ -77,6 +77,7 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
             options=options,
             out_dir=out_dir,
             allow_unsafe_pickle=args.allow_unsafe_pickle or settings.allow_unsafe_pickle,
+            vet_models=settings.vet_models,
             arch_allowlist=settings.arch_allowlist,
             max_archive_members=settings.max_archive_members,
             max_archive_bytes=settings.max_archive_bytes,

@@ -245,6 +245,9 @@ class JobSpec(Input):
         description="Where the model came from (`models:/name/version`), for the registry's tags.",
     )
     allow_unsafe_pickle: bool = False
+    vet_models: bool = Field(
+        True, description="Apply the .pt2/TorchScript operator and name allowlists (a setting)."
+    )
     arch_allowlist: list[str] = Field(default_factory=lambda: list(defaults.ARCH_ALLOWLIST))
     # Archive safety limits (settings in the service; defaults for the CLI).
     max_archive_members: int = defaults.MAX_ARCHIVE_MEMBERS

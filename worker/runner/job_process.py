@@ -78,16 +78,18 @@ def run_confined(sock: socket.socket, runner_side: socket.socket, request: JobRe
 def _run(connection: _Connection, request: JobRequest, spec: JobSpec) -> None:
     import torch
 
+    from worker.formats.op_allowlist import model_allowlists
     from worker.pipeline import run_job
 
     if request.threads > 0:
         torch.set_num_threads(request.threads)
-    report = run_job(
-        spec,
-        on_progress=connection.progress,
-        should_stop=connection.should_stop,
-        data_workers=request.data_workers if request.level == "off" else 0,  # no fork in it
-    )
+    with model_allowlists(enabled=spec.vet_models):
+        report = run_job(
+            spec,
+            on_progress=connection.progress,
+            should_stop=connection.should_stop,
+            data_workers=request.data_workers if request.level == "off" else 0,  # no fork in it
+        )
     connection.send({"event": "report", "report": json.loads(report.model_dump_json())})
 
 
@@ -121,8 +123,8 @@ def _denied(chain: list[BaseException]) -> str | None:
                 "the sandbox (Landlock)"
             )
         if "Permission denied" in str(exc) and not isinstance(exc, UserError):
-            first = str(exc).strip().splitlines()[0][:300]
-            return f"the model was denied by the sandbox (Landlock): {first}"
+            line = next(ln for ln in str(exc).splitlines() if "Permission denied" in ln)
+            return f"the model was denied by the sandbox (Landlock): {line.strip()[:300]}"
     return None
 
 
