@@ -118,7 +118,10 @@ class JobRun:
         if outcome.cancelled:
             self.finish(JobStatus.cancelled)
         elif outcome.error is not None:
-            self.finish(JobStatus.failed, error=outcome.error)
+            error = outcome.error
+            if error.type == "internal-error" and (storage := self._probe_storage()) is not None:
+                error = JobError(type=storage.type_slug, message=str(storage))  # not the job's
+            self.finish(JobStatus.failed, error=error)
         else:
             assert outcome.report is not None
             report = finish_report(spec, outcome.report, self.attempt_dir, self.settings)
@@ -158,6 +161,11 @@ class JobRun:
             if (error := storage_error(current, self.data_dir, "worker")) is not None:
                 return error
             current = current.__cause__ or current.__context__
+        return self._probe_storage()
+
+    def _probe_storage(self) -> ServiceUnavailableError | None:
+        """A probe write into this run's directory: the data directory's fault, if it fails
+        (libraries hide theirs: torch.export.save raises a RuntimeError with the strerror)."""
         try:
             with tempfile.TemporaryFile(dir=self.attempt_dir):
                 return None
@@ -183,6 +191,7 @@ class JobRun:
             out_dir=str(self.attempt_dir),
             model_source=self.inputs.model_source(),
             allow_unsafe_pickle=s.allow_unsafe_pickle,
+            vet_models=s.vet_models,
             arch_allowlist=s.arch_allowlist,
             max_archive_members=s.max_archive_members,
             max_archive_bytes=s.max_archive_bytes,
