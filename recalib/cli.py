@@ -15,6 +15,18 @@ import sys
 from recalib import __version__
 from recalib.errors import EXIT_INTERNAL, RecalibError
 
+DESCRIPTION = (
+    "recalib re-estimates the BatchNorm statistics of a trained PyTorch model on unlabeled data "
+    "from a new (target) domain, so a model trained on one distribution keeps working on another "
+    "without retraining; it compares the model before and after on labeled data and writes the "
+    "recalibrated model in its own format with a report. Use 'recalib run' to recalibrate a model "
+    "file locally, 'recalib serve' to start the REST API with a job queue and workers, "
+    "'recalib submit' to send a job to that server (for pipelines), 'recalib worker' to add a "
+    "queue worker, and 'recalib demo' to see the whole thing on a small digits model. "
+    "'recalib COMMAND --help' lists a command's options."
+)
+"""What ``recalib --help`` opens with: for users, not about this module."""
+
 COMMANDS = {
     "run": "Recalibrate a model locally, no server.",
     "submit": "Submit a job to a recalib server (for pipelines).",
@@ -25,7 +37,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recalib", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="recalib", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"recalib {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at DEBUG level.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

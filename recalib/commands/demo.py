@@ -89,14 +89,16 @@ def _submit(url: str, inputs: dict[str, Path], out_dir: Path) -> tuple[JobPublic
         calibration = client.upload_file(inputs["calibration"])
         evaluation = client.upload_file(inputs["evaluation"])
         job = client.create_job(model.id, calibration.id, eval_file=evaluation.id)
-        _say(f"   job {job.id} queued")
-        last_phase: list[str] = []
+        _say(f"   job {job.id}: {job.status}")
+        shown = [str(job.status)]
 
         def show(current: JobPublic) -> None:
-            phase = str(current.progress.phase)
-            if phase not in last_phase[-1:]:
-                last_phase.append(phase)
-                _say(f"   {current.status}: {phase}")
+            # A phase that only repeats the status (queued, done) adds nothing to it.
+            status, phase = str(current.status), str(current.progress.phase)
+            line = status if phase in (status, "queued", "done") else f"{status}: {phase}"
+            if line != shown[-1]:
+                shown.append(line)
+                _say(f"   {line}")
 
         job = client.wait(job.id, on_progress=show)
         if job.status != "succeeded":

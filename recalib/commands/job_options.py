@@ -4,7 +4,9 @@ Every field of :class:`~recalib.contract.JobOptions` becomes a flag (``batch_siz
 ``--batch-size``), and every field of its :class:`~recalib.contract.Preprocess` one of the "image
 preprocessing" group (``center_crop`` → ``--center-crop``; list fields take comma-separated
 values). Help texts, defaults and choices come from the field metadata, so both commands offer
-exactly the contract's options and cannot drift from it or from each other.
+exactly the contract's options and cannot drift from it or from each other. The descriptions
+are written for the API's readers (field names in backticks, ``defaults.X``); :func:`help_text`
+turns them into user text for the flags (flags for field names, values for defaults).
 
 Values stay strings until :func:`options_from_args` hands them to pydantic, so a bad value gives
 the same one-line error in both commands: ``--flag: message (got 'value')``, an
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -24,12 +27,47 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from recalib import defaults
 from recalib.contract import JobOptions, Preprocess
 from recalib.errors import InvalidOptionError
 
 PREPROCESS_FIELD = "preprocess"
 """The JobOptions field holding :class:`Preprocess`: its fields get flags of their own."""
 _PREPROCESS_DEST = "preprocess_"  # argparse dest prefix of the Preprocess flags
+
+METAVARS = {
+    "register": "NAME[@ALIAS]",
+    "holdout": "FRACTION",
+    "max_samples": "N",
+    "prior_strength": "N",
+    "tolerance_window": "BATCHES",
+    "input_names": "NAME,...",
+    "resize": "PIXELS",
+    "center_crop": "PIXELS",
+}
+"""Metavars where the last word of the field name would not say what the value is."""
+
+MODEL_HELP = (
+    "Model file: an exported program (.pt2), TorchScript (.pt, .ts), or a state_dict "
+    "(.safetensors, .pt) together with --arch; the recalibrated model is written in the same "
+    "format."
+)
+CALIB_HELP = (
+    "Calibration data from the target domain (labels optional): a tensor file (.npz, "
+    ".safetensors or .pt) holding a float 'inputs' array (N×...) and optional 'labels', or an "
+    "image archive (.zip, .tar, .tar.gz) of class folders (<class>/<image>), of flat images "
+    "(unlabeled), or of images/ and masks/ folders (segmentation)."
+)
+EVAL_HELP = (
+    "Labeled evaluation data, in the formats of --calib (left out: part of labeled calibration "
+    "data is held out, see --holdout)."
+)
+ARCH_HELP = (
+    "MODULE:FUNCTION that builds the model, for a state_dict file (e.g. "
+    "torchvision.models:resnet18), imported only from the modules of RECALIB_ARCH_ALLOWLIST "
+    "(default: " + ", ".join(defaults.ARCH_ALLOWLIST) + ")."
+)
+"""Help of the data and model arguments that ``run`` and ``submit`` share."""
 
 
 def flag(name: str) -> str:
@@ -104,26 +142,68 @@ def option_error(
 
 
 def _add_flag(group: argparse._ArgumentGroup, name: str, dest: str, field: FieldInfo) -> None:
-    help_text = _help(field)
+    text = help_text(field).replace("%", "%%")  # argparse formats help with %
     if field.annotation is bool:  # given: True; left out: None (unset, the contract's default)
-        group.add_argument(flag(name), dest=dest, action="store_true", default=None, help=help_text)
+        group.add_argument(flag(name), dest=dest, action="store_true", default=None, help=text)
         return
     choices = _choices(field.annotation)
     if choices:
         metavar = "{" + ",".join(choices) + "}"
+    elif name in METAVARS:
+        metavar = METAVARS[name]
     else:
         metavar = name.split("_")[-1].upper() + (",..." if _is_list(field.annotation) else "")
-    group.add_argument(flag(name), dest=dest, metavar=metavar, help=help_text)
+    group.add_argument(flag(name), dest=dest, metavar=metavar, help=text)
 
 
-def _help(field: FieldInfo) -> str:
+def help_text(field: FieldInfo) -> str:
+    """The help of a field's flag: its description as user text, ending with its default.
+
+    ``defaults.X`` becomes its value (or goes, where the value is already given before it); a
+    field name in backticks becomes its flag (``tolerance_window`` → ``--tolerance-window``), as
+    ``estimator=ema`` becomes ``--estimator ema``; a part of the value (``name`` of
+    ``register``) its metavar word (``NAME``); other backticks go.
+    The API description's note on how the flag is spelt goes too: the metavar shows it.
+    """
     text = field.description or _doc_line(field.annotation) or ""
+    text = re.sub(r",\s*`defaults\.(\w+)`", "", text)
+    text = re.sub(r"`defaults\.(\w+)`", lambda m: _value_text(getattr(defaults, m[1])), text)
+    text = re.sub(r"\s*Flag: [^.]*\.", "", text)
+    text = re.sub(r"\b(\w+)=(\w+)", lambda m: _option_value(m[1], m[2]), text)
+    parts = _part_names(field.annotation)
+    text = re.sub(r"`([^`]*)`", lambda m: _plain(m[1], parts), text)
     default = field.default
-    if isinstance(default, enum.Enum):
-        default = default.value
     if default is not None and not isinstance(default, bool | BaseModel):
-        text = f"{text.rstrip('.')}; default {default}."
-    return text.replace("%", "%%")  # argparse formats help with %
+        text = f"{text.rstrip('.')}; default {_value_text(default)}."
+    return text
+
+
+def _plain(word: str, parts: set[str]) -> str:
+    if word in JobOptions.model_fields or word in Preprocess.model_fields:
+        return flag(word)
+    return word.upper() if word in parts else word
+
+
+def _option_value(name: str, value: str) -> str:
+    """``estimator=ema`` → ``--estimator ema``; other ``a=b`` stay."""
+    return f"{flag(name)} {value}" if name in JobOptions.model_fields else f"{name}={value}"
+
+
+def _part_names(annotation: Any) -> set[str]:
+    """The fields of a model-typed option (``register``: name, alias), named in its help."""
+    for member in _members(annotation):
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            return set(member.model_fields)
+    return set()
+
+
+def _value_text(value: Any) -> str:
+    """A default as a user types it: ``inputs`` for ["inputs"], ``population`` for the enum."""
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, list | tuple):
+        return ",".join(_value_text(item) for item in value)
+    return str(value)
 
 
 def _members(annotation: Any) -> list[Any]:

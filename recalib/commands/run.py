@@ -20,7 +20,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from recalib.commands import report_text, require
-from recalib.commands.job_options import add_option_flags, flag, options_from_args
+from recalib.commands.job_options import (
+    ARCH_HELP,
+    CALIB_HELP,
+    EVAL_HELP,
+    MODEL_HELP,
+    add_option_flags,
+    flag,
+    options_from_args,
+)
 from recalib.contract import JobSpec, Progress, Report, Verdict
 from recalib.errors import EXIT_OK, EXIT_WORSE, InvalidOptionError, NotFoundError
 from recalib.settings import get_settings
@@ -34,15 +42,25 @@ _EVALUATED_ON = {
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="Model file (.pt2, .ts/.pt TorchScript, .safetensors, .pt).")
-    parser.add_argument("--calib", required=True, metavar="DATA", help="Calibration data file.")
-    parser.add_argument("--eval", metavar="DATA", help="Evaluation data file (labeled).")
-    parser.add_argument("--arch", metavar="MOD:FN", help="Builds the model for state_dict files.")
-    parser.add_argument("--arch-kwargs", metavar="JSON", default="{}", help="Arguments of --arch.")
-    parser.add_argument("--out", metavar="DIR", help="Output directory (./recalib-out/<model>).")
+    parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument("--calib", required=True, metavar="DATA", help=CALIB_HELP)
+    parser.add_argument("--eval", metavar="DATA", help=EVAL_HELP)
+    parser.add_argument("--arch", metavar="MODULE:FUNCTION", help=ARCH_HELP)
+    parser.add_argument(
+        "--arch-kwargs",
+        metavar="JSON",
+        default="{}",
+        help="Keyword arguments of --arch, a JSON object.",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", help="Output directory (default: recalib-out/<model file name>)."
+    )
     add_option_flags(parser)
     parser.add_argument(
-        "--allow-unsafe-pickle", action="store_true", help="Unpickle whole-module .pt files."
+        "--allow-unsafe-pickle",
+        action="store_true",
+        help="Load a .pt file holding a whole pickled model (this runs code from the file: only "
+        "for files you trust).",
     )
     parser.add_argument("--json", action="store_true", help="Print report.json instead of a table.")
     parser.add_argument(

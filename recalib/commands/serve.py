@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from recalib import defaults
 from recalib.commands import require
 from recalib.commands.supervisor import Supervisor, signals_ignored, worker_env
 from recalib.settings import get_settings
@@ -30,16 +31,38 @@ logger = logging.getLogger(__name__)
 _signals_ignored = signals_ignored  # recalib demo uses it
 
 
+DESCRIPTION = (
+    "Start the recalib REST API (docs at /docs). Redis: with RECALIB_REDIS_URL set, the API "
+    "uses that server and starts no workers unless --workers is given; without it, serve starts "
+    "an embedded Valkey (a Redis-compatible server, its files under <data dir>/valkey) and one "
+    "worker, so one command runs everything. Workers or Valkey that die are restarted; Ctrl-C "
+    "stops all it started."
+)
+"""The ``recalib serve --help`` description (what it starts, and how Redis is chosen)."""
+
+
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="Bind address (default: RECALIB_HOST, 127.0.0.1).")
-    parser.add_argument("--port", type=int, help="Port (default: RECALIB_PORT, 8000).")
+    parser.description = DESCRIPTION
+    parser.add_argument(
+        "--host", help=f"Bind address (default: RECALIB_HOST, else {defaults.HOST})."
+    )
+    parser.add_argument(
+        "--port", type=int, help=f"Port (default: RECALIB_PORT, else {defaults.PORT})."
+    )
     parser.add_argument(
         "--workers",
         type=int,
+        metavar="N",
         help="Worker processes to start (default: 1 with the embedded Valkey, 0 with "
         "RECALIB_REDIS_URL).",
     )
-    parser.add_argument("--data-dir", type=Path, help="Data directory (default: RECALIB_DATA_DIR).")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="Where uploads, job results and the embedded Valkey's data are kept (default: "
+        f"RECALIB_DATA_DIR, else ./{defaults.DATA_DIR}, relative to the working directory).",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -17,7 +17,14 @@ from typing import Any
 from recalib import defaults
 from recalib.client import RecalibClient
 from recalib.commands import report_text
-from recalib.commands.job_options import add_option_flags, options_from_args
+from recalib.commands.job_options import (
+    ARCH_HELP,
+    CALIB_HELP,
+    EVAL_HELP,
+    MODEL_HELP,
+    add_option_flags,
+    options_from_args,
+)
 from recalib.contract import JobPublic, JobStatus, Verdict
 from recalib.errors import (
     EXIT_CANCELLED,
@@ -29,22 +36,29 @@ from recalib.errors import (
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", type=Path, help="Model file (.pt2, .pt, .ts, .safetensors).")
-    parser.add_argument("--calib", type=Path, required=True, help="Calibration data file.")
-    parser.add_argument("--eval", type=Path, help="Evaluation data file (labeled).")
+    parser.add_argument("model", type=Path, help=MODEL_HELP)
+    parser.add_argument("--calib", type=Path, required=True, metavar="DATA", help=CALIB_HELP)
+    parser.add_argument("--eval", type=Path, metavar="DATA", help=EVAL_HELP)
     parser.add_argument(
         "--server",
+        metavar="URL",
         default=os.environ.get("RECALIB_SERVER", defaults.SERVER_URL),
         help="Server URL (env RECALIB_SERVER; default %(default)s).",
     )
     parser.add_argument(
         "--api-key",
+        metavar="KEY",
         default=os.environ.get("RECALIB_API_KEY"),
         help="API key (env RECALIB_API_KEY).",
     )
-    add_option_flags(parser, title="job options (the contract's defaults when left out)")
-    parser.add_argument("--arch", help="`module:callable` building the model (state_dict files).")
-    parser.add_argument("--arch-kwargs", default="{}", help="JSON object of arch arguments.")
+    add_option_flags(parser, title="job options (the server's defaults when left out)")
+    parser.add_argument("--arch", metavar="MODULE:FUNCTION", help=ARCH_HELP)
+    parser.add_argument(
+        "--arch-kwargs",
+        metavar="JSON",
+        default="{}",
+        help="Keyword arguments of --arch, a JSON object.",
+    )
     parser.add_argument("--wait", action="store_true", help="Follow the job until it ends.")
     parser.add_argument(
         "--download", type=Path, metavar="DIR", help="Save report + models (implies --wait)."
@@ -56,9 +70,17 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="Print the job as JSON on stdout.")
     parser.add_argument(
-        "--idempotency-key", help="Resubmitting with the same key returns the same job."
+        "--idempotency-key",
+        metavar="KEY",
+        help="Resubmitting with the same key returns the same job.",
     )
-    parser.add_argument("--poll-s", type=float, default=0.5, help="Status poll period, seconds.")
+    parser.add_argument(
+        "--poll-s",
+        type=float,
+        metavar="SECONDS",
+        default=0.5,
+        help="Status poll period, seconds (default %(default)s).",
+    )
 
 
 def _arch_kwargs(text: str) -> dict[str, Any]:
