@@ -1,6 +1,6 @@
 """Walking zip and tar archives safely: member by member, in memory, never extracted by name.
 
-Safety policy (the limits come from :class:`~worker.formats.data.DataLimits`):
+Safety policy (the limits come from :class:`~worker.formats.samples.DataLimits`):
 
 - member count: a zip's central-directory headers are counted before ``zipfile`` parses them
   (never the count its end record claims, which may lie), stopping once over the limit; a tar
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from recalib.errors import ArchiveRejectedError, InvalidDataError
-from worker.formats.data import DataLimits
+from worker.formats.samples import DataLimits
 
 MAX_RATIO = 200
 RATIO_FREE_BYTES = 1024**2

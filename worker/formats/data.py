@@ -11,101 +11,45 @@ Formats, detected by content:
 
 :func:`make_loader` batches a :class:`SampleSet` in exactly the order of the given indices, so
 runs are deterministic; a batch is fetched in one call (tensor files index their array once).
+
+This module sits above the readers, which never import it: what they share (``SampleSet``,
+``DataLimits``, skipped entries) is :mod:`.samples`, re-exported here.
 """
 
 from __future__ import annotations
 
 import struct
+import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from recalib import defaults
 from recalib.contract import Preprocess
 from recalib.errors import InvalidDataError, InvalidOptionError
+from worker.formats import images, masks, tensors
+from worker.formats.archives import ArchiveReader
+from worker.formats.samples import DataLimits, SampleSet, log_skipped
 
-MAX_SKIPPED_EXAMPLES = 20
+__all__ = [  # DataLimits and SampleSet (from .samples) are imported from here across the worker
+    "DataLimits",
+    "SampleSet",
+    "check_labels",
+    "check_masks",
+    "make_loader",
+    "open_samples",
+]
 
-
-@dataclass(frozen=True)
-class DataLimits:
-    """Safety limits for image archives and ``.npz`` files (the operator's settings; defaults
-    for the CLI).
-
-    Args:
-        max_archive_members: most entries (files, folders, links) an archive may list.
-        max_archive_bytes: most declared uncompressed bytes of all its members together (of an
-            ``.npz``: of the arrays it is read for, as their ``.npy`` headers declare them).
-        max_image_pixels: largest image (width × height) decoded; larger ones are skipped.
-    """
-
-    max_archive_members: int = defaults.MAX_ARCHIVE_MEMBERS
-    max_archive_bytes: int = defaults.MAX_ARCHIVE_BYTES
-    max_image_pixels: int = defaults.MAX_IMAGE_PIXELS
-
-
-@dataclass
-class SampleSet(Dataset):
-    """An indexable data set of ``(input float32 tensor, label int)``; label -1 when unlabeled.
-
-    ``skipped_entries``/``skipped_examples`` count and name (≤ 20) archive entries left out.
-    ``label_shape`` is ``()`` for class ids and ``(H, W)`` for segmentation masks;
-    ``input_names`` the arrays each sample's inputs come from (several: batches of inputs are
-    dicts name → tensor, in this order).
-    """
-
-    path: Path
-    has_labels: bool
-    num_samples: int
-    sample_shape: tuple[int, ...]
-    skipped_entries: int = 0
-    skipped_examples: list[str] = field(default_factory=list)
-    label_shape: tuple[int, ...] = ()
-    input_names: tuple[str, ...] = ("inputs",)
-
-    @property
-    def label_kind(self) -> Literal["class", "mask"] | None:
-        """``class`` (one id per sample), ``mask`` (N×H×W) or None (unlabeled)."""
-        if not self.has_labels:
-            return None
-        return "mask" if self.label_shape else "class"
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"sample {i} out of range 0..{self.num_samples - 1}")
-        inputs, labels = self.get_batch([i])
-        return inputs[0], int(labels[0])
-
-    def get_batch(self, indices: Sequence[int]) -> tuple[Any, torch.Tensor]:
-        """Inputs (float32, ``len(indices)×sample_shape``; a dict name → tensor with several
-        ``input_names``) and labels (int64, -1 if unlabeled; masks ``len(indices)×H×W``)."""
-        raise NotImplementedError
-
-    def get_labels(self, indices: Sequence[int]) -> torch.Tensor:
-        """The labels of ``indices`` (int64) without decoding any input; -1 when unlabeled."""
-        return self.get_batch(indices)[1]
-
-    def labels(self) -> torch.Tensor | None:
-        """All class-id labels (int64) without decoding any input, or None when unlabeled (or
-        masks: read those in chunks with :meth:`get_labels`)."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release open files (image archives); the set is unusable afterwards."""
+_DEFAULT_LIMITS = DataLimits()  # frozen: one shared default is safe
 
 
 def open_samples(
     path: Path | str,
     *,
     preprocess: Preprocess | None = None,
-    limits: DataLimits = DataLimits(),  # frozen: a shared default is safe
+    limits: DataLimits = _DEFAULT_LIMITS,
     work_dir: Path | None = None,
     input_names: Sequence[str] = ("inputs",),
 ) -> SampleSet:
@@ -126,21 +70,42 @@ def open_samples(
         ArchiveRejectedError: an archive breaks a safety limit.
         UnsafePickleError: a ``.pt`` data file that would need a full unpickle.
     """
-    from worker.formats import images, tensors
-
     path = Path(path)
     kind = _detect(path)
+    samples: SampleSet
     if kind in ("npz", "safetensors", "pt"):
-        return tensors.open_tensor_file(path, kind, tuple(input_names), limits)
-    if len(input_names) > 1:
+        samples = tensors.open_tensor_file(path, kind, tuple(input_names), limits)
+    elif len(input_names) > 1:
         raise InvalidOptionError(
             f"{path.name} is an image archive, which holds one input per sample, but "
             f"input_names lists {len(input_names)} ({list(input_names)}); give the inputs as "
             "arrays of a tensor file (.npz, .safetensors, .pt)",
             field="options.input_names",
         )
-    preprocess = preprocess or images.DEFAULT_PREPROCESS
-    return images.open_image_archive(path, kind, preprocess, limits, work_dir)
+    else:
+        preprocess = preprocess or images.DEFAULT_PREPROCESS
+        samples = _open_image_archive(path, kind, preprocess, limits, work_dir)
+    log_skipped(samples)
+    return samples
+
+
+def _open_image_archive(
+    path: Path, kind: str, preprocess: Preprocess, limits: DataLimits, work_dir: Path | None
+) -> images.ImageSamples:
+    """Scan an archive (safety checks, image headers), then build the samples of the layout its
+    folders show (segmentation: :mod:`.masks`; class folders or flat: :mod:`.images`); nothing
+    is decoded."""
+    images.check_resize(preprocess, limits)
+    reader = ArchiveReader(path, kind, limits, work_dir)
+    try:
+        scan = images.scan_archive(reader, preprocess, limits)
+        layout = images.archive_layout(path, scan)
+        if layout.segmentation:
+            return masks.segmentation_samples(path, reader, scan, layout, preprocess, limits)
+        return images.folder_samples(path, reader, scan, layout, preprocess, limits)
+    except BaseException:
+        reader.close()
+        raise
 
 
 def _detect(path: Path) -> str:
@@ -168,8 +133,6 @@ def _detect(path: Path) -> str:
 
 
 def _zip_kind(path: Path) -> str:
-    import zipfile
-
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()

@@ -5,12 +5,16 @@ sits at the top (flat: unlabeled) or in ``<class>/<image>`` (labeled; classes so
 torchvision's ``ImageFolder`` does, label = index). Classes are the folders holding any file with
 an image extension, even if all of them turn out corrupt, so one bad folder never shifts the
 labels of the others. A single folder holding every image counts as the wrapper: a one-class
-labeled archive needs ``root/<class>/<image>``. Other depths are an error.
+labeled archive needs ``root/<class>/<image>``. Other depths are an error. Exactly two folders,
+``images`` and ``masks``, are segmentation data, whose samples :mod:`worker.formats.masks` builds
+from the same scan (:func:`scan_archive`, then :func:`archive_layout`; :mod:`worker.formats.data`
+picks the builder).
 
-Skipped and counted (``skipped_entries``, ≤ 20 ``skipped_examples`` with the reason): files
-without an image extension, hidden and ``__MACOSX`` files, links and devices, encrypted members,
-images Pillow cannot identify or verify (JPEGs are test-decoded at reduced scale), images over
-``max_image_pixels`` (decompression bombs; checked from the header, before decoding), images that
+Skipped and counted (``skipped_entries``, ≤ 20 ``skipped_examples`` with the reason; logged once
+per archive by :func:`worker.formats.samples.log_skipped`): files without an image extension,
+hidden and ``__MACOSX`` files, links and devices, encrypted members, images Pillow cannot identify
+or verify (JPEGs are test-decoded at reduced scale), images over ``max_image_pixels``
+(decompression bombs; checked from the header, before decoding), images that
 ``preprocess.resize`` would take over ``max_image_pixels`` and images smaller than
 ``center_crop`` after resizing. A ``resize`` that takes every image over ``max_image_pixels``
 (its square alone is larger) is an :class:`InvalidOptionError`, before the archive is read. A
@@ -36,7 +40,6 @@ from PIL import Image
 from recalib.contract import Preprocess
 from recalib.errors import InvalidDataError, InvalidOptionError
 from worker.formats.archives import ArchiveReader, Locator, Member, UnreadableMemberError
-from worker.formats.data import MAX_SKIPPED_EXAMPLES, DataLimits, SampleSet
 from worker.formats.image_decode import (
     DECODE_ERRORS,
     checked_shape,
@@ -47,6 +50,7 @@ from worker.formats.image_decode import (
     to_tensor,
     undecodable,
 )
+from worker.formats.samples import DataLimits, SampleSet, SkippedEntries
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -97,36 +101,37 @@ class ImageSamples(SampleSet):
         return checked_shape(self.path, self.names[i], tensor, self.sample_shape)
 
 
-@dataclass
-class _Scan:
-    """What a pass over an archive found."""
+ScannedImage = tuple[tuple[str, ...], Locator, tuple[int, int, int]]
+"""An image an archive scan accepted: its name's path parts, its locator, its final C×H×W."""
 
-    images: list[tuple[tuple[str, ...], Locator, tuple[int, int, int]]] = field(
-        default_factory=list
-    )
+
+@dataclass
+class ArchiveScan:
+    """What a pass over an image archive found (:func:`scan_archive`): the images it accepted,
+    every member with an image extension (``candidates``, accepted or not: they decide the
+    layout), each accepted image's header size and mode, and the entries it skipped."""
+
+    images: list[ScannedImage] = field(default_factory=list)
     candidates: list[tuple[str, ...]] = field(default_factory=list)
     headers: dict[tuple[str, ...], tuple[tuple[int, int], str]] = field(default_factory=dict)
-    skipped: int = 0
-    examples: list[str] = field(default_factory=list)
-
-    def skip(self, name: str, reason: str) -> None:
-        self.skipped += 1
-        if len(self.examples) < MAX_SKIPPED_EXAMPLES:
-            self.examples.append(f"{name}: {reason}")
+    skipped: SkippedEntries = field(default_factory=SkippedEntries)
 
 
-def open_image_archive(
-    path: Path, kind: str, preprocess: Preprocess, limits: DataLimits, work_dir: Path | None
-) -> ImageSamples:
-    """Scan an archive (safety checks, image headers) and return its samples, nothing decoded."""
-    check_resize(preprocess, limits)
-    reader = ArchiveReader(path, kind, limits, work_dir)
-    try:
-        scan = _scan(reader, preprocess, limits)
-        return _samples(path, reader, scan, preprocess, limits)
-    except BaseException:
-        reader.close()
-        raise
+@dataclass(frozen=True)
+class ArchiveLayout:
+    """How an archive's images are laid out (:func:`archive_layout`).
+
+    ``strip``: wrapper folders left out of every name (0 or 1); ``classes``: the class folders,
+    sorted (empty when flat); ``segmentation``: the folders are exactly ``images`` and ``masks``
+    (samples built by :func:`worker.formats.masks.segmentation_samples`).
+    """
+
+    strip: int
+    classes: list[str]
+
+    @property
+    def segmentation(self) -> bool:
+        return self.classes == ["images", "masks"]
 
 
 def check_resize(preprocess: Preprocess, limits: DataLimits) -> None:
@@ -146,18 +151,21 @@ def check_resize(preprocess: Preprocess, limits: DataLimits) -> None:
         )
 
 
-def _scan(reader: ArchiveReader, preprocess: Preprocess, limits: DataLimits) -> _Scan:
-    scan = _Scan()
+def scan_archive(reader: ArchiveReader, preprocess: Preprocess, limits: DataLimits) -> ArchiveScan:
+    """One pass over the archive's members: each image's header is read and its integrity
+    checked; every other member, and an image that fails a check, is skipped with the reason
+    (see the module docstring)."""
+    scan = ArchiveScan()
     for member in reader.members():
         if member.kind == "dir":
             continue
         name = "/".join(member.parts)
         if any(p.startswith(".") or p == "__MACOSX" for p in member.parts):
-            scan.skip(name, "hidden or metadata file")
+            scan.skipped.add(name, "hidden or metadata file")
         elif member.kind != "file":
-            scan.skip(name, _KIND_REASONS.get(member.kind, "not a regular file"))
+            scan.skipped.add(name, _KIND_REASONS.get(member.kind, "not a regular file"))
         elif Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-            scan.skip(name, "not an image (extension)")
+            scan.skipped.add(name, "not an image (extension)")
         else:
             scan.candidates.append(member.parts)
             _probe(reader, member, name, scan, preprocess, limits)
@@ -168,7 +176,7 @@ def _probe(
     reader: ArchiveReader,
     member: Member,
     name: str,
-    scan: _Scan,
+    scan: ArchiveScan,
     preprocess: Preprocess,
     limits: DataLimits,
 ) -> None:
@@ -178,22 +186,22 @@ def _probe(
             image = Image.open(io.BytesIO(data))
             size, mode = image.size, image.mode
             if size[0] * size[1] > limits.max_image_pixels:
-                scan.skip(name, f"{size[0]}×{size[1]} pixels, over max_image_pixels")
+                scan.skipped.add(name, f"{size[0]}×{size[1]} pixels, over max_image_pixels")
                 return
             side = preprocess.resize
             if side is not None and peak_pixels(size, preprocess) > limits.max_image_pixels:
-                scan.skip(name, _resized_too_large(size, side))
+                scan.skipped.add(name, _resized_too_large(size, side))
                 return
             _check_integrity(image)
     except Image.DecompressionBombError:
-        scan.skip(name, "over Pillow's decompression-bomb limit")
+        scan.skipped.add(name, "over Pillow's decompression-bomb limit")
         return
     except (UnreadableMemberError, *DECODE_ERRORS) as exc:
-        scan.skip(name, f"corrupt ({str(exc)[:80] or type(exc).__name__})")
+        scan.skipped.add(name, f"corrupt ({str(exc)[:80] or type(exc).__name__})")
         return
     shape = final_shape(size, preprocess)
     if shape is None:
-        scan.skip(name, f"{size[0]}×{size[1]} is smaller than center_crop after resize")
+        scan.skipped.add(name, f"{size[0]}×{size[1]} is smaller than center_crop after resize")
         return
     scan.headers[member.parts] = (size, mode)
     scan.images.append((member.parts, reader.keep(member, data), shape))
@@ -215,13 +223,17 @@ def _check_integrity(image: Image.Image) -> None:
         image.verify()
 
 
-def _samples(
-    path: Path, reader: ArchiveReader, scan: _Scan, preprocess: Preprocess, limits: DataLimits
-) -> ImageSamples:
+def archive_layout(path: Path, scan: ArchiveScan) -> ArchiveLayout:
+    """The layout of the scanned images (see the module docstring).
+
+    Raises:
+        InvalidDataError: no usable image, or images at other depths than flat or
+            ``<class>/<image>``.
+    """
     if not scan.images:
         raise InvalidDataError(
-            f"{path.name}: no usable images (skipped {scan.skipped} entries, e.g. "
-            f"{scan.examples[:3]})",
+            f"{path.name}: no usable images (skipped {scan.skipped.count} entries, e.g. "
+            f"{scan.skipped.examples[:3]})",
             file=str(path),
         )
     strip = _wrapper_depth(scan.candidates)
@@ -232,12 +244,23 @@ def _samples(
             f"folders; found them {sorted(depths)} folders deep",
             file=str(path),
         )
-    labeled = depths == {2}
-    classes = sorted({parts[strip] for parts in scan.candidates}) if labeled else []
-    if classes == ["images", "masks"]:
-        from worker.formats.masks import segmentation_samples
+    classes = sorted({parts[strip] for parts in scan.candidates}) if depths == {2} else []
+    return ArchiveLayout(strip, classes)
 
-        return segmentation_samples(path, reader, scan, strip, preprocess, limits)
+
+def folder_samples(
+    path: Path,
+    reader: ArchiveReader,
+    scan: ArchiveScan,
+    layout: ArchiveLayout,
+    preprocess: Preprocess,
+    limits: DataLimits,
+) -> ImageSamples:
+    """The samples of a flat (unlabeled) or class-folder (labeled) archive.
+
+    Raises:
+        InvalidDataError: images of different sizes after preprocessing, naming two of them.
+    """
     images = sorted(scan.images, key=lambda item: item[0])
     shapes = {shape for _, _, shape in images}
     if len(shapes) > 1:
@@ -248,16 +271,17 @@ def _samples(
             "resize) so every sample has the same shape",
             file=str(path),
         )
-    index = {name: i for i, name in enumerate(classes)}
+    labeled, strip = bool(layout.classes), layout.strip
+    index = {name: i for i, name in enumerate(layout.classes)}
     labels = torch.tensor([index[p[strip]] for p, _, _ in images]) if labeled else None
     return ImageSamples(
         path=path,
         has_labels=labeled,
         num_samples=len(images),
         sample_shape=images[0][2],
-        skipped_entries=scan.skipped,
-        skipped_examples=scan.examples,
-        class_names=classes,
+        skipped_entries=scan.skipped.count,
+        skipped_examples=scan.skipped.examples,
+        class_names=layout.classes,
         reader=reader,
         preprocess=preprocess,
         max_image_pixels=limits.max_image_pixels,

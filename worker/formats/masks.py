@@ -21,7 +21,6 @@ from PIL import Image
 from recalib.contract import Preprocess
 from recalib.errors import InvalidDataError
 from worker.formats.archives import ArchiveReader, Locator
-from worker.formats.data import DataLimits
 from worker.formats.image_decode import (
     DECODE_ERRORS,
     checked_shape,
@@ -30,7 +29,8 @@ from worker.formats.image_decode import (
     resized_size,
     undecodable,
 )
-from worker.formats.images import ImageSamples, _Scan
+from worker.formats.images import ArchiveLayout, ArchiveScan, ImageSamples, ScannedImage
+from worker.formats.samples import DataLimits
 
 MASK_MODES = frozenset({"L", "P", "1"})
 """Pillow modes whose pixel values are class ids (grayscale, palette indices, bilevel)."""
@@ -83,8 +83,8 @@ def to_mask(image: Image.Image, preprocess: Preprocess, name: str = "mask") -> t
 def segmentation_samples(
     path: Path,
     reader: ArchiveReader,
-    scan: _Scan,
-    strip: int,
+    scan: ArchiveScan,
+    layout: ArchiveLayout,
     preprocess: Preprocess,
     limits: DataLimits,
 ) -> MaskedImageSamples:
@@ -94,10 +94,8 @@ def segmentation_samples(
         InvalidDataError: an image without a mask or the reverse, a mask that is not a grayscale
             or palette PNG, a mask whose size differs from its image's, images of different sizes.
     """
-    by_stem: dict[str, dict[str, tuple[tuple[str, ...], Locator, tuple[int, int, int]]]] = {
-        "images": {},
-        "masks": {},
-    }
+    strip = layout.strip
+    by_stem: dict[str, dict[str, ScannedImage]] = {"images": {}, "masks": {}}
     for parts, locator, shape in sorted(scan.images, key=lambda item: item[0]):
         folder, rest = parts[strip], parts[strip + 1 :]
         stem = PurePosixPath(*rest).stem
@@ -150,8 +148,8 @@ def segmentation_samples(
         num_samples=len(order),
         sample_shape=shape,
         label_shape=shape[1:],
-        skipped_entries=scan.skipped,
-        skipped_examples=scan.examples,
+        skipped_entries=scan.skipped.count,
+        skipped_examples=scan.skipped.examples,
         reader=reader,
         preprocess=preprocess,
         max_image_pixels=limits.max_image_pixels,

@@ -36,8 +36,8 @@ import torch
 
 from recalib.errors import InvalidDataError, UnsafePickleError
 from worker.formats.archives import MAX_RATIO, RATIO_FREE_BYTES
-from worker.formats.data import DataLimits, SampleSet
 from worker.formats.pickle_safety import refused_global
+from worker.formats.samples import DataLimits, SampleSet
 
 _CHECK_CHUNK_ELEMENTS = 1 << 22
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
