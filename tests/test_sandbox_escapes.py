@@ -15,6 +15,7 @@ TorchScript before anything runs) and off (``RECALIB_VET_MODELS=false``): the sa
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 
@@ -195,3 +196,8 @@ def test_the_next_job_runs_after_the_attacks(stack: Stack, world: dict) -> None:
     assert done["status"] == "succeeded", done["error"]
     assert done["result"]["sandbox"]["level"] == "strict"
     assert stack.workers["w1"].alive()
+    with _client(stack, ALICE) as alice:  # the worker registry, as /readyz shows it
+        workers = alice.get("/readyz").json()["workers"]
+    assert len(workers) == 1 and re.fullmatch(
+        r"strict \(landlock-abi\d+, seccomp, netns\)", workers[0]["sandbox"]
+    ), workers
