@@ -6,6 +6,8 @@ compiled from such a class (``original_name`` ending in ``BatchNorm1d/2d/3d`` or
 module holding ``running_mean``/``running_var``/``num_batches_tracked`` buffers). Skipped, and
 reported with the reason: ``track_running_stats=False`` layers, frozen BN (torchvision's
 ``FrozenBatchNorm2d`` and look-alikes, whose statistics are constants) and unmaterialized lazy BN.
+Refused: a scripted layer with ``momentum=0`` (converted models ship so), whose buffers never take
+a batch's statistics and whose momentum is a constant of the compiled code.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer
 
+from recalib.errors import InvalidModelError
 from worker.engine.results import SkippedLayer
 
 
@@ -98,7 +101,12 @@ def _skip_reason(module: nn.Module) -> str | None:
 
 
 def find_bn_layers(model: nn.Module) -> tuple[list[BNLayer], list[SkippedLayer]]:
-    """All BN layers of ``model`` that can be recalibrated, and those that cannot (with why)."""
+    """All BN layers of ``model`` that can be recalibrated, and those that cannot (with why).
+
+    Raises:
+        InvalidModelError: TorchScript BN layers with ``momentum=0``, named (see
+            :func:`refuse_zero_momentum`).
+    """
     layers: list[BNLayer] = []
     skipped: list[SkippedLayer] = []
     for name, module in model.named_modules():
@@ -120,7 +128,30 @@ def find_bn_layers(model: nn.Module) -> tuple[list[BNLayer], list[SkippedLayer]]
                 momentum=getattr(module, "momentum", 0.1),
             )
         )
+    refuse_zero_momentum(layers)
     return layers, skipped
+
+
+def refuse_zero_momentum(layers: list[BNLayer]) -> None:
+    """Raise :class:`InvalidModelError` naming the scripted layers with ``momentum=0``.
+
+    A scripted layer is read from its buffers after a train-mode call (:meth:`BNLayer.read`):
+    ``running = (1 - m)·running + m·batch``, which at ``m = 0`` never shows the batch. Eager and
+    ``.pt2`` layers are run at momentum 1 instead; TorchScript compiles momentum in as a constant
+    ("Can't set constant 'momentum'"), so the model itself has to change.
+    """
+    frozen = [layer.name for layer in layers if layer.scripted and layer.momentum == 0]
+    if not frozen:
+        return
+    shown = ", ".join(repr(name) for name in frozen[:10])
+    more = f" and {len(frozen) - 10} more" if len(frozen) > 10 else ""
+    raise InvalidModelError(
+        f"TorchScript BatchNorm layer(s) {shown}{more} have momentum=0.0, a constant of the "
+        "scripted model: their running statistics never take a batch's statistics, so they "
+        "cannot be re-estimated; set momentum to None or a value in (0, 1] on those layers "
+        "before torch.jit.script, or recalibrate the eager model or a torch.export .pt2 program "
+        "instead"
+    )
 
 
 def probe_elements_per_sample(

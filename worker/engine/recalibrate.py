@@ -105,7 +105,8 @@ def recalibrate(
         NoBatchNormError: no recalibratable BN layer.
         InvalidDataError: fewer than 2 samples, or a batch train-mode BN cannot normalize.
         InvalidModelError: the model takes one sample per forward and a BN layer then sees one
-            value per channel; or a TorchScript BN layer is called more than once per forward.
+            value per channel; or a TorchScript BN layer is called more than once per forward,
+            or has ``momentum=0`` (refused before any buffer changes).
         StatisticsUnchangedError: no BN layer updated its statistics in train mode (e.g. traced
             TorchScript with ``training=False`` baked into its graph).
         JobCancelledError: ``should_stop`` returned True.
