@@ -235,9 +235,10 @@ class _Job:
                 progress=self.progress.batches(Phase.recalibrating),
                 should_stop=self.should_stop,
             )
-        if result.dropped_samples:
+        if result.dropped_samples:  # the one place that says so (the engine only counts)
             logger.warning(
-                "calibrated on %d of %d samples: %d dropped (%s takes %s samples per call)",
+                "calibrated on %d of %d samples: %d dropped (%s takes %s samples per call, "
+                "and a train-mode BN needs 2 or more)",
                 result.samples,
                 len(self.plan.calibration_indices),
                 result.dropped_samples,

@@ -28,6 +28,7 @@ from recalib.contract import (
 )
 from worker.devices import describe_device
 from worker.evaluation import Evaluation, decide_verdict, prediction_change
+from worker.formats.samples import MAX_SKIPPED_EXAMPLES
 from worker.report_html import write_report_html
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from worker.splits import DataPlan
 
 REPORT_FILE = "report.json"
-MAX_SKIPPED_EXAMPLES = 20
 
 
 class Timer:

@@ -162,14 +162,6 @@ def recalibrate(
         _restore_modes(model, modes)
         if not succeeded:
             run.restore()
-    if stream.dropped_samples:
-        logger.warning(
-            "%d calibration sample(s) dropped: batches the model cannot take (it accepts %d to "
-            "%s samples per forward)",
-            stream.dropped_samples,
-            min_batch,
-            max_batch or "any number of",
-        )
     return RecalibrationResult(
         layers=[layer.name for layer in moved.layers],
         skipped=skipped,

@@ -17,13 +17,10 @@ forwarded as they are (nothing can be merged).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from worker.engine.inputs import InputFn, Inputs, batch_inputs, batch_size, check_inputs, concat
-
-logger = logging.getLogger(__name__)
 
 
 class BatchStream:
@@ -61,15 +58,8 @@ class BatchStream:
         size = batch_size(inputs)
         lonely = size == 1 and self.max_size != 1
         outside = size < self.min_size or (self.max_size is not None and size > self.max_size)
-        if lonely or outside:
+        if lonely or outside:  # counted here; the caller says so once (worker.pipeline)
             self.dropped_samples += size
-            logger.warning(
-                "dropped a calibration batch of %d sample(s): the model accepts batches of "
-                "%d to %s samples and train-mode BN needs 2 or more",
-                size,
-                self.min_size,
-                self.max_size or "any number of",
-            )
             return
         yield inputs
 
