@@ -33,8 +33,9 @@ from urllib.parse import unquote
 import httpx
 
 from recalib import defaults
+from recalib.checksums import sha256_of
 from recalib.client_problems import invalid_option, raise_for_problem
-from recalib.client_upload import CHUNK_BYTES, direct_upload, read_chunks, sha256_of
+from recalib.client_upload import CHUNK_BYTES, direct_upload, read_chunks
 from recalib.contract import FilePublic, JobCreate, JobEvent, JobOptions, JobPublic, JobStatus, Page
 from recalib.errors import (
     InternalError,

@@ -10,7 +10,6 @@ reaches the store). A server that stores files locally (409) or predates direct 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -94,14 +93,6 @@ def _slice(path: Path, start: int, length: int) -> Iterator[bytes]:
         while length > 0 and (chunk := fh.read(min(CHUNK_BYTES, length))):
             length -= len(chunk)
             yield chunk
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    for chunk in read_chunks(path):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_chunks(path: Path) -> Iterator[bytes]:

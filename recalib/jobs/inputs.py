@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
-from recalib.client_upload import sha256_of
+from recalib.checksums import sha256_of
 from recalib.contract import InputSource, JobRecord, Report
 from recalib.errors import NotFoundError
 from recalib.jobs.file_store import FileStore, sanitize_filename

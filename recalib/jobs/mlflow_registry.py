@@ -14,7 +14,6 @@ its bounded retries and what MLflow's errors mean are in :mod:`recalib.jobs.mlfl
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from recalib import __version__
+from recalib.checksums import sha256_of
 from recalib.contract.options import JobSpec, Register
 from recalib.contract.report import RegisteredModel, Report
 from recalib.errors import InvalidModelError, InvalidOptionError
@@ -262,8 +262,4 @@ def register_job_output(
 def _sha256_file(path: Path) -> str | None:
     if not path.is_file():
         return None  # an extracted archive directory, say: no single file to hash
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(path)

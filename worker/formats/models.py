@@ -18,7 +18,6 @@ which answers instead: a warm runner's model cache (:mod:`worker.runner.model_ca
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import struct
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from recalib import defaults
+from recalib.checksums import sha256_of
 from recalib.contract import Artifact
 from recalib.errors import InvalidModelError, InvalidOptionError, UnsafePickleError
 from worker.formats import export_program, state_dict, torchscript
@@ -88,12 +88,8 @@ class LoadedModel:
 
 def artifact(path: Path, format: Literal["pt2", "torchscript", "safetensors", "pt"]) -> Artifact:
     """The :class:`Artifact` record (name, sha256, size) of a written file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
     return Artifact(
-        file=path.name, format=format, sha256=digest.hexdigest(), bytes=path.stat().st_size
+        file=path.name, format=format, sha256=sha256_of(path), bytes=path.stat().st_size
     )
 
 
