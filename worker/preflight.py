@@ -31,7 +31,7 @@ from worker.engine.inputs import CallFn, batch_size, move_batch
 from worker.evaluation import TaskPlan, resolve_task, run_batch
 from worker.evaluation.segmentation import fit_to_masks
 from worker.formats.data import DataLimits, SampleSet, check_labels, check_masks, open_samples
-from worker.formats.models import LoadedModel, load_model
+from worker.formats.models import LoadedModel, read_model
 from worker.splits import DataPlan, plan_data
 
 MAX_CAUSE_CHARS = 2000
@@ -47,7 +47,7 @@ def load_job(spec: JobSpec) -> tuple[LoadedModel, DataPlan]:
     ):
         if path is not None and not Path(path).is_file():
             raise NotFoundError(f"{field}: no such file: {path}", file=path)
-    loaded = load_model(
+    loaded = read_model(
         spec.model_path,
         arch=spec.arch,
         arch_kwargs=spec.arch_kwargs,

@@ -24,7 +24,7 @@ from tests.worker.formats_files import (
 )
 from worker.engine import recalibrate
 from worker.formats.data import make_loader, open_samples
-from worker.formats.models import LoadedModel, load_model
+from worker.formats.models import LoadedModel, read_model
 
 ARCH = {"arch": DIGITS_ARCH, "arch_kwargs": {"width": 16}, "arch_allowlist": DIGITS_ALLOWLIST}
 LOAD_KWARGS = {
@@ -73,7 +73,7 @@ def _reload(kind: str, loaded: LoadedModel, path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("kind", list(FORMATS))
 def test_round_trip_keeps_new_statistics(kind, model_files, digits_case, shifted, tmp_path):
-    loaded = load_model(model_files[kind], **LOAD_KWARGS[kind])
+    loaded = read_model(model_files[kind], **LOAD_KWARGS[kind])
     assert loaded.format == FORMATS[kind]
     assert not loaded.module.training
     with torch.no_grad():  # loading changes nothing
@@ -95,7 +95,7 @@ def test_round_trip_keeps_new_statistics(kind, model_files, digits_case, shifted
 
 
 def test_pt2_bn_modules_are_real_and_shared(model_files):
-    loaded = load_model(model_files["pt2"])
+    loaded = read_model(model_files["pt2"])
     bns = {
         n: type(m).__name__
         for n, m in loaded.module.named_modules()
@@ -115,7 +115,7 @@ def test_pt2_bn_modules_are_real_and_shared(model_files):
 
 
 def test_pt2_dynamic_batch_survives_save(model_files, shifted, tmp_path):
-    loaded = load_model(model_files["pt2"])
+    loaded = read_model(model_files["pt2"])
     torch.optim.swa_utils.update_bn([shifted[:64], shifted[64:128]], loaded.module)
     loaded.module.eval()
     saved = torch.export.load(tmp_path / loaded.save(tmp_path).file).module()
@@ -131,7 +131,7 @@ def test_decomposed_pt2_uses_the_legit_batch_norm_op(digits_case, shifted, tmp_p
     targets = {str(n.target) for n in program.graph.nodes}
     assert "aten._native_batch_norm_legit_no_training.default" in targets
     torch.export.save(program, tmp_path / "decomposed.pt2")
-    loaded = load_model(tmp_path / "decomposed.pt2")
+    loaded = read_model(tmp_path / "decomposed.pt2")
     assert len(bn_stats(loaded.module)) == 6
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(shifted), digits_case.model(shifted))
@@ -144,11 +144,11 @@ def test_engine_gives_the_same_statistics_in_every_format(model_files, digits_ca
     x, y = digits_case.shifted_calibration
     np.savez(tmp_path / "calib.npz", inputs=x, labels=y)
     samples = open_samples(tmp_path / "calib.npz")
-    eager = load_model(model_files["module"], allow_unsafe_pickle=True)
+    eager = read_model(model_files["module"], allow_unsafe_pickle=True)
     recalibrate(eager.module, make_loader(samples, indices=None, batch_size=64))
     reference = bn_stats(eager.module)
     for kind in ("pt2", "scripted", "safetensors", "pt"):
-        loaded = load_model(model_files[kind], **LOAD_KWARGS[kind])
+        loaded = read_model(model_files[kind], **LOAD_KWARGS[kind])
         recalibrate(loaded.module, make_loader(samples, indices=None, batch_size=64))
         stats = bn_stats(loaded.module)
         assert set(stats) == set(reference), kind
@@ -159,7 +159,7 @@ def test_engine_gives_the_same_statistics_in_every_format(model_files, digits_ca
         reloaded = _reload(kind, loaded, tmp_path / loaded.save(tmp_path).file)
         for name, value in reference.items():
             torch.testing.assert_close(reloaded[name], value, rtol=1e-4, atol=1e-5)
-    traced = load_model(model_files["traced"])
+    traced = read_model(model_files["traced"])
     with pytest.raises(StatisticsUnchangedError):
         recalibrate(traced.module, make_loader(samples, indices=None, batch_size=64))
 
@@ -167,14 +167,14 @@ def test_engine_gives_the_same_statistics_in_every_format(model_files, digits_ca
 def test_format_is_detected_by_content_not_extension(model_files, tmp_path):
     renamed = tmp_path / "model.bin"
     renamed.write_bytes(model_files["safetensors"].read_bytes())
-    assert load_model(renamed, **ARCH).format == "safetensors"
+    assert read_model(renamed, **ARCH).format == "safetensors"
     renamed.write_bytes(model_files["pt2"].read_bytes())
-    assert load_model(renamed).format == "pt2"
+    assert read_model(renamed).format == "pt2"
 
 
 def test_state_dict_without_arch_says_to_pass_arch(model_files):
     with pytest.raises(InvalidModelError, match="pass arch as 'module:callable'") as info:
-        load_model(model_files["safetensors"])
+        read_model(model_files["safetensors"])
     assert info.value.file == str(model_files["safetensors"])
 
 
@@ -188,24 +188,24 @@ def test_state_dict_without_arch_says_to_pass_arch(model_files):
 )
 def test_arch_outside_allowlist_is_refused(model_files, arch, allowlist):
     with pytest.raises(ArchitectureNotAllowedError, match="is not under the allowed prefixes"):
-        load_model(model_files["safetensors"], arch=arch, arch_allowlist=allowlist)
+        read_model(model_files["safetensors"], arch=arch, arch_allowlist=allowlist)
 
 
 def test_allowlist_prefix_allows_submodules(model_files):
-    loaded = load_model(model_files["pt"], arch=DIGITS_ARCH, arch_allowlist=("worker",))
+    loaded = read_model(model_files["pt"], arch=DIGITS_ARCH, arch_allowlist=("worker",))
     assert loaded.format == "pt"
 
 
 def test_bad_arch_and_kwargs_are_option_errors(model_files):
     path = model_files["safetensors"]
     with pytest.raises(InvalidOptionError, match="must be 'module:callable'"):
-        load_model(path, arch="worker.digits.DigitsNet", arch_allowlist=DIGITS_ALLOWLIST)
+        read_model(path, arch="worker.digits.DigitsNet", arch_allowlist=DIGITS_ALLOWLIST)
     with pytest.raises(InvalidOptionError, match="has no Missing"):
-        load_model(path, arch="worker.digits:Missing", arch_allowlist=DIGITS_ALLOWLIST)
+        read_model(path, arch="worker.digits:Missing", arch_allowlist=DIGITS_ALLOWLIST)
     with pytest.raises(InvalidOptionError, match="rejected arch_kwargs"):
-        load_model(path, **{**ARCH, "arch_kwargs": {"depth": 3}})
+        read_model(path, **{**ARCH, "arch_kwargs": {"depth": 3}})
     with pytest.raises(InvalidOptionError, match="JSON values"):
-        load_model(path, **{**ARCH, "arch_kwargs": {"width": object()}})
+        read_model(path, **{**ARCH, "arch_kwargs": {"width": object()}})
 
 
 def test_state_dict_mismatch_names_keys_and_shapes(model_files, tmp_path):
@@ -215,13 +215,13 @@ def test_state_dict_mismatch_names_keys_and_shapes(model_files, tmp_path):
     path = tmp_path / "broken.safetensors"
     safetensors.torch.save_file(state, str(path))
     with pytest.raises(InvalidModelError) as info:
-        load_model(path, **ARCH)
+        read_model(path, **ARCH)
     message = str(info.value)
     assert "missing keys [head.4.bias]" in message and "unexpected keys [extra.weight]" in message
     with pytest.raises(
         InvalidModelError, match=r"features.0.weight: file \(16, 1, 3, 3\) vs model \(8, 1, 3, 3\)"
     ):
-        load_model(model_files["safetensors"], **{**ARCH, "arch_kwargs": {"width": 8}})
+        read_model(model_files["safetensors"], **{**ARCH, "arch_kwargs": {"width": 8}})
 
 
 def test_checkpoint_wrappers_and_dataparallel_prefix_unwrap(model_files, tmp_path):
@@ -229,7 +229,7 @@ def test_checkpoint_wrappers_and_dataparallel_prefix_unwrap(model_files, tmp_pat
     path = tmp_path / "wrapped.pt"
     prefixed = {f"module.{k}": v for k, v in state.items()}  # as DataParallel saves them
     torch.save({"model": prefixed, "step": 1}, path)
-    loaded = load_model(path, **ARCH)
+    loaded = read_model(path, **ARCH)
     torch.testing.assert_close(
         bn_stats(loaded.module)["features.1.running_var"], state["features.1.running_var"]
     )
@@ -237,11 +237,11 @@ def test_checkpoint_wrappers_and_dataparallel_prefix_unwrap(model_files, tmp_pat
     assert set(saved) == set(state)  # saved as the plain state_dict the model uses
     torch.save({"weights": [1, 2]}, tmp_path / "odd.pt")
     with pytest.raises(InvalidModelError, match="no state_dict found"):
-        load_model(tmp_path / "odd.pt", **ARCH)
+        read_model(tmp_path / "odd.pt", **ARCH)
 
 
 def test_safetensors_metadata_is_kept(model_files, tmp_path):
-    loaded = load_model(model_files["safetensors"], **ARCH)
+    loaded = read_model(model_files["safetensors"], **ARCH)
     saved = tmp_path / loaded.save(tmp_path).file
     with safetensors.safe_open(str(saved), framework="pt") as handle:
         assert handle.metadata() == {"format": "pt", "note": "digits"}
@@ -249,7 +249,7 @@ def test_safetensors_metadata_is_kept(model_files, tmp_path):
 
 def test_whole_module_pickle_needs_opt_in(model_files):
     with pytest.raises(UnsafePickleError) as info:
-        load_model(model_files["module"])
+        read_model(model_files["module"])
     message = str(info.value)
     assert "worker.digits.DigitsNet" in message and "arbitrary code" in message
     assert "--allow-unsafe-pickle" in message and "RECALIB_ALLOW_UNSAFE_PICKLE" in message
@@ -257,7 +257,7 @@ def test_whole_module_pickle_needs_opt_in(model_files):
 
 def test_arch_with_a_program_is_an_option_error(model_files):
     with pytest.raises(InvalidOptionError, match="arch is for state_dict files"):
-        load_model(model_files["pt2"], **ARCH)
+        read_model(model_files["pt2"], **ARCH)
 
 
 @pytest.mark.parametrize("kind", ["pt2", "scripted", "safetensors", "pt"])
@@ -266,24 +266,24 @@ def test_truncated_files_are_named(kind, model_files, tmp_path):
     path = tmp_path / f"cut{model_files[kind].suffix}"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(InvalidModelError, match=r"cut\.\w+: .*(corrupt|truncated)") as info:
-        load_model(path, **(ARCH if kind in ("safetensors", "pt") else {}))
+        read_model(path, **(ARCH if kind in ("safetensors", "pt") else {}))
     assert info.value.file == str(path)
 
 
 def test_unknown_and_empty_files(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(InvalidModelError, match=r"empty\.pt: the model file is empty"):
-        load_model(tmp_path / "empty.pt")
+        read_model(tmp_path / "empty.pt")
     (tmp_path / "notes.pt").write_text(json.dumps({"hello": "world"}))
     with pytest.raises(InvalidModelError, match=r"notes\.pt: not a recognized model file"):
-        load_model(tmp_path / "notes.pt")
+        read_model(tmp_path / "notes.pt")
 
 
 def test_state_dict_dtypes_survive_the_round_trip(model_files, tmp_path):
     state = safetensors.torch.load_file(str(model_files["safetensors"]))
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     safetensors.torch.save_file(half, str(tmp_path / "half.safetensors"))
-    loaded = load_model(tmp_path / "half.safetensors", **ARCH)
+    loaded = read_model(tmp_path / "half.safetensors", **ARCH)
     assert loaded.module.get_submodule("features.0").weight.dtype == torch.float32  # arch's dtype
     saved = safetensors.torch.load_file(str(tmp_path / "out" / loaded.save(tmp_path / "out").file))
     assert {k: v.dtype for k, v in saved.items()} == {k: v.dtype for k, v in half.items()}

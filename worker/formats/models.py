@@ -11,22 +11,20 @@ Formats, detected by content (the extension is only a hint):
 :meth:`LoadedModel.save` writes ``<stem>.recalibrated<ext>`` (the input's extension) with the
 module's current statistics, in the input's format and container.
 
-:func:`load_model` reads the file (:func:`read_model`) unless a :func:`model_source` is active,
-which answers instead: a warm runner's model cache (:mod:`worker.runner.model_cache`).
+:func:`read_model` is the one way a model is loaded, whoever runs the job (``recalib run``, a
+worker): always from its file, in the job's own sandboxed process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import struct
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypedDict, Unpack
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -91,37 +89,6 @@ def artifact(path: Path, format: Literal["pt2", "torchscript", "safetensors", "p
     return Artifact(
         file=path.name, format=format, sha256=sha256_of(path), bytes=path.stat().st_size
     )
-
-
-ModelSource = Callable[..., LoadedModel]
-"""Called as :func:`read_model` is (path, then the same keyword arguments)."""
-_SOURCE: ContextVar[ModelSource | None] = ContextVar("recalib_model_source", default=None)
-
-
-@contextlib.contextmanager
-def model_source(source: ModelSource) -> Iterator[None]:
-    """Within the block (this thread or task), :func:`load_model` is answered by ``source``."""
-    token = _SOURCE.set(source)
-    try:
-        yield
-    finally:
-        _SOURCE.reset(token)
-
-
-class LoadOptions(TypedDict, total=False):
-    """The keyword arguments of :func:`read_model`, which :func:`load_model` passes on."""
-
-    arch: str | None
-    arch_kwargs: Mapping[str, object] | None
-    allow_unsafe_pickle: bool
-    arch_allowlist: Sequence[str]
-
-
-def load_model(path: Path | str, **options: Unpack[LoadOptions]) -> LoadedModel:
-    """:func:`read_model`, or the active :func:`model_source`'s answer for the same call."""
-    source = _SOURCE.get()
-    load = read_model if source is None else source
-    return load(path, **options)
 
 
 def read_model(
