@@ -7,8 +7,13 @@
   killed and restarted like a crash. Each process runs in its own session, with its output in a
   log file; :meth:`Stack.close` stops everything it started and checks that nothing is left.
 - :func:`own_valkey`: a Valkey of its own (the benchmarks, tests that stop Redis).
+- :func:`wait_until` polls for a state; :func:`wait_for_exit` waits for processes to end. Their
+  time limits are guards against a hang, never bounds on how fast something happens: a busy
+  machine slows events down, only a hang stops them (:data:`HANG_GUARD_S`).
 
 Heartbeats and reaper passes are fast (``FAST_ENV``) so that fault tests finish in seconds.
+Everything a stack's processes write lies under its ``tmp_dir``: ``TMPDIR`` is a directory of it
+(a killed worker cannot remove its runner's socket directory; :meth:`Stack.close` does).
 The fixtures built on these live in ``tests/conftest.py``.
 """
 
@@ -17,13 +22,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +49,10 @@ FAST_ENV = {
     "RECALIB_WORKER_DEVICE": "cpu",
     "RECALIB_LOG_LEVEL": "INFO",
 }
+HANG_GUARD_S = 120.0
+"""How long a wait for an event may take before the test fails as hung (not a latency bound)."""
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, its NUL included
+RUNNER_SOCKET = "recalib-runner-XXXXXXXX/runner.sock"  # worker.runner.supervise, under TMPDIR
 _db_numbers = itertools.count(1)
 
 
@@ -69,6 +81,50 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def describe_pid(pid: int) -> str:
+    """``pid (command line)``, for failure messages."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        cmdline = "gone"
+    return f"{pid} ({cmdline.strip()[:120]})"
+
+
+def wait_for_exit(
+    pids: Callable[[], Iterable[int]], what: str, guard_s: float = HANG_GUARD_S
+) -> float:
+    """Wait until no process that ``pids()`` names is alive; the monotonic time it was so.
+
+    Woken by the processes' ends (a pidfd is readable once its process has exited), not by a
+    deadline: a busy machine makes the wait longer, never failed. ``pids()`` is asked again at
+    each wake-up and at least every second (processes it names afresh are waited for too);
+    ``guard_s`` only stops a hang, and the failure names the processes still alive.
+    """
+    deadline = time.monotonic() + guard_s
+    while left := [pid for pid in pids() if alive(pid)]:
+        if time.monotonic() > deadline:
+            survivors = ", ".join(describe_pid(pid) for pid in left)
+            pytest.fail(f"still alive after {guard_s:.0f} s, waiting for {what}: {survivors}")
+        fds = []
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):  # ended and reaped meanwhile
+                fds.append(os.pidfd_open(pid))
+        try:
+            select.select(fds, [], [], 1.0)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    return time.monotonic()
+
+
 def kill_session(sid: int) -> None:
     """SIGKILL every process of session ``sid``."""
     for pid in session_pids(sid):
@@ -77,7 +133,8 @@ def kill_session(sid: int) -> None:
 
 
 def wait_until(predicate: Any, timeout_s: float, what: str, every_s: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout_s``."""
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout_s``
+    (a guard against a hang: give an event :data:`HANG_GUARD_S`, not a guess at its speed)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
@@ -175,10 +232,22 @@ def own_valkey(data_dir: Path, **options: str) -> Iterator[str]:
         server.stop()
 
 
+def scratch_dir(tmp_dir: Path) -> Path:
+    """A ``TMPDIR`` for processes a test starts: ``tmp_dir/tmp`` (pytest prunes it with its old
+    runs even when the test process is killed), or a short directory of the system's when a warm
+    runner's socket there would be too long a Unix socket path. The caller removes it."""
+    scratch = tmp_dir / "tmp"
+    if len(f"{scratch.resolve()}/{RUNNER_SOCKET}") > UNIX_PATH_MAX:
+        return Path(tempfile.mkdtemp(prefix="recalib-stack-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    return scratch
+
+
 class Stack:
     """An API process and worker processes over one Redis database and one data directory.
 
-    ``env`` adds or overrides ``RECALIB_*`` variables for every process it starts.
+    ``env`` adds or overrides ``RECALIB_*`` variables for every process it starts. Their
+    ``TMPDIR`` is :attr:`tmp_dir` (:func:`scratch_dir`), removed by :meth:`close`.
     """
 
     def __init__(self, redis_url: str, tmp_dir: Path, **env: str) -> None:
@@ -187,11 +256,13 @@ class Stack:
         self.log_dir = tmp_dir / "logs"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = scratch_dir(tmp_dir)
         self.env = os.environ | FAST_ENV | env
         self.env |= {
             "RECALIB_REDIS_URL": redis_url,
             "RECALIB_DATA_DIR": str(self.data_dir),
             "PYTHONPATH": str(REPO_ROOT),
+            "TMPDIR": str(self.tmp_dir),
         }
         self.api: Proc | None = None
         self.url = ""
@@ -245,6 +316,7 @@ class Stack:
             proc.stop(timeout_s=5.0)  # a worker still in a job is killed with its session
         leftovers = [pid for proc in procs for pid in session_pids(proc.pid)]
         self.conn.close()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)  # runner sockets of killed workers too
         assert not leftovers, f"processes left behind: {leftovers}"
 
     def _ready(self) -> bool:

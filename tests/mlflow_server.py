@@ -62,6 +62,8 @@ def mlflow_server(work_dir: Path) -> Iterator[str]:
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    (work_dir / "tmp").mkdir(exist_ok=True)
+    env["TMPDIR"] = str(work_dir / "tmp")  # its database's init lock, else left in /tmp
     proc = Proc(cmd, env, work_dir / "mlflow.log")
     url = f"http://127.0.0.1:{port}"
 

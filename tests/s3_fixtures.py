@@ -6,6 +6,12 @@ tests can prove that wrong credentials become our 503. One server per test sessi
 fresh prefix of its bucket (:func:`s3_store`). Credentials are the admin identity ``weed mini``
 takes from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``; the tests hand them to boto3 by the
 same environment variables (the standard chain), never in settings.
+
+All the server writes lies in its work directory, under pytest's tmp directory (removed when it
+stops): its logs (``-logdir``, else glog's ``$TMPDIR``), its S3 and filer sockets and webdav
+cache (``/tmp`` by default) and ``TMPDIR``. Only the gRPC sockets that weed names itself
+(``/tmp/seaweedfs-<service>-grpc-<port>.sock``) lie in ``/tmp``: :meth:`WeedServer.stop` removes
+those of its ports.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ ACCESS_KEY = "recalib-test-key"
 SECRET_KEY = "recalib-test-secret-" + "x" * 20
 BUCKET = "recalib-test"
 START_TIMEOUT_S = 90.0
+GRPC_SOCKET_DIR = Path("/tmp")  # weed's own choice for its gRPC sockets, not $TMPDIR
 
 
 @dataclass
@@ -50,6 +57,11 @@ class WeedServer:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
+    @property
+    def process_env(self) -> dict[str, str]:
+        """The environment weed runs with (to start it again)."""
+        return _weed_env(self.workdir)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -59,6 +71,10 @@ class WeedServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=5)
         shutil.rmtree(self.workdir, ignore_errors=True)
+        for port in self.ports.values():
+            for grpc_port in (port, port + 10000):  # weed's gRPC ports: its HTTP ports + 10000
+                for sock in GRPC_SOCKET_DIR.glob(f"seaweedfs-*-{grpc_port}.sock"):
+                    sock.unlink(missing_ok=True)
 
     def log(self) -> str:
         path = self.workdir / "weed.log"
@@ -91,12 +107,24 @@ def _free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
-def start_weed() -> WeedServer:
-    workdir = Path(tempfile.mkdtemp(prefix="recalib-weed-"))
+def _weed_env(workdir: Path) -> dict[str, str]:
+    """Its credentials (the admin identity) and ``TMPDIR`` in its work directory."""
+    tmp = workdir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    credentials = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    return os.environ | credentials | {"TMPDIR": str(tmp)}
+
+
+def start_weed(base: Path | None = None) -> WeedServer:
+    """``weed mini`` on free ports, in a new work directory under ``base`` (pytest's tmp
+    directory; the system's temporary directory when None), once it serves the bucket."""
+    workdir = Path(tempfile.mkdtemp(prefix="recalib-weed-", dir=base))
+    (workdir / "logs").mkdir()
     names = ("s3", "master", "volume", "filer", "webdav", "admin")
     ports = {name: _free_port_pair() for name in names}
     cmd = [
         _weed_binary(),
+        f"-logdir={workdir / 'logs'}",
         "mini",
         f"-dir={workdir}",
         "-ip=127.0.0.1",
@@ -112,12 +140,15 @@ def start_weed() -> WeedServer:
         "-master.telemetry=false",
         "-s3.autoCreateBucket=false",
         f"-bucket={BUCKET}",
+        f"-s3.localSocket={workdir / 's3.sock'}",
+        f"-filer.localSocket={workdir / 'filer.sock'}",
+        f"-webdav.cacheDir={workdir / 'webdav-cache'}",
     ]
-    env = os.environ | {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     log = (workdir / "weed.log").open("wb")
     proc = subprocess.Popen(
-        cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+        cmd, env=_weed_env(workdir), cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
     server = WeedServer(f"http://127.0.0.1:{ports['s3']}", BUCKET, proc, workdir, ports)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -157,11 +188,12 @@ def _bucket_ready(server: WeedServer) -> bool:
 _server: WeedServer | None = None
 
 
-def weed() -> WeedServer:
-    """The session's server, started on first use (shared by every module that uses it)."""
+def weed(base: Path | None = None) -> WeedServer:
+    """The session's server, started on first use (shared by every module that uses it), its
+    work directory under ``base``."""
     global _server
     if _server is None or _server.proc.poll() is not None:
-        _server = start_weed()
+        _server = start_weed(base)
         atexit.register(_server.stop)
         os.environ.update(_server.env)  # boto3 in the test process: the standard chain
     return _server
@@ -222,8 +254,8 @@ class S3Store:
 
 
 @pytest.fixture(scope="session")
-def weed_server() -> WeedServer:
-    return weed()
+def weed_server(tmp_path_factory: pytest.TempPathFactory) -> WeedServer:
+    return weed(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture

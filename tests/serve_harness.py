@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Mapping
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.live import FAST_ENV, REPO_ROOT, Proc, free_port, wait_until
+from tests.live import FAST_ENV, REPO_ROOT, Proc, free_port, scratch_dir, wait_until
 
 API_KEY = "serve-test-key"
 SECRETS = {
@@ -64,14 +65,17 @@ def _children(pid: int) -> list[int]:
 
 
 class Serve:
-    """``recalib serve --port <free>`` in a session of its own, with a tmp data directory."""
+    """``recalib serve --port <free>`` in a session of its own, with a tmp data directory and
+    ``TMPDIR`` (:func:`tests.live.scratch_dir`, removed by :meth:`close`)."""
 
     def __init__(self, tmp_dir: Path, extra_env: Mapping[str, str] | None = None) -> None:
         self.data_dir = (tmp_dir / "data").resolve()
+        self.tmp_dir = scratch_dir(tmp_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = os.environ | FAST_ENV | SECRETS | {"OMP_NUM_THREADS": "1"} | dict(extra_env or {})
         env |= {"RECALIB_DATA_DIR": str(self.data_dir), "PYTHONPATH": str(REPO_ROOT)}
+        env["TMPDIR"] = str(self.tmp_dir)
         env.pop("RECALIB_REDIS_URL", None)
         env.pop("RECALIB_READY_REQUIRES_WORKER", None)
         cmd = [sys.executable, "-m", "recalib.cli", "serve", "--port", str(self.port)]
@@ -134,4 +138,5 @@ class Serve:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.stop(timeout_s=1)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
         assert not left, f"processes left behind: {[_cmdline(p) for p in left]}"

@@ -25,9 +25,9 @@ FINAL = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture
-def own_weed() -> Iterator[WeedServer]:
+def own_weed(tmp_path: Path) -> Iterator[WeedServer]:
     """A SeaweedFS of this test's own: it is stopped and started again."""
-    server = start_weed()
+    server = start_weed(tmp_path)
     try:
         yield server
     finally:
@@ -44,7 +44,7 @@ def _start_again(server: WeedServer) -> None:
     log = (server.workdir / "weed.log").open("ab")
     server.proc = subprocess.Popen(
         server.proc.args,
-        env=os.environ | server.env,
+        env=server.process_env,
         cwd=server.workdir,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -19,20 +19,21 @@ import numpy as np
 import pytest
 
 from recalib.jobs.records import load
-from tests.job_watch import event_at, job_pids, parent_pid, runner_pids, running_in
+from tests.job_watch import event_at, job_pids, runner_pids, running_in
 from tests.live import (
+    HANG_GUARD_S,
     Stack,
     create_job,
     job_body,
     session_pids,
     upload,
+    wait_for_exit,
     wait_for_job,
     wait_until,
 )
 from tests.worker.formats_files import digit_pngs
 
 FINAL = {"succeeded", "failed", "cancelled"}
-REAPER_BOUND_S = 3 * 1 + 0.5  # tests.live.FAST_ENV: 1 s beats, 0.5 s reaper passes
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def _queued(event: dict) -> bool:
 
 
 def _one_runner(worker_pid: int) -> int:
-    runners = wait_until(lambda: runner_pids(worker_pid), 30, "the worker's runner")
+    runners = wait_until(lambda: runner_pids(worker_pid), HANG_GUARD_S, "the worker's runner")
     assert len(runners) == 1, runners
     return int(runners[0])
 
@@ -96,7 +97,7 @@ def test_the_runner_is_recycled_after_its_job_limit(
     worker = stack.workers["w1"]
     old = _one_runner(worker.pid)
     _run(client, digits_ids, seed=3)  # the third job of this runner: recycled after it
-    wait_until(lambda: runner_pids(worker.pid) not in ([], [old]), 30, "a new runner")
+    wait_until(lambda: runner_pids(worker.pid) not in ([], [old]), HANG_GUARD_S, "a new runner")
     new = _one_runner(worker.pid)
     assert new != old
     assert "3 jobs (RECALIB_RUNNER_MAX_JOBS)" in worker.log()
@@ -120,18 +121,21 @@ def test_a_killed_horse_takes_its_job_process_and_the_job_runs_again(
     seen = len(client.get(f"/v1/jobs/{job_id}/events").json())
     killed_at = time.monotonic()
     os.kill(horses[0], signal.SIGKILL)
-    event_at(client, job_id, seen, _queued, "the job to be queued again", 30)
-    record_property("horse_kill_to_requeued_s", round(time.monotonic() - killed_at, 2))
-    assert time.monotonic() - killed_at < 5.0
+    # Only the worker's wait on its horse queues the job again (the worker lives and beats, so
+    # the reaper never takes it): had it missed the death, the job would stay running and this
+    # wait fail at its guard. How soon is measured, not bounded: a busy machine delays it.
+    requeued_at = event_at(client, job_id, seen, _queued, "the job to be queued again",
+                           HANG_GUARD_S)  # fmt: skip
+    record_property("horse_kill_to_requeued_s", round(requeued_at - killed_at, 2))
     assert runner in runner_pids(worker.pid)  # the runner holds nothing of the job: it stays
-    wait_until(lambda: jobs[0] not in job_pids(runner), 5, "the job's process to be killed")
+    wait_for_exit(lambda: jobs, "the job's process to be killed")
     messages = [e["message"] or "" for e in client.get(f"/v1/jobs/{job_id}/events").json()]
     assert any("work horse died" in m and "killed by SIGKILL" in m for m in messages), messages
     running_in(client, job_id, "recalibrating")
     assert client.get(f"/v1/jobs/{job_id}").json()["attempts"] == 2
     assert _one_runner(worker.pid) == runner  # the same runner runs attempt 2, in a new process
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
-    done = wait_for_job(client, job_id, FINAL, timeout_s=30)
+    done = wait_for_job(client, job_id, FINAL, timeout_s=HANG_GUARD_S)
     assert done["status"] == "cancelled"
     assert worker.alive()
 
@@ -159,14 +163,19 @@ def test_a_killed_runner_is_seen_at_once_and_takes_its_job_process(
     seen = len(client.get(f"/v1/jobs/{job_id}/events").json())
     killed_at = time.monotonic()
     os.kill(runner, signal.SIGKILL)
-    event_at(client, job_id, seen, _queued, "the job to be queued again", 30)
-    took_s = time.monotonic() - killed_at
+    requeued_at = event_at(client, job_id, seen, _queued, "the job to be queued again",
+                           HANG_GUARD_S)  # fmt: skip
+    took_s = requeued_at - killed_at
     record_property("runner_kill_to_requeued_s", round(took_s, 2))
-    assert took_s < 3.0, f"{took_s:.1f} s"
-    wait_until(lambda: not Path(f"/proc/{jobs[0]}").exists() or parent_pid(jobs[0]) != runner,
-               5, "the job's process to die with its runner")  # fmt: skip
+    # "At once" is the point: the horse asks every 0.5 s whether its runner lives (0.2-0.6 s
+    # measured, also at a load average of 12 on 2 cores). What this tells it from is waiting for
+    # end of file, which processes forked from the job's (DataLoader workers) delay by torch's
+    # 5 s watchdog (5.2 s measured before fbbaaf2). A busy machine never shortens that wait: a
+    # bound just under it leaves a busy machine the most room and still tells the two apart.
+    assert took_s < 4.5, f"{took_s:.1f} s"
+    wait_for_exit(lambda: jobs, "the job's process to die with its runner")
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
-    wait_for_job(client, job_id, FINAL, timeout_s=60)
+    wait_for_job(client, job_id, FINAL, timeout_s=HANG_GUARD_S)
 
 
 @pytest.mark.slow
@@ -181,13 +190,16 @@ def test_the_runner_and_horse_die_with_their_worker(
     assert len(children) >= 2  # the runner and the horse
     killed_at = time.monotonic()
     os.kill(worker.pid, signal.SIGKILL)  # the worker alone, not its session
-    wait_until(lambda: session_pids(worker.pid) == [], 10, "the runner and horse to die")
-    record_property("worker_kill_to_children_gone_s", round(time.monotonic() - killed_at, 2))
+    # The ends themselves are waited for (a busy machine delays them: 10 s once was not enough
+    # at a load average of 5-6), and measured; the reaper's bound is test_faults' subject.
+    gone_at = wait_for_exit(lambda: session_pids(worker.pid), "the runner and horse to die")
+    record_property("worker_kill_to_children_gone_s", round(gone_at - killed_at, 2))
 
     def left_running() -> bool:
         return client.get(f"/v1/jobs/{job_id}").json()["status"] != "running"
 
-    wait_until(left_running, REAPER_BOUND_S + 5, "the reaper to recover the job")
+    wait_until(left_running, HANG_GUARD_S, "the reaper to recover the job")
+    record_property("worker_kill_to_recovered_s", round(time.monotonic() - killed_at, 2))
     stored = load(stack.conn, job_id)
     assert stored is not None and stored.record.status.value == "queued"
     assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"

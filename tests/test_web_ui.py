@@ -44,23 +44,30 @@ def stack(live_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """Headless Chromium with its profile and ``TMPDIR`` in a tmp dir of pytest's, removed after
+    (else Chromium leaves its singleton socket's directory in /tmp, and chromedriver's profile
+    there too when the test process is killed)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     if CHROMIUM is None or CHROMEDRIVER is None:
         pytest.fail("RECALIB_REQUIRE_BROWSER=1 but chromium or chromedriver is not installed")
+    scratch = tmp_path_factory.mktemp("chromium")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(flag)
     options.add_argument("--window-size=1280,800")
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    options.add_argument(f"--user-data-dir={scratch / 'profile'}")
+    service = Service(executable_path=CHROMEDRIVER, env=os.environ | {"TMPDIR": str(scratch)})
+    driver = webdriver.Chrome(options=options, service=service)
     driver.set_page_load_timeout(30)
     try:
         yield driver
     finally:
         driver.quit()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _screenshot_dir(tmp_path: Path) -> Path:
