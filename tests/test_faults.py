@@ -36,6 +36,7 @@ from tests.job_watch import (
     worker_of,
 )
 from tests.live import (
+    HANG_GUARD_S,
     Stack,
     create_job,
     fresh_db_url,
@@ -109,7 +110,10 @@ def test_killed_job_runner_job_is_run_again(
     os.kill(runners[0], signal.SIGKILL)  # what the OOM killer does
     recovered_s = left_running_at(client, job_id, seen) - killed_at
     record_property("runner_kill_to_requeued_s", round(recovered_s, 2))
-    assert recovered_s < 3.0  # the worker itself sees its runner die
+    # The worker itself sees its runner die (0.1-0.5 s measured, also beside 6 busy loops on 2
+    # cores). What this tells it from, waiting for end of file, can be held back by torch's 5 s
+    # DataLoader watchdog, which load never shortens: a bound just under it leaves the most room.
+    assert recovered_s < 4.5, f"{recovered_s:.1f} s"
     done = wait_for_job(client, job_id, FINAL, timeout_s=120)
     assert done["status"] == "succeeded", done["error"]
     assert done["attempts"] == 2
@@ -220,7 +224,7 @@ def test_sigterm_finishes_the_job_and_a_second_sigterm_hands_it_back(
     stack.workers[warm].signal(signal.SIGTERM)
     done = wait_for_job(client, finishing, FINAL, timeout_s=120)
     assert done["status"] == "succeeded" and done["attempts"] == 1
-    assert stack.workers.pop(warm).popen.wait(timeout=30) == 0
+    assert stack.workers.pop(warm).popen.wait(timeout=HANG_GUARD_S) == 0
 
     long_ids = digits_ids | {"calibration": long_calibration_id}
     body = job_body(long_ids, batch_size=2)
@@ -228,7 +232,7 @@ def test_sigterm_finishes_the_job_and_a_second_sigterm_hands_it_back(
     stack.workers[cold].signal(signal.SIGTERM)
     time.sleep(1.5)  # RQ ignores a second signal within 1 s
     stack.workers[cold].signal(signal.SIGTERM)
-    stack.workers.pop(cold).popen.wait(timeout=30)
+    stack.workers.pop(cold).popen.wait(timeout=HANG_GUARD_S)
     assert client.get(f"/v1/jobs/{handed_back}").json()["status"] == "queued"
     stack.start_worker("w4")
     running_in(client, handed_back, "recalibrating")
