@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -233,3 +234,18 @@ def test_the_worker_side_imports_no_torch() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_a_runner_socket_dir_left_by_a_killed_worker_is_removed(settings: Settings) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is now free: a worker that died without closing its runner
+    stale = Path(tempfile.gettempdir()) / f"recalib-runner-{dead.pid}-left"
+    stale.mkdir()
+    (stale / "runner.sock").touch()
+    process = RunnerProcess(settings, WORKER)
+    try:
+        assert process.socket_path.parent.name.startswith(f"recalib-runner-{os.getpid()}-")
+        assert not stale.exists()
+    finally:
+        process.close()
+    assert not process.socket_path.parent.exists()

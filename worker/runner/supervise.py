@@ -52,6 +52,18 @@ def runner_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k in RUNNER_ENV}
 
 
+SOCKET_DIR_PREFIX = "recalib-runner-"
+
+
+def remove_stale_socket_dirs() -> None:
+    """Remove the socket directories of starters that died without closing their runner (a
+    worker killed by SIGKILL cannot): ``<tmp>/recalib-runner-<pid>-*`` whose pid is gone."""
+    for path in Path(tempfile.gettempdir()).glob(f"{SOCKET_DIR_PREFIX}*-*"):
+        owner = path.name.removeprefix(SOCKET_DIR_PREFIX).split("-", 1)[0]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class RunnerProcess:
     """A worker's warm runner (one at a time)."""
 
@@ -74,7 +86,8 @@ class RunnerProcess:
     @property
     def socket_path(self) -> Path:
         if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix="recalib-runner-"))
+            remove_stale_socket_dirs()
+            self._dir = Path(tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-"))
         return self._dir / "runner.sock"
 
     @property
