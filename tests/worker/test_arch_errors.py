@@ -13,7 +13,7 @@ from torch import nn
 from recalib.contract import JobSpec
 from recalib.errors import EXIT_USER_ERROR, InvalidModelError
 from tests.worker import refusing_archs
-from worker.formats.models import load_model
+from worker.formats.models import read_model
 from worker.pipeline import run_job
 
 VERSIONED = f"{refusing_archs.MODULE}:versioned_net"
@@ -54,7 +54,7 @@ def _spec(files: dict[str, Path], out_dir: Path, arch: str, model: str = "safete
 @pytest.mark.parametrize("model", ["pt", "parallel_pt"])
 def test_torch_save_state_dict_keeps_its_versions(files, model) -> None:
     """The version metadata survives unwrapping and the DataParallel prefix strip."""
-    loaded = load_model(files[model], arch=VERSIONED, arch_allowlist=ALLOWLIST)
+    loaded = read_model(files[model], arch=VERSIONED, arch_allowlist=ALLOWLIST)
     assert isinstance(loaded.module, refusing_archs.VersionedNet)
 
 

@@ -17,7 +17,7 @@ from worker.digits import DigitsNet
 from worker.fold_export import save_folded
 from worker.folding import fold_batchnorm
 from worker.formats.export_program import program_input
-from worker.formats.models import load_model
+from worker.formats.models import read_model
 from worker.pipeline import run_job
 
 
@@ -104,7 +104,7 @@ def test_folded_program_keeps_a_derived_dimension(tmp_path) -> None:
         _TwoInputs().eval(), example, dynamic_shapes=({0: batch}, {0: 2 * batch})
     )
     torch.export.save(program, tmp_path / "two.pt2")
-    loaded = load_model(tmp_path / "two.pt2")
+    loaded = read_model(tmp_path / "two.pt2")
     result = fold_batchnorm(loaded)
     assert result.folded == 1
     artifact = save_folded(result, loaded, (example[0][:2], example[1][:4]), tmp_path / "out")

@@ -9,7 +9,7 @@ from torch import nn
 from tests.worker.formats_files import bn_stats, export_program, write_model_files
 from worker.fold_export import save_folded
 from worker.folding import fold_batchnorm
-from worker.formats.models import LoadedModel, load_model
+from worker.formats.models import LoadedModel, read_model
 
 ARCH = {"arch": "worker.digits:DigitsNet", "arch_allowlist": ("worker.digits",)}
 KWARGS = {
@@ -60,7 +60,7 @@ def mixed(shifted) -> Mixed:
 
 @pytest.mark.parametrize("kind", list(KWARGS))
 def test_digits_folds_every_bn_and_keeps_outputs(kind, model_files, shifted, tmp_path):
-    loaded = load_model(model_files[kind], **KWARGS[kind])
+    loaded = read_model(model_files[kind], **KWARGS[kind])
     before = bn_stats(loaded.module)
     result = fold_batchnorm(loaded)
     assert (result.folded, result.not_folded) == (3, [])
@@ -112,7 +112,7 @@ def test_mixed_model_folds_only_conv_and_linear_outputs(mixed, shifted, tmp_path
 
 def test_mixed_program_folds_the_same_way(mixed, shifted, tmp_path):
     torch.export.save(export_program(mixed, shifted[:4]), tmp_path / "mixed.pt2")
-    loaded = load_model(tmp_path / "mixed.pt2")
+    loaded = read_model(tmp_path / "mixed.pt2")
     result = fold_batchnorm(loaded)
     assert result.folded == 2
     reasons = _reasons(result)
@@ -126,7 +126,7 @@ def test_mixed_program_folds_the_same_way(mixed, shifted, tmp_path):
 
 def test_scripted_mixed_model_reports_what_freeze_kept(mixed, shifted, tmp_path):
     torch.jit.save(torch.jit.script(mixed), str(tmp_path / "mixed.pt"))
-    loaded = load_model(tmp_path / "mixed.pt")
+    loaded = read_model(tmp_path / "mixed.pt")
     result = fold_batchnorm(loaded)
     assert result.folded == 2  # freeze folds conv-BN and linear-BN too
     assert {(layer.name, layer.type) for layer in result.not_folded} == {

@@ -28,7 +28,7 @@ from tests.worker.formats_files import (
 )
 from worker.digits import DigitsNet
 from worker.formats.data import open_samples
-from worker.formats.models import load_model
+from worker.formats.models import read_model
 from worker.formats.pt2_checks import check_expr, check_guard
 
 ARCH = {"arch": DIGITS_ARCH, "arch_allowlist": DIGITS_ALLOWLIST}
@@ -67,7 +67,7 @@ def test_whole_module_payload_is_refused(marker, tmp_path):
     with pytest.raises(
         UnsafePickleError, match=r"evil\.pt: .*references posix\.system.*arbitrary code"
     ):
-        load_model(path)
+        read_model(path)
     assert not marker.exists()
 
 
@@ -75,7 +75,7 @@ def test_state_dict_with_payload_is_refused_even_with_arch(marker, tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"features.0.weight": torch.zeros(3), "x": Payload(marker)}, path)
     with pytest.raises(UnsafePickleError, match="--allow-unsafe-pickle"):
-        load_model(path, **ARCH)
+        read_model(path, **ARCH)
     assert not marker.exists()
 
 
@@ -99,7 +99,7 @@ def test_tampered_torchscript_pickle_runs_nothing(member, clean_files, marker, t
         lambda n, d: evil if n.endswith(f"/{member}") else d,
     )
     with pytest.raises(InvalidModelError, match=r"ts\.pt: cannot load this TorchScript archive"):
-        load_model(path)
+        read_model(path)
     assert not marker.exists()
 
 
@@ -178,7 +178,7 @@ def test_pt2_payloads_are_live(clean_files, tmp_path):
 def test_tampered_pt2_runs_nothing(make, error, message, clean_files, marker, tmp_path):
     path = rewrite_zip(clean_files["pt2"], tmp_path / "evil.pt2", make(marker))
     with pytest.raises(error, match=message) as info:
-        load_model(path)
+        read_model(path)
     assert info.value.file == str(path)
     assert not marker.exists()
 
@@ -193,7 +193,7 @@ def test_pt2_graph_calling_a_python_function_is_refused(clean_files, marker, tmp
     with pytest.raises(
         InvalidModelError, match=r"calls\.pt2: .*(not a torch operator|torch\.export\.load failed)"
     ):
-        load_model(path)
+        read_model(path)
     assert not marker.exists()
 
 
@@ -205,12 +205,12 @@ def test_pt2_with_native_code_or_stray_members_is_refused(clean_files, tmp_path)
         return path
 
     with pytest.raises(InvalidModelError, match="AOTInductor packages hold compiled native code"):
-        load_model(with_member("digits/data/aotinductor/model/model.so"))
+        read_model(with_member("digits/data/aotinductor/model/model.so"))
     with pytest.raises(InvalidModelError, match=r"member 'digits/\.\./version' lies outside"):
-        load_model(with_member("digits/../version"))
+        read_model(with_member("digits/../version"))
     # torch.export.load's legacy fallback reads a top-level "version": not a .pt2 to us at all.
     with pytest.raises(InvalidModelError, match=r"x\.pt2: a zip archive, but not a torch\.export"):
-        load_model(with_member("version"))
+        read_model(with_member("version"))
 
 
 def test_expression_and_guard_checks_accept_real_exports():
@@ -287,5 +287,5 @@ def test_every_program_in_the_archive_is_vetted(clean_files, marker, tmp_path):
             data = clean.read(f"digits/{suffix}")
             archive.writestr(f"digits/{extra}", evil_json(suffix, data))
     with pytest.raises(InvalidModelError, match=r"models/second\.json has an unsafe symbolic"):
-        load_model(path)
+        read_model(path)
     assert not marker.exists()

@@ -18,13 +18,13 @@ from recalib.contract import JobOptions, JobSpec, OomRetry, Preprocess
 from recalib.errors import InvalidModelError
 from tests.worker import oom_models
 from tests.worker.formats_files import digit_pngs
-from worker.formats.models import load_model
+from worker.formats.models import read_model
 from worker.pipeline import run_job
 from worker.runtime import RunClock, halve_on_oom, is_out_of_memory
 
 
 def _stats(path: Path, arch: str, allowlist: tuple[str, ...], **kwargs: object) -> dict:
-    module = load_model(path, arch=arch, arch_allowlist=allowlist, arch_kwargs=kwargs).module
+    module = read_model(path, arch=arch, arch_allowlist=allowlist, arch_kwargs=kwargs).module
     return {k: v for k, v in module.state_dict().items() if "running" in k}
 
 
