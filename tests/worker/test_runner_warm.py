@@ -249,3 +249,16 @@ def test_a_runner_socket_dir_left_by_a_killed_worker_is_removed(settings: Settin
     finally:
         process.close()
     assert not process.socket_path.parent.exists()
+
+
+def test_a_deep_tmpdir_still_gives_a_usable_socket_path(settings, tmp_path, monkeypatch) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    process = RunnerProcess(settings, WORKER)
+    try:
+        assert len(str(process.socket_path)) <= 107  # sun_path: 108 bytes with its NUL
+        process.start()
+        assert process.wait_ready(tick=lambda: None, tick_s=1.0)
+    finally:
+        process.close()

@@ -55,10 +55,21 @@ def runner_environment() -> dict[str, str]:
 SOCKET_DIR_PREFIX = "recalib-runner-"
 
 
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, its NUL included
+
+
+def socket_base() -> Path:
+    """Where runner socket directories go: the temporary directory, or ``/tmp`` when a socket
+    path under it would be too long for a Unix socket (a deep ``TMPDIR``)."""
+    base = Path(tempfile.gettempdir())
+    longest = f"{base}/{SOCKET_DIR_PREFIX}4194304-abcdefgh/runner.sock"
+    return base if len(longest) <= UNIX_PATH_MAX else Path("/tmp")
+
+
 def remove_stale_socket_dirs() -> None:
     """Remove the socket directories of starters that died without closing their runner (a
-    worker killed by SIGKILL cannot): ``<tmp>/recalib-runner-<pid>-*`` whose pid is gone."""
-    for path in Path(tempfile.gettempdir()).glob(f"{SOCKET_DIR_PREFIX}*-*"):
+    worker killed by SIGKILL cannot): ``recalib-runner-<pid>-*`` whose pid is gone."""
+    for path in socket_base().glob(f"{SOCKET_DIR_PREFIX}*-*"):
         owner = path.name.removeprefix(SOCKET_DIR_PREFIX).split("-", 1)[0]
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
             shutil.rmtree(path, ignore_errors=True)
@@ -87,7 +98,8 @@ class RunnerProcess:
     def socket_path(self) -> Path:
         if self._dir is None:
             remove_stale_socket_dirs()
-            self._dir = Path(tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-"))
+            prefix = f"{SOCKET_DIR_PREFIX}{os.getpid()}-"
+            self._dir = Path(tempfile.mkdtemp(prefix=prefix, dir=socket_base()))
         return self._dir / "runner.sock"
 
     @property
