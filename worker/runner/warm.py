@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 class Runner:
     """The runner's state: its sandbox level and the jobs it ran."""
 
-    def __init__(self, level: str) -> None:
+    def __init__(self, level: str, *, warm_up_jobs: bool = True) -> None:
         self.level = level
         self.jobs = 0
         self.network = "shared"
@@ -54,7 +54,7 @@ class Runner:
         torch.set_num_threads(1)  # no OpenMP pool in the parent: jobs fork from it
         import worker.pipeline  # noqa: F401  (paid once here, not by every job)
 
-        _warm_up()
+        _warm_up(jobs=warm_up_jobs)  # a one-shot runner runs one job: its own would be waste
         gc.freeze()  # what is loaded now lives as long as the runner: out of the collector's way
         logger.info("runner %d ready (sandbox %s, network %s, %d threads per job)",
                     os.getpid(), level, self.network, self.default_threads)  # fmt: skip
@@ -148,7 +148,7 @@ WARM_IMPORTS = (
 )
 
 
-def _warm_up() -> None:
+def _warm_up(*, jobs: bool) -> None:
     """Pay first-use costs before any job, so that each forked job starts warm: lazy imports,
     then whole jobs of the runner's own (a ``.pt2`` and a TorchScript model of a small BN net on
     random data, in a temporary directory): loading, the passes, saving, ``report.html``. Measured
@@ -160,6 +160,8 @@ def _warm_up() -> None:
     for name in WARM_IMPORTS:
         with contextlib.suppress(ImportError):  # private modules: may move between versions
             importlib.import_module(name)
+    if not jobs:
+        return
     with tempfile.TemporaryDirectory(prefix="recalib-warm-up-") as tmp:
         try:
             _warm_up_jobs(Path(tmp))
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    runner = Runner(args.sandbox)
+    runner = Runner(args.sandbox, warm_up_jobs=not args.one_shot)
     os.write(args.ready_fd, b"1")
     os.close(args.ready_fd)
     runner.serve(listener, one_shot=args.one_shot)
