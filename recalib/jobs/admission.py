@@ -13,6 +13,7 @@ from recalib.contract import JobCreate, JobRecord
 from recalib.jobs.file_store import FileStore
 from recalib.jobs.job_store import JobStore
 from recalib.jobs.mlflow_registry import check_configured
+from recalib.jobs.uri_fetch import check_job_uris, fetch_context
 from recalib.jobs.webhooks import check_webhook
 from recalib.settings import Settings
 
@@ -49,8 +50,8 @@ def admit(
 
     Args:
         jobs: the job store (its settings are the server's).
-        files: the file store: the files the request names exist for ``tenant``, its URIs
-            pass the fetch rules as far as the API can tell.
+        files: the file store: the files the request names exist for ``tenant`` (the
+            request's URIs pass the fetch rules as far as the API can tell, with this store).
         tenant: who asks.
         request: the job asked for.
         idempotency_key: as :meth:`JobStore.create`.
@@ -62,6 +63,7 @@ def admit(
         UserError: the request breaks a rule (422 naming the field, the message says the fix);
             nothing is created.
     """
+    check_job_uris(request, fetch_context(jobs.settings, files.storage))
     files.require_job_inputs(tenant, request)
     check_request(request, tenant, jobs.settings)
     return jobs.create(tenant, request, idempotency_key=idempotency_key)

@@ -32,12 +32,19 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 
-from recalib.errors import InvalidDataError, NotFoundError, PayloadTooLargeError, UserError
+from recalib.contract import JobCreate
+from recalib.errors import (
+    InvalidDataError,
+    InvalidOptionError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UserError,
+)
 from recalib.jobs.input_cache import CacheEntry
 from recalib.jobs.meter import Meter, MeteredFile
 from recalib.jobs.outbound import OutboundPolicy, guarded_client
 from recalib.jobs.storage import Storage
-from recalib.settings import get_settings
+from recalib.settings import Settings, get_settings
 
 CHUNK_BYTES = 1024 * 1024
 HTTP_TIMEOUT_S = 30.0  # each connect, read and write; the whole fetch: FetchContext.deadline_s
@@ -59,6 +66,18 @@ class FetchContext:
     mlflow_tracking_uri: str | None = None  # for models:/ URIs (RECALIB_MLFLOW_TRACKING_URI)
     # the longest https:// fetch, redirects included (RECALIB_URI_FETCH_DEADLINE_S)
     deadline_s: float = dataclasses.field(default_factory=_deadline_setting)
+
+
+def fetch_context(settings: Settings, store: Storage | None) -> FetchContext:
+    """The context ``settings`` give: their outbound rules, cap, S3 endpoint, MLflow, deadline."""
+    return FetchContext(
+        policy=OutboundPolicy(settings.outbound_allow_hosts),
+        max_bytes=settings.max_upload_bytes,
+        store=store,
+        s3_endpoint_url=settings.s3_endpoint_url or None,
+        mlflow_tracking_uri=settings.mlflow_tracking_uri or None,
+        deadline_s=settings.uri_fetch_deadline_s,
+    )
 
 
 class Sink(MeteredFile):
@@ -349,6 +368,18 @@ def check_uri(uri: str, field: str, ctx: FetchContext) -> None:
     check = CHECKS.get(scheme_of(uri, field))
     if check is not None:
         check(uri, field, ctx)
+
+
+def check_job_uris(request: JobCreate, ctx: FetchContext) -> None:
+    """Refuse a job whose URIs can be known bad now: a forbidden host, an object that does not
+    exist or is over the cap (the error names the field). Admission's check, at create time."""
+    for role in ("model", "calibration", "eval"):
+        uri = getattr(request, f"{role}_uri")
+        if uri is not None:
+            try:
+                check_uri(uri, f"{role}_uri", ctx)
+            except NotFoundError as exc:  # the request is wrong, not its URL: 422 as for files
+                raise InvalidOptionError(exc.message, field=f"{role}_uri") from exc
 
 
 def fetch(
