@@ -36,7 +36,7 @@ from recalib.errors import (
 )
 from recalib.ids import new_file_id
 from recalib.jobs.file_store import FileStore, content_key
-from recalib.jobs.keys import PREFIX, as_text
+from recalib.keys import PREFIX, as_text
 
 logger = logging.getLogger(__name__)
 

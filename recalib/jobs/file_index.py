@@ -14,7 +14,7 @@ import redis
 
 from recalib.contract import FilePublic, FileRecord, Page
 from recalib.errors import InvalidOptionError
-from recalib.jobs.keys import as_text, file_index_key, file_sha_key
+from recalib.keys import as_text, file_index_key, file_sha_key
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CURSOR_RE = re.compile(r"^\d{17}:f_[A-Za-z0-9_-]{16,64}$")

@@ -23,11 +23,11 @@ from redis.exceptions import LockError
 from recalib import __version__, defaults
 from recalib.contract.webhooks import WebhookAttempt, WebhookDeliveryRecord
 from recalib.errors import RecalibError
-from recalib.jobs.keys import WEBHOOK_LOCK_KEY
 from recalib.jobs.outbound import OutboundPolicy
 from recalib.jobs.records import utcnow
 from recalib.jobs.webhook_signing import WebhookSecrets, sign
 from recalib.jobs.webhooks import Deliveries
+from recalib.keys import WEBHOOK_LOCK_KEY
 from recalib.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ the job's events past its cursor and turns each into a message of the kinds the 
 
 The cursor, the new deliveries and their due times are written in one transaction, so a message is
 planned exactly once. Its body is fixed when planned (every attempt sends the same bytes under the
-same ``webhook-id``); it is signed at each attempt. Keys: :mod:`recalib.jobs.keys`.
+same ``webhook-id``); it is signed at each attempt. Keys: :mod:`recalib.keys`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ from recalib.contract.webhooks import (
     WebhookEvent,
 )
 from recalib.jobs import records
-from recalib.jobs.keys import (
+from recalib.jobs.outbound import OutboundPolicy
+from recalib.jobs.webhook_signing import WebhookSecrets
+from recalib.keys import (
     WEBHOOK_DUE_KEY,
     WEBHOOK_WATCH_KEY,
     as_text,
@@ -43,8 +45,6 @@ from recalib.jobs.keys import (
     events_key,
     webhook_state_key,
 )
-from recalib.jobs.outbound import OutboundPolicy
-from recalib.jobs.webhook_signing import WebhookSecrets
 from recalib.settings import Settings
 
 logger = logging.getLogger(__name__)
