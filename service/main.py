@@ -21,13 +21,13 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from recalib import __version__, defaults
-from recalib.jobs import data_dir
-from recalib.jobs.artifact_store import ArtifactStore
+from recalib.files import data_dir
+from recalib.files.artifacts import ArtifactStore
+from recalib.files.storage import open_storage, scratch_root
+from recalib.files.store import FileStore
 from recalib.jobs.connection import connect_redis
-from recalib.jobs.file_store import FileStore
 from recalib.jobs.job_store import JobStore
 from recalib.jobs.recovery import Reaper
-from recalib.jobs.storage import open_storage, scratch_root
 from recalib.jobs.webhook_sender import WebhookSender
 from recalib.jobs.webhook_signing import WebhookSecrets
 from recalib.settings import Settings, get_settings

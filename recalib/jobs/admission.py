@@ -10,7 +10,7 @@ after the whole run.
 from __future__ import annotations
 
 from recalib.contract import JobCreate, JobRecord
-from recalib.jobs.file_store import FileStore
+from recalib.files.store import FileStore
 from recalib.jobs.job_store import JobStore
 from recalib.jobs.mlflow_registry import check_configured
 from recalib.jobs.uri_fetch import check_job_uris, fetch_context

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 from recalib.checksums import sha256_of
 from recalib.contract import InputSource, JobRecord, Report
 from recalib.errors import NotFoundError
-from recalib.jobs.file_store import FileStore, sanitize_filename
+from recalib.files.store import FileStore, sanitize_filename
 from recalib.jobs.input_cache import InputCache
 from recalib.jobs.uri_fetch import FetchContext, Sink, fetch, fetch_context, models_source
 from recalib.settings import Settings

@@ -40,10 +40,10 @@ from recalib.errors import (
     PayloadTooLargeError,
     UserError,
 )
+from recalib.files.storage import Storage
+from recalib.files.storage.meter import Meter, MeteredFile
 from recalib.jobs.input_cache import CacheEntry
-from recalib.jobs.meter import Meter, MeteredFile
 from recalib.jobs.outbound import OutboundPolicy, guarded_client
-from recalib.jobs.storage import Storage
 from recalib.settings import Settings, get_settings
 
 CHUNK_BYTES = 1024 * 1024
@@ -243,7 +243,7 @@ def parse_s3_uri(uri: str, field: str) -> S3Location:
 
 
 def _s3_client(location: S3Location, field: str, ctx: FetchContext) -> Any:
-    from recalib.jobs.storage.s3 import S3Storage, make_client
+    from recalib.files.storage.s3 import S3Storage, make_client
 
     if location.endpoint is not None:
         ctx.policy.check_url(location.endpoint, field=field)
@@ -256,7 +256,7 @@ def _s3_client(location: S3Location, field: str, ctx: FetchContext) -> Any:
 def fetch_s3(
     uri: str, field: str, sink: Sink, cached: CacheEntry | None, ctx: FetchContext
 ) -> Fetched:
-    from recalib.jobs.storage.s3_errors import error_code, is_missing
+    from recalib.files.storage.s3_errors import error_code, is_missing
 
     location = parse_s3_uri(uri, field)
     client = _s3_client(location, field, ctx)
@@ -290,7 +290,7 @@ def fetch_s3(
 def check_s3(uri: str, field: str, ctx: FetchContext) -> None:
     """Refuse at create time what can be known: a forbidden endpoint, a missing object, one over
     the cap. What the API cannot tell (other credentials, another store down) the worker will."""
-    from recalib.jobs.storage.s3_errors import is_missing
+    from recalib.files.storage.s3_errors import is_missing
 
     location = parse_s3_uri(uri, field)
     client = _s3_client(location, field, ctx)

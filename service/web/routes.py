@@ -20,9 +20,9 @@ from pydantic import ValidationError
 
 from recalib.contract import JobCreate, JobOptions, JobRecord
 from recalib.errors import InvalidOptionError, RecalibError, UnauthorizedError
+from recalib.files.artifacts import ArtifactStore
+from recalib.files.store import FileStore
 from recalib.jobs.admission import admit, check_request
-from recalib.jobs.artifact_store import ArtifactStore
-from recalib.jobs.file_store import FileStore
 from service.api.deps import CursorQuery, JobIdPath
 from service.api.routes.report_html import REPORT_HTML_FILE
 from service.web import login, session

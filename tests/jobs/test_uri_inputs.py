@@ -22,12 +22,12 @@ from recalib.errors import (
     OutboundNotAllowedError,
     PayloadTooLargeError,
 )
-from recalib.jobs.file_store import FileStore, content_key
+from recalib.files.storage import LocalStorage
+from recalib.files.storage.s3 import S3Storage
+from recalib.files.store import FileStore, content_key
 from recalib.jobs.input_cache import InputCache
 from recalib.jobs.inputs import JobInputs
 from recalib.jobs.outbound import OutboundPolicy
-from recalib.jobs.storage import LocalStorage
-from recalib.jobs.storage.s3 import S3Storage
 from recalib.jobs.uri_fetch import FetchContext, check_job_uris
 from tests import s3_fixtures
 from tests.s3_fixtures import S3Store

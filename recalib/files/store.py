@@ -1,10 +1,10 @@
-"""Uploaded files: content and metadata in the store (:mod:`recalib.jobs.storage`), a per-tenant
+"""Uploaded files: content and metadata in the store (:mod:`recalib.files.storage`), a per-tenant
 index in Redis.
 
 The store is the truth: ``files/<id>`` is the content, ``files/<id>.json`` its :class:`FileRecord`.
 Both are committed whole (atomic rename on disk, a completed upload in S3), content first, so a
 file whose metadata exists is complete. Redis holds only the listing order and a sha256 → id
-lookup per tenant (:mod:`recalib.jobs.file_index`); entries whose metadata has gone (a crash)
+lookup per tenant (:mod:`recalib.files.index`); entries whose metadata has gone (a crash)
 are dropped when a listing meets them. The API (upload, list, delete), the worker
 (:meth:`FileStore.input_record`, :meth:`FileStore.download`, :meth:`FileStore.check_content`)
 and retention (:meth:`FileStore.remove`) all go through this class.
@@ -23,15 +23,15 @@ import redis
 
 from recalib.contract import FilePublic, FileRecord, JobCreate, Page
 from recalib.errors import InvalidOptionError, NotFoundError, ServiceUnavailableError
-from recalib.ids import FILE_ID_RE, new_file_id
-from recalib.jobs.file_index import FileIndex
-from recalib.jobs.storage import (
+from recalib.files.index import FileIndex
+from recalib.files.storage import (
     LocalStorage,
     ObjectMissingError,
     Storage,
     UploadPart,
     storage_error,
 )
+from recalib.ids import FILE_ID_RE, new_file_id
 
 __all__ = ["FileStore", "sanitize_filename", "storage_error"]
 

@@ -27,7 +27,7 @@ import redis
 
 from recalib import defaults, layout
 from recalib.errors import RecalibError
-from recalib.jobs.storage import LocalStorage, Storage, open_storage
+from recalib.files.storage import LocalStorage, Storage, open_storage
 from recalib.keys import DATA_DIR_KEY, as_text
 from recalib.settings import Settings
 

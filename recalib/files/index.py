@@ -1,6 +1,6 @@
 """The per-tenant index of uploaded files in Redis: the listing order and a sha256 → id lookup.
 
-Only an index: the store (:class:`recalib.jobs.file_store.FileStore`) is the truth. The caller
+Only an index: the store (:class:`recalib.files.store.FileStore`) is the truth. The caller
 passes ``read`` (a file id → its record, None when its metadata has gone); an entry whose file
 has gone (a crash between the store and Redis) is dropped when a listing meets it.
 """
