@@ -328,7 +328,7 @@ def fetch_models(
     """A registered version's model file. A numbered version never changes, so a cached copy
     of it is used without asking the registry; an alias is resolved every time. The validator
     is ``<name>/<version>/<file name>`` (the file name's suffix tells the format)."""
-    from recalib.jobs import mlflow_registry
+    from recalib.registry import models as registry
 
     tracking_uri = _tracking_uri(field, ctx)
     name_version = uri.removeprefix("models:/")
@@ -336,7 +336,7 @@ def fetch_models(
         name, version, filename = cached.validator.rsplit("/", 2)
         if f"{name}/{version}" == name_version:
             return Fetched(cached.validator, not_modified=True, filename=filename)
-    filename, validator = mlflow_registry.fetch_models(uri, field, sink, tracking_uri)
+    filename, validator = registry.fetch_models(uri, field, sink, tracking_uri)
     return Fetched(f"{validator}/{filename}", filename=filename)
 
 
