@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from recalib.contract import JobCreate, JobRecord
 from recalib.files.store import FileStore
+from recalib.inputs.uri_fetch import check_job_uris, fetch_context
 from recalib.jobs.job_store import JobStore
-from recalib.jobs.uri_fetch import check_job_uris, fetch_context
 from recalib.jobs.webhooks import check_webhook
 from recalib.registry.models import check_configured
 from recalib.settings import Settings

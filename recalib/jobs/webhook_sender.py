@@ -23,7 +23,7 @@ from redis.exceptions import LockError
 from recalib import __version__, defaults
 from recalib.contract.webhooks import WebhookAttempt, WebhookDeliveryRecord
 from recalib.errors import RecalibError
-from recalib.jobs.outbound import OutboundPolicy
+from recalib.inputs.outbound import OutboundPolicy
 from recalib.jobs.records import utcnow
 from recalib.jobs.webhook_signing import WebhookSecrets, sign
 from recalib.jobs.webhooks import Deliveries

@@ -34,8 +34,8 @@ from recalib.contract.webhooks import (
     WebhookDeliveryRecord,
     WebhookEvent,
 )
+from recalib.inputs.outbound import OutboundPolicy
 from recalib.jobs import records
-from recalib.jobs.outbound import OutboundPolicy
 from recalib.jobs.webhook_signing import WebhookSecrets
 from recalib.keys import (
     WEBHOOK_DUE_KEY,

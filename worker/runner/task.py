@@ -37,9 +37,9 @@ from recalib.errors import RecalibError, ServiceUnavailableError, UserError, err
 from recalib.files.artifacts import ArtifactStore
 from recalib.files.storage import open_storage, scratch_root
 from recalib.files.store import FileStore, storage_error
+from recalib.inputs.job_inputs import run_inputs
 from recalib.jobs import states
 from recalib.jobs.connection import redis_url
-from recalib.jobs.inputs import run_inputs
 from recalib.jobs.storage_wait import wait_for_store
 from recalib.settings import Settings, get_settings
 from worker.runner.client import ConfinedJob, Outcome, RunnerLostError

@@ -12,7 +12,7 @@ then would otherwise hold a worker until the job's timeout.
 
 Safety: ``https://`` URLs, every redirect included, and S3 endpoints named in a URI
 (``s3://bucket/key?endpoint=https://host``) reach only public addresses unless the operator
-lists them in ``RECALIB_OUTBOUND_ALLOW_HOSTS`` (:mod:`recalib.jobs.outbound`). ``s3://`` URIs
+lists them in ``RECALIB_OUTBOUND_ALLOW_HOSTS`` (:mod:`recalib.inputs.outbound`). ``s3://`` URIs
 without an endpoint use the operator's own (``RECALIB_S3_ENDPOINT_URL``, or AWS) and the
 worker's credentials; a URI never carries credentials.
 """
@@ -42,8 +42,8 @@ from recalib.errors import (
 )
 from recalib.files.storage import Storage
 from recalib.files.storage.meter import Meter, MeteredFile
-from recalib.jobs.input_cache import CacheEntry
-from recalib.jobs.outbound import OutboundPolicy, guarded_client
+from recalib.inputs.cache import CacheEntry
+from recalib.inputs.outbound import OutboundPolicy, guarded_client
 from recalib.settings import Settings, get_settings
 
 CHUNK_BYTES = 1024 * 1024
