@@ -66,7 +66,7 @@ class JobStore:
         With an ``idempotency_key``, the same key and body give back the job created first
         (``created`` False); the same key with another body raises
         :class:`IdempotencyKeyReusedError`. Entrances call
-        :func:`recalib.jobs.admission.admit`, which checks the request first.
+        :func:`recalib.admission.admit`, which checks the request first.
         """
         record = JobRecord(
             id=new_job_id(),

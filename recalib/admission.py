@@ -5,6 +5,11 @@ Every entrance that creates jobs (``POST /v1/jobs``, the web page's submit form)
 :class:`~recalib.errors.UserError` (422 naming the field). A request refused here never reaches
 a worker: without these checks, ``options.register`` on a server without MLflow would fail only
 after the whole run.
+
+The rules are the packages' own (the files exist: :mod:`recalib.files`; the URIs:
+:mod:`recalib.inputs`; the webhook: :mod:`recalib.jobs.webhooks`; the registry:
+:mod:`recalib.registry`); this module, above them all, is the one place that applies them in
+order, then creates the job (:mod:`recalib.jobs`).
 """
 
 from __future__ import annotations
