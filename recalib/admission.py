@@ -7,7 +7,7 @@ a worker: without these checks, ``options.register`` on a server without MLflow 
 after the whole run.
 
 The rules are the packages' own (the files exist: :mod:`recalib.files`; the URIs:
-:mod:`recalib.inputs`; the webhook: :mod:`recalib.jobs.webhooks`; the registry:
+:mod:`recalib.inputs`; the webhook: :mod:`recalib.webhooks.deliveries`; the registry:
 :mod:`recalib.registry`); this module, above them all, is the one place that applies them in
 order, then creates the job (:mod:`recalib.jobs`).
 """
@@ -18,9 +18,9 @@ from recalib.contract import JobCreate, JobRecord
 from recalib.files.store import FileStore
 from recalib.inputs.uri_fetch import check_job_uris, fetch_context
 from recalib.jobs.job_store import JobStore
-from recalib.jobs.webhooks import check_webhook
 from recalib.registry.models import check_configured
 from recalib.settings import Settings
+from recalib.webhooks.deliveries import check_webhook
 
 
 def check_request(request: JobCreate, tenant: str, settings: Settings) -> None:

@@ -28,9 +28,9 @@ from recalib.files.store import FileStore
 from recalib.jobs.connection import connect_redis
 from recalib.jobs.job_store import JobStore
 from recalib.jobs.recovery import Reaper
-from recalib.jobs.webhook_sender import WebhookSender
-from recalib.jobs.webhook_signing import WebhookSecrets
 from recalib.settings import Settings, get_settings
+from recalib.webhooks.sender import WebhookSender
+from recalib.webhooks.signing import WebhookSecrets
 from service import background
 from service.api.main import api_router
 from service.auth import ApiKeys

@@ -1,7 +1,7 @@
 """Webhook deliveries in Redis: which job events become messages, and each message's attempts.
 
 A job created with a webhook is put on the watch set (:func:`recalib.jobs.states.create`). The
-sender (:mod:`recalib.jobs.webhook_sender`) calls :meth:`Deliveries.plan` on every pass: it reads
+sender (:mod:`recalib.webhooks.sender`) calls :meth:`Deliveries.plan` on every pass: it reads
 the job's events past its cursor and turns each into a message of the kinds the job asked for:
 
 - ``started``: an event that moved the job into ``running`` (each run: a re-queued job starts
@@ -36,7 +36,6 @@ from recalib.contract.webhooks import (
 )
 from recalib.inputs.outbound import OutboundPolicy
 from recalib.jobs import records
-from recalib.jobs.webhook_signing import WebhookSecrets
 from recalib.keys import (
     WEBHOOK_DUE_KEY,
     WEBHOOK_WATCH_KEY,
@@ -46,6 +45,7 @@ from recalib.keys import (
     webhook_state_key,
 )
 from recalib.settings import Settings
+from recalib.webhooks.signing import WebhookSecrets
 
 logger = logging.getLogger(__name__)
 
