@@ -56,7 +56,7 @@ def _boto3(client: Any, bucket: str, key: str, path: Path) -> float:
 
 
 def bench_upload(work: Path, weed: Any, size_mib: int, rounds: int) -> dict[str, Any]:
-    from recalib.jobs.storage.s3 import make_client
+    from recalib.files.storage.s3 import make_client
 
     size = size_mib * CHUNK
     work.mkdir(parents=True, exist_ok=True)

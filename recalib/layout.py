@@ -35,7 +35,7 @@ def job_dir(data_dir: Path, job_id: str) -> Path:
 
 
 def attempt_dir(data_dir: Path, job_id: str, attempt: int) -> Path:
-    """Working directory of one run of a job (see :mod:`recalib.jobs.artifact_store`)."""
+    """Working directory of one run of a job (see :mod:`recalib.files.artifacts`)."""
     return job_dir(data_dir, job_id) / f"attempt-{attempt}"
 
 

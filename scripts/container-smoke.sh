@@ -198,7 +198,7 @@ t7=$(now)
 echo "   submit to downloaded: $(since "$t7") s"
 .venv/bin/python - "$work/job-s3.json" "$ENDPOINT" "$BUCKET" "$prefix" <<'EOF'
 import json, sys
-from recalib.jobs.storage.s3 import make_client
+from recalib.files.storage.s3 import make_client
 job = json.load(open(sys.argv[1]))
 report = job["result"]
 if job["status"] != "succeeded" or report["after"]["top1"] < report["before"]["top1"] + 0.5:

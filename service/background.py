@@ -1,7 +1,7 @@
 """The API's background loops (the reaper, the webhook sender): daemon threads running passes.
 
 What a pass does belongs to the job layer (:class:`recalib.jobs.recovery.Reaper`,
-:class:`recalib.jobs.webhook_sender.WebhookSender`). Here: the schedule, and that an error
+:class:`recalib.webhooks.sender.WebhookSender`). Here: the schedule, and that an error
 (Redis restarting, a bug) is logged and the loop goes on, never ending the thread.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import redis
 
 from recalib.jobs.recovery import Reaper
-from recalib.jobs.webhook_sender import WebhookSender
+from recalib.webhooks.sender import WebhookSender
 
 logger = logging.getLogger(__name__)
 

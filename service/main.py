@@ -21,17 +21,16 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from recalib import __version__, defaults
-from recalib.jobs import data_dir
-from recalib.jobs.artifact_store import ArtifactStore
+from recalib.files import data_dir
+from recalib.files.artifacts import ArtifactStore
+from recalib.files.storage import open_storage, scratch_root
+from recalib.files.store import FileStore
 from recalib.jobs.connection import connect_redis
-from recalib.jobs.file_store import FileStore
-from recalib.jobs.inputs import fetch_context
 from recalib.jobs.job_store import JobStore
 from recalib.jobs.recovery import Reaper
-from recalib.jobs.storage import open_storage, scratch_root
-from recalib.jobs.webhook_sender import WebhookSender
-from recalib.jobs.webhook_signing import WebhookSecrets
 from recalib.settings import Settings, get_settings
+from recalib.webhooks.sender import WebhookSender
+from recalib.webhooks.signing import WebhookSecrets
 from service import background
 from service.api.main import api_router
 from service.auth import ApiKeys
@@ -73,7 +72,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = storage
     app.state.file_store = FileStore(storage, conn, settings.max_upload_bytes)
     app.state.artifact_store = ArtifactStore(storage, scratch_root(settings))
-    app.state.file_store.uri_context = fetch_context(settings, storage)  # URIs checked at create
     app.state.metrics_registry = metrics_registry(
         ServiceCollector(conn, settings, app.state.job_store, app.state.file_store)
     )

@@ -21,7 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from recalib.contract import JobStatus
-from recalib.jobs.file_store import FileStore
+from recalib.files.store import FileStore
 from recalib.jobs.job_store import JobStore
 from recalib.jobs.workers import live_workers
 from recalib.settings import Settings

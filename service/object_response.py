@@ -16,7 +16,7 @@ from fastapi import Response
 from fastapi.responses import StreamingResponse
 from starlette.responses import FileResponse
 
-from recalib.jobs.storage import Storage
+from recalib.files.storage import Storage
 
 
 def content_disposition(filename: str, disposition: str = "attachment") -> str:

@@ -6,8 +6,8 @@ from ``request.stream()``, gathered into ~1 MiB slices and written + hashed in a
 (hashlib and file writes release the GIL), so the event loop keeps serving other requests and the
 API's memory stays flat whatever the upload size.
 
-The part file and its area are the job layer's (:mod:`recalib.jobs.upload_area`); this module only
-reads the HTTP body into it.
+The part file and its area are the local store's (:mod:`recalib.files.storage.upload_area`); this
+module only reads the HTTP body into it.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from streaming_form_data.targets import BaseTarget
 
 from recalib.contract import FileRecord
 from recalib.errors import InvalidDataError, PayloadTooLargeError, UserError
-from recalib.jobs.file_store import FileStore
-from recalib.jobs.storage import UploadPart as PartFile
+from recalib.files.storage import UploadPart as PartFile
+from recalib.files.store import FileStore
 
 logger = logging.getLogger(__name__)
 

@@ -218,7 +218,7 @@ class S3Store:
         }
 
     def client(self, secret: str = SECRET_KEY):  # type: ignore[no-untyped-def]
-        from recalib.jobs.storage.s3 import make_client
+        from recalib.files.storage.s3 import make_client
 
         saved = os.environ.get("AWS_SECRET_ACCESS_KEY")
         os.environ["AWS_SECRET_ACCESS_KEY"] = secret

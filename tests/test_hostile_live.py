@@ -26,7 +26,7 @@ from rq.job import Job
 from recalib import layout
 from recalib.client import RecalibClient
 from recalib.jobs import queue
-from recalib.jobs.keys import ACTIVE_KEY, events_key, job_index_key, job_key
+from recalib.keys import ACTIVE_KEY, events_key, job_index_key, job_key
 from recalib.settings import Settings
 from tests.live import (
     REPO_ROOT,

@@ -14,7 +14,7 @@ import torch
 
 from recalib.contract import JobOptions, JobSpec, Verdict
 from recalib.errors import InvalidOptionError, NotFoundError, ServiceUnavailableError
-from recalib.jobs.mlflow_registry import (
+from recalib.registry.models import (
     check_configured,
     fetch_models,
     parse_models_uri,

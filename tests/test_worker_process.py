@@ -178,7 +178,7 @@ def test_a_job_fails_naming_the_setting_when_redis_lost_which_data_dir_the_api_u
     stack: Stack, tmp_path: Path, digits_files: dict[str, Path]
 ) -> None:
     """Without the API's mark in Redis, a data directory with no ``files/`` is still wrong."""
-    from recalib.jobs.keys import DATA_DIR_KEY
+    from recalib.keys import DATA_DIR_KEY
 
     stack.start_api()
     stack.conn.delete(DATA_DIR_KEY)

@@ -111,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
 def _publish_data_dir(redis_url: str) -> None:
     import redis
 
-    from recalib.jobs import data_dir as data_dirs
+    from recalib.files import data_dir as data_dirs
 
     conn = redis.Redis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
     try:

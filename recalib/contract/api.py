@@ -54,7 +54,7 @@ class JobStatus(StrEnum):
 FileId = Annotated[str, Field(pattern=FILE_ID_PATTERN, examples=["f_3kq0cV2m9xLr8tQw"])]
 
 INPUT_URI_SCHEMES = ("s3", "https", "models")
-"""Schemes of ``*_uri`` inputs (the worker's fetchers: :mod:`recalib.jobs.uri_fetch`)."""
+"""Schemes of ``*_uri`` inputs (the worker's fetchers: :mod:`recalib.inputs.uri_fetch`)."""
 
 
 _MODELS_URI_RE = re.compile(r"^models:/[^/@]+(/\d+|@[A-Za-z0-9_-]+)$")

@@ -1,6 +1,6 @@
 """The job store: what the API does with jobs (create, get, list, events, cancel, counts).
 
-Status changes go through :mod:`recalib.jobs.states`; keys live in :mod:`recalib.jobs.keys`.
+Status changes go through :mod:`recalib.jobs.states`; keys live in :mod:`recalib.keys`.
 A stored record that does not parse is skipped by listings (and logged); fetched alone it is a
 409 for the tenant it names and a 404 for everyone else, so one bad record never breaks a
 listing, and never a 500.
@@ -23,7 +23,15 @@ from recalib.errors import (
 )
 from recalib.ids import new_job_id
 from recalib.jobs import queue, states
-from recalib.jobs.keys import (
+from recalib.jobs.records import (
+    DURATION_BUCKETS_S,
+    Stored,
+    Unreadable,
+    parse,
+    request_sha256,
+    utcnow,
+)
+from recalib.keys import (
     DURATION_KEY,
     SEQ_KEY,
     STATUS_COUNTS_KEY,
@@ -32,14 +40,6 @@ from recalib.jobs.keys import (
     idem_key,
     job_index_key,
     job_key,
-)
-from recalib.jobs.records import (
-    DURATION_BUCKETS_S,
-    Stored,
-    Unreadable,
-    parse,
-    request_sha256,
-    utcnow,
 )
 from recalib.settings import Settings
 
@@ -66,7 +66,7 @@ class JobStore:
         With an ``idempotency_key``, the same key and body give back the job created first
         (``created`` False); the same key with another body raises
         :class:`IdempotencyKeyReusedError`. Entrances call
-        :func:`recalib.jobs.admission.admit`, which checks the request first.
+        :func:`recalib.admission.admit`, which checks the request first.
         """
         record = JobRecord(
             id=new_job_id(),

@@ -1,4 +1,4 @@
-"""Job records in Redis: store, load, change atomically, forget (keys in :mod:`.keys`).
+"""Job records in Redis: store, load, change atomically, forget (keys in :mod:`recalib.keys`).
 
 A new job is written by :func:`insert_queued`; every change of a record goes through
 :func:`update_record` (WATCH/MULTI/EXEC), so the API (cancel), the worker (progress, result) and
@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from redis.client import Pipeline
 
 from recalib.contract import JobCreate, JobError, JobEvent, JobRecord, JobStatus
-from recalib.jobs.keys import (
+from recalib.keys import (
     ACTIVE_KEY,
     DURATION_KEY,
     FINISHED_KEY,

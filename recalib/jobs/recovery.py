@@ -41,15 +41,15 @@ from rq.job import JobStatus as RqStatus
 
 from recalib.contract import JobEvent, JobStatus
 from recalib.errors import RecalibError
+from recalib.files.artifacts import ArtifactStore
+from recalib.files.direct_uploads import GRACE_S, DirectUploads
+from recalib.files.storage import open_storage, scratch_root
+from recalib.files.store import FileStore
 from recalib.jobs import queue, records
-from recalib.jobs.artifact_store import ArtifactStore
-from recalib.jobs.direct_uploads import GRACE_S, DirectUploads
-from recalib.jobs.file_store import FileStore
-from recalib.jobs.keys import ACTIVE_KEY, FINISHED_KEY, REAPER_LOCK_KEY, as_text, events_key
 from recalib.jobs.records import Stored, utcnow
 from recalib.jobs.states import RunEnd, end_run
-from recalib.jobs.storage import open_storage, scratch_root
 from recalib.jobs.workers import read_worker
+from recalib.keys import ACTIVE_KEY, FINISHED_KEY, REAPER_LOCK_KEY, as_text, events_key
 from recalib.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ import time
 import redis
 
 from recalib.errors import ServiceUnavailableError
+from recalib.files.storage import open_storage
 from recalib.jobs.states import RunEnd, end_run
-from recalib.jobs.storage import open_storage
 from recalib.settings import Settings
 
 logger = logging.getLogger(__name__)

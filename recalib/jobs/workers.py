@@ -17,7 +17,7 @@ import redis
 from redis.client import Pipeline
 
 from recalib.contract import WorkerInfo
-from recalib.jobs.keys import WORKERS_KEY, as_text, worker_key
+from recalib.keys import WORKERS_KEY, as_text, worker_key
 from recalib.settings import Settings
 
 MISSED_BEATS = 3

@@ -13,9 +13,9 @@ import redis
 from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from recalib.files.artifacts import ArtifactStore
+from recalib.files.store import FileStore
 from recalib.ids import FILE_ID_PATTERN, JOB_ID_PATTERN
-from recalib.jobs.artifact_store import ArtifactStore
-from recalib.jobs.file_store import FileStore
 from recalib.jobs.job_store import JobStore
 from recalib.settings import Settings
 from service.auth import ApiKeys

@@ -18,8 +18,8 @@ from streaming_form_data.targets import BaseTarget
 
 from recalib.contract import FileRecord
 from recalib.errors import InvalidDataError, PayloadTooLargeError, UserError
-from recalib.jobs.file_store import FileStore
-from recalib.jobs.storage import UploadPart as PartFile
+from recalib.files.storage import UploadPart as PartFile
+from recalib.files.store import FileStore
 from service.uploads import MULTIPART_OVERHEAD_BYTES, SLICE_BYTES, check_declared_length
 
 FILE_FIELDS = ("model", "calibration", "evaluation")

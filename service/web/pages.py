@@ -21,7 +21,7 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
 
 from recalib.errors import NotFoundError, PayloadTooLargeError, RecalibError
-from recalib.jobs.file_store import FileStore
+from recalib.files.store import FileStore
 from service.web import session
 
 logger = logging.getLogger(__name__)

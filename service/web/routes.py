@@ -18,11 +18,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 
+from recalib.admission import admit, check_request
 from recalib.contract import JobCreate, JobOptions, JobRecord
 from recalib.errors import InvalidOptionError, RecalibError, UnauthorizedError
-from recalib.jobs.admission import admit, check_request
-from recalib.jobs.artifact_store import ArtifactStore
-from recalib.jobs.file_store import FileStore
+from recalib.files.artifacts import ArtifactStore
+from recalib.files.store import FileStore
 from service.api.deps import CursorQuery, JobIdPath
 from service.api.routes.report_html import REPORT_HTML_FILE
 from service.web import login, session
@@ -137,7 +137,7 @@ def _submit_form(
 async def submit(request: Request) -> Response:
     """Upload the form's files and queue a job over them; then show the job list.
 
-    The job is admitted by the same rules as ``POST /v1/jobs`` (:mod:`recalib.jobs.admission`);
+    The job is admitted by the same rules as ``POST /v1/jobs`` (:mod:`recalib.admission`);
     the rules that need no stored file run before the uploads are kept."""
     files: FileStore = request.app.state.file_store
     fields: dict[str, str] = {}

@@ -16,8 +16,8 @@ from recalib.errors import (
     NotFoundError,
 )
 from recalib.jobs.job_store import JobStore
-from recalib.jobs.keys import events_key, job_key
 from recalib.jobs.records import Stored, load, update_record, utcnow
+from recalib.keys import events_key, job_key
 from recalib.settings import Settings
 
 MODEL = "f_" + "m" * 22

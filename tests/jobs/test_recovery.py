@@ -18,9 +18,9 @@ from recalib.errors import NotFoundError
 from recalib.jobs import recovery as reaper_module
 from recalib.jobs import workers
 from recalib.jobs.job_store import JobStore
-from recalib.jobs.keys import REAPER_LOCK_KEY, job_key
 from recalib.jobs.records import Stored, load, update_record, utcnow
 from recalib.jobs.recovery import Reaper
+from recalib.keys import REAPER_LOCK_KEY, job_key
 from recalib.settings import Settings
 from service import background
 

@@ -25,8 +25,8 @@ from recalib.contract import (
 )
 from recalib.ids import new_job_id
 from recalib.jobs import states
-from recalib.jobs.keys import ACTIVE_KEY, FINISHED_KEY
 from recalib.jobs.records import JOB_TIMEOUT, Stored, load, update_record, utcnow
+from recalib.keys import ACTIVE_KEY, FINISHED_KEY
 from recalib.settings import Settings
 
 MODEL = "f_" + "m" * 22

@@ -13,9 +13,9 @@ import pytest
 from recalib.contract import JobCreate, JobRecord, JobStatus
 from recalib.jobs import states
 from recalib.jobs.job_store import JobStore
-from recalib.jobs.keys import ACTIVE_KEY, FINISHED_KEY, events_key, job_key
 from recalib.jobs.records import Stored, Unreadable, load, parse, update_record, utcnow
 from recalib.jobs.recovery import Reaper
+from recalib.keys import ACTIVE_KEY, FINISHED_KEY, events_key, job_key
 from recalib.settings import Settings
 
 MODEL = "f_" + "m" * 22

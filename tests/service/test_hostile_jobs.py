@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from recalib import defaults
-from recalib.jobs.keys import ACTIVE_KEY, events_key, job_index_key, job_key
+from recalib.keys import ACTIVE_KEY, events_key, job_index_key, job_key
 
 NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999"]
 # Every float field of JobCreate (and the int fields, which must refuse them too), as a JSON path.

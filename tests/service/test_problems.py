@@ -120,7 +120,7 @@ def test_redis_down_is_503_problem_and_readyz_says_why(tmp_path: Path) -> None:
             assert "Redis" in ready.json()["detail"]
             assert client.get("/healthz").status_code == 200
             assert "recalib_redis_up 0.0" in client.get("/metrics").text
-        marker = tmp_path / "data" / ".recalib-id"  # the API's data directory mark (data_dir.py)
+        marker = tmp_path / "data" / ".recalib-id"  # the API's store mark (files/data_dir.py)
         leftovers = [p for p in (tmp_path / "data").rglob("*") if p.is_file() and p != marker]
         assert leftovers == []  # the refused upload was rolled back
     finally:

@@ -19,11 +19,11 @@ from recalib import defaults
 from recalib.client import RecalibClient, raise_for_problem
 from recalib.client_upload import direct_upload
 from recalib.contract import JobStatus, Report
+from recalib.files.direct_uploads import DirectUploads
+from recalib.files.storage.s3 import S3Storage
+from recalib.files.store import FileStore
 from recalib.jobs import states
-from recalib.jobs.direct_uploads import DirectUploads
-from recalib.jobs.file_store import FileStore
 from recalib.jobs.recovery import Reaper
-from recalib.jobs.storage.s3 import S3Storage
 from tests import s3_fixtures
 from tests.live import ApiThread, make_settings
 from tests.s3_fixtures import S3Store

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from recalib.admission import admit
 from recalib.contract import JobCreate
 from recalib.errors import UserError
-from recalib.jobs.admission import admit
 from service.auth import DEFAULT_TENANT
 from tests.live import ApiThread, make_settings
 from tests.service.test_web import _browser, _csrf

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from redis import Redis
 
-from recalib.jobs.file_store import FileStore
+from recalib.files.store import FileStore
 from recalib.settings import Settings
 
 

@@ -20,7 +20,7 @@ Either way the device is detected in a short-lived subprocess, and :class:`Recal
 - writes the worker's whole hash in ``recalib:worker:<name>`` (device, state, current job, pid,
   hostname) at every RQ heartbeat, so ``live_workers()`` lists it, the reaper can tell it died,
   and a Redis that lost the hash (restarted without persistence) has all of it again a beat later;
-- checks that its data directory is the API's (:mod:`recalib.jobs.data_dir`): at start (it
+- checks that its data directory is the API's (:mod:`recalib.files.data_dir`): at start (it
   refuses to start, in one line naming ``RECALIB_DATA_DIR``) and before each job (the job fails
   with that message instead of "the uploaded file no longer exists");
 - ends the record of a run whose horse (or runner) died (killed, out of memory, stopped by a
@@ -47,7 +47,8 @@ from rq.job import Job
 from rq.queue import Queue
 
 from recalib.errors import ServiceUnavailableError
-from recalib.jobs import data_dir, records, workers
+from recalib.files import data_dir
+from recalib.jobs import records, workers
 from recalib.jobs.connection import connect_redis, redis_url, require_redis
 from recalib.jobs.states import RunEnd, end_run, fail_unstarted
 from recalib.settings import Settings, get_settings

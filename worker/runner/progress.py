@@ -9,7 +9,7 @@ import redis
 
 from recalib.contract import Phase, Progress
 from recalib.jobs import states
-from recalib.jobs.keys import job_key
+from recalib.keys import job_key
 
 logger = logging.getLogger(__name__)
 

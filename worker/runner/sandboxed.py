@@ -113,7 +113,7 @@ def finish_report(spec: JobSpec, report: Report, out_dir: Path, settings: Settin
     rewrites ``report.json``)."""
     report = report.model_copy(update={"sandbox": sandbox_used(settings)})
     if spec.options.register is not None:  # network and credentials: never in the sandbox
-        from recalib.jobs.mlflow_registry import register_job_output
+        from recalib.registry.models import register_job_output
 
         registered = register_job_output(spec, report, out_dir, settings.mlflow_tracking_uri)
         report = report.model_copy(update={"registered": registered})

@@ -34,12 +34,12 @@ from rq.timeouts import JobTimeoutException
 
 from recalib.contract import JobError, JobRecord, JobSpec, JobStatus, Report
 from recalib.errors import RecalibError, ServiceUnavailableError, UserError, error_type_name
+from recalib.files.artifacts import ArtifactStore
+from recalib.files.storage import open_storage, scratch_root
+from recalib.files.store import FileStore, storage_error
+from recalib.inputs.job_inputs import run_inputs
 from recalib.jobs import states
-from recalib.jobs.artifact_store import ArtifactStore
 from recalib.jobs.connection import redis_url
-from recalib.jobs.file_store import FileStore, storage_error
-from recalib.jobs.inputs import run_inputs
-from recalib.jobs.storage import open_storage, scratch_root
 from recalib.jobs.storage_wait import wait_for_store
 from recalib.settings import Settings, get_settings
 from worker.runner.client import ConfinedJob, Outcome, RunnerLostError

@@ -27,9 +27,9 @@ from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from recalib.contract import JobRecord, JobStatus, Report
 from recalib.errors import ConflictError, NotFoundError
-from recalib.jobs.artifact_store import ArtifactStore
-from recalib.jobs.file_store import FileStore
-from recalib.jobs.storage import ObjectInfo
+from recalib.files.artifacts import ArtifactStore
+from recalib.files.storage import ObjectInfo
+from recalib.files.store import FileStore
 from recalib.settings import Settings
 from service.api.deps import (
     ArtifactStoreDep,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from recalib.contract.webhooks import WebhookDelivery
-from recalib.jobs.webhooks import Deliveries
+from recalib.webhooks.deliveries import Deliveries
 from service.api.deps import JobIdPath, JobStoreDep, RedisDep, SettingsDep, TenantDep
 from service.problems import problem_responses
 

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from recalib.contract import Readiness, WorkerInfo
 from recalib.errors import RecalibError
-from recalib.jobs.storage import Storage, open_storage
+from recalib.files.storage import Storage, open_storage
 from recalib.jobs.workers import live_workers, worker_ttl_s
 from recalib.settings import Settings
 from service.api.deps import RedisDep, SettingsDep

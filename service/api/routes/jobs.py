@@ -12,9 +12,9 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
+from recalib.admission import admit
 from recalib.contract import JobCreate, JobEvent, JobPublic, JobRecord, JobStatus, Page
 from recalib.errors import InvalidOptionError, UserError
-from recalib.jobs.admission import admit
 from recalib.jobs.job_store import JobStore
 from service.api.deps import (
     CursorQuery,
@@ -57,7 +57,7 @@ def create_job(
 ) -> JobPublic:
     """Queue a job over uploaded files; the same ``Idempotency-Key`` + body give the same job.
 
-    Admitted by the job layer's rules (:func:`recalib.jobs.admission.admit`), as the web form."""
+    Admitted by the job layer's rules (:func:`recalib.admission.admit`), as the web form."""
     record, created = admit(jobs, files, tenant, body, idempotency_key=idempotency_key)
     response.status_code = status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK
     response.headers["Location"] = f"/v1/jobs/{record.id}"

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response, status
 
 from recalib.contract import FilePublic
 from recalib.contract.uploads import DirectUpload, DirectUploadCreate
-from recalib.jobs.direct_uploads import DirectUploads
+from recalib.files.direct_uploads import DirectUploads
 from service.api.deps import TenantDep
 from service.problems import problem_responses
 

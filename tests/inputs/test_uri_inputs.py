@@ -1,4 +1,4 @@
-"""Inputs by URI (recalib.jobs.uri_fetch, input_cache, inputs): a real HTTPS server (self-signed,
+"""Inputs by URI (recalib.inputs: uri_fetch, cache, job_inputs): a real HTTPS server (self-signed,
 trusted by the test) and a real S3 server; the size cap, the SSRF policy (redirects re-checked),
 not found, and the cache by sha256 (a second fetch of an unchanged source reads nothing; an
 upload on a remote store is downloaded once, checked against its sha256)."""
@@ -22,13 +22,13 @@ from recalib.errors import (
     OutboundNotAllowedError,
     PayloadTooLargeError,
 )
-from recalib.jobs.file_store import FileStore, check_job_uris, content_key
-from recalib.jobs.input_cache import InputCache
-from recalib.jobs.inputs import JobInputs
-from recalib.jobs.outbound import OutboundPolicy
-from recalib.jobs.storage import LocalStorage
-from recalib.jobs.storage.s3 import S3Storage
-from recalib.jobs.uri_fetch import FetchContext
+from recalib.files.storage import LocalStorage
+from recalib.files.storage.s3 import S3Storage
+from recalib.files.store import FileStore, content_key
+from recalib.inputs.cache import InputCache
+from recalib.inputs.job_inputs import JobInputs
+from recalib.inputs.outbound import OutboundPolicy
+from recalib.inputs.uri_fetch import FetchContext, check_job_uris
 from tests import s3_fixtures
 from tests.s3_fixtures import S3Store
 

@@ -1,4 +1,4 @@
-"""recalib.jobs.uri_fetch: an https input has a total deadline (RECALIB_URI_FETCH_DEADLINE_S).
+"""recalib.inputs.uri_fetch: an https input has a total deadline (RECALIB_URI_FETCH_DEADLINE_S).
 
 httpx's timeouts are per read, so a source that trickles a byte every half second would hold
 a worker until the job's timeout. A real HTTPS server (self-signed, trusted by the test)
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from recalib.errors import UserError
-from recalib.jobs.outbound import OutboundPolicy
-from recalib.jobs.uri_fetch import FetchContext, Sink, fetch
+from recalib.inputs.outbound import OutboundPolicy
+from recalib.inputs.uri_fetch import FetchContext, Sink, fetch
 from recalib.settings import get_settings
 
 DEADLINE_S = 2

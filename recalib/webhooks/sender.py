@@ -5,7 +5,7 @@ under a Redis lock so that several API replicas take turns. The due attempts of 
 concurrently (at most ``WEBHOOK_PARALLEL``), each bounded as a whole by ``WEBHOOK_TIMEOUT_S``
 (connecting by ``WEBHOOK_CONNECT_TIMEOUT_S``), so a receiver that is down, slow or answering 500
 costs one attempt its time and never touches the job. Every attempt is recorded on its delivery
-(:mod:`recalib.jobs.webhooks`); the URL is checked against the outbound rules again at each
+(:mod:`recalib.webhooks.deliveries`); the URL is checked against the outbound rules again at each
 attempt (and at each redirect, which is not followed: a 3xx is a failed attempt), since DNS may
 answer differently than when the job was created.
 """
@@ -23,12 +23,12 @@ from redis.exceptions import LockError
 from recalib import __version__, defaults
 from recalib.contract.webhooks import WebhookAttempt, WebhookDeliveryRecord
 from recalib.errors import RecalibError
-from recalib.jobs.keys import WEBHOOK_LOCK_KEY
-from recalib.jobs.outbound import OutboundPolicy
+from recalib.inputs.outbound import OutboundPolicy
 from recalib.jobs.records import utcnow
-from recalib.jobs.webhook_signing import WebhookSecrets, sign
-from recalib.jobs.webhooks import Deliveries
+from recalib.keys import WEBHOOK_LOCK_KEY
 from recalib.settings import Settings
+from recalib.webhooks.deliveries import Deliveries
+from recalib.webhooks.signing import WebhookSecrets, sign
 
 logger = logging.getLogger(__name__)
 

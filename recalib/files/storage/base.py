@@ -1,4 +1,4 @@
-"""The storage interface of the job layer: objects by key, two backends (local, S3).
+"""The storage interface: objects by key, two backends (local, S3).
 
 A key is a relative POSIX path (``files/<id>``, ``jobs/<id>/attempt-1/report.json``). Both
 backends keep the same guarantees: an object becomes visible whole or not at all (local: atomic

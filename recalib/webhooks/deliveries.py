@@ -1,7 +1,7 @@
 """Webhook deliveries in Redis: which job events become messages, and each message's attempts.
 
 A job created with a webhook is put on the watch set (:func:`recalib.jobs.states.create`). The
-sender (:mod:`recalib.jobs.webhook_sender`) calls :meth:`Deliveries.plan` on every pass: it reads
+sender (:mod:`recalib.webhooks.sender`) calls :meth:`Deliveries.plan` on every pass: it reads
 the job's events past its cursor and turns each into a message of the kinds the job asked for:
 
 - ``started``: an event that moved the job into ``running`` (each run: a re-queued job starts
@@ -12,7 +12,7 @@ the job's events past its cursor and turns each into a message of the kinds the 
 
 The cursor, the new deliveries and their due times are written in one transaction, so a message is
 planned exactly once. Its body is fixed when planned (every attempt sends the same bytes under the
-same ``webhook-id``); it is signed at each attempt. Keys: :mod:`recalib.jobs.keys`.
+same ``webhook-id``); it is signed at each attempt. Keys: :mod:`recalib.keys`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from recalib.contract.webhooks import (
     WebhookDeliveryRecord,
     WebhookEvent,
 )
+from recalib.inputs.outbound import OutboundPolicy
 from recalib.jobs import records
-from recalib.jobs.keys import (
+from recalib.keys import (
     WEBHOOK_DUE_KEY,
     WEBHOOK_WATCH_KEY,
     as_text,
@@ -43,9 +44,8 @@ from recalib.jobs.keys import (
     events_key,
     webhook_state_key,
 )
-from recalib.jobs.outbound import OutboundPolicy
-from recalib.jobs.webhook_signing import WebhookSecrets
 from recalib.settings import Settings
+from recalib.webhooks.signing import WebhookSecrets
 
 logger = logging.getLogger(__name__)
 

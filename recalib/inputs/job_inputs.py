@@ -2,9 +2,9 @@
 
 :class:`JobInputs` is what the worker's run uses: :meth:`JobInputs.materialize` puts each input
 at ``<dir>/<role>/<name>`` (an upload from the file store; a URI fetched through the worker's
-cache, :mod:`recalib.jobs.input_cache`, by :mod:`recalib.jobs.uri_fetch`), and
+cache, :mod:`recalib.inputs.cache`, by :mod:`recalib.inputs.uri_fetch`), and
 :meth:`JobInputs.annotate` records where each came from, with its sha256, in ``report.data``.
-:func:`recalib.jobs.file_store.check_job_uris` is the API's create-time check of the URIs.
+:func:`recalib.inputs.uri_fetch.check_job_uris` is admission's create-time check of the URIs.
 """
 
 from __future__ import annotations
@@ -19,28 +19,15 @@ from urllib.parse import unquote, urlsplit
 from recalib.checksums import sha256_of
 from recalib.contract import InputSource, JobRecord, Report
 from recalib.errors import NotFoundError
-from recalib.jobs.file_store import FileStore, sanitize_filename
-from recalib.jobs.input_cache import InputCache
-from recalib.jobs.outbound import OutboundPolicy
-from recalib.jobs.storage import Storage
-from recalib.jobs.uri_fetch import FetchContext, Sink, fetch, models_source
+from recalib.files.store import FileStore, sanitize_filename
+from recalib.inputs.cache import InputCache
+from recalib.inputs.uri_fetch import FetchContext, Sink, fetch, fetch_context, models_source
 from recalib.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("model", "calibration", "eval")
 REPORT_FILE = "report.json"
-
-
-def fetch_context(settings: Settings, store: Storage | None) -> FetchContext:
-    return FetchContext(
-        policy=OutboundPolicy(settings.outbound_allow_hosts),
-        max_bytes=settings.max_upload_bytes,
-        store=store,
-        s3_endpoint_url=settings.s3_endpoint_url or None,
-        mlflow_tracking_uri=settings.mlflow_tracking_uri or None,
-        deadline_s=settings.uri_fetch_deadline_s,
-    )
 
 
 def uri_filename(uri: str) -> str:

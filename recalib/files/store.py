@@ -1,10 +1,10 @@
-"""Uploaded files: content and metadata in the store (:mod:`recalib.jobs.storage`), a per-tenant
+"""Uploaded files: content and metadata in the store (:mod:`recalib.files.storage`), a per-tenant
 index in Redis.
 
 The store is the truth: ``files/<id>`` is the content, ``files/<id>.json`` its :class:`FileRecord`.
 Both are committed whole (atomic rename on disk, a completed upload in S3), content first, so a
 file whose metadata exists is complete. Redis holds only the listing order and a sha256 → id
-lookup per tenant (:mod:`recalib.jobs.file_index`); entries whose metadata has gone (a crash)
+lookup per tenant (:mod:`recalib.files.index`); entries whose metadata has gone (a crash)
 are dropped when a listing meets them. The API (upload, list, delete), the worker
 (:meth:`FileStore.input_record`, :meth:`FileStore.download`, :meth:`FileStore.check_content`)
 and retention (:meth:`FileStore.remove`) all go through this class.
@@ -23,16 +23,15 @@ import redis
 
 from recalib.contract import FilePublic, FileRecord, JobCreate, Page
 from recalib.errors import InvalidOptionError, NotFoundError, ServiceUnavailableError
-from recalib.ids import FILE_ID_RE, new_file_id
-from recalib.jobs.file_index import FileIndex
-from recalib.jobs.storage import (
+from recalib.files.index import FileIndex
+from recalib.files.storage import (
     LocalStorage,
     ObjectMissingError,
     Storage,
     UploadPart,
     storage_error,
 )
-from recalib.jobs.uri_fetch import FetchContext, check_uri
+from recalib.ids import FILE_ID_RE, new_file_id
 
 __all__ = ["FileStore", "sanitize_filename", "storage_error"]
 
@@ -79,7 +78,6 @@ class FileStore:
         self.index = FileIndex(conn)  # the listing order and the sha256 lookup, per tenant
         self.max_upload_bytes = max_upload_bytes
         self.committed_bytes = 0  # bytes of uploads committed by this process (a counter)
-        self.uri_context: FetchContext | None = None  # the API's: checks URIs at create time
 
     @property
     def data_dir(self) -> Path | None:
@@ -247,10 +245,7 @@ class FileStore:
         return self.index.page(tenant, self._read, cursor=cursor, limit=limit)
 
     def require_job_inputs(self, tenant: str, request: JobCreate) -> None:
-        """Check that every file a job names exists for ``tenant``, and its URIs as far as the
-        API can tell (:attr:`uri_context`; the error names the field)."""
-        if self.uri_context is not None:
-            check_job_uris(request, self.uri_context)
+        """Check that every file a job names exists for ``tenant`` (the error names the field)."""
         for field in ("model_file", "calibration_file", "eval_file"):
             file_id = getattr(request, field)
             if file_id is not None:
@@ -271,15 +266,3 @@ class FileStore:
             if self.storage.is_local and self.storage.info(content_key(file_id)) is None:
                 return None
         return record
-
-
-def check_job_uris(request: JobCreate, ctx: FetchContext) -> None:
-    """Refuse a job whose URIs can be known bad now: a forbidden host, an object that does not
-    exist or is over the cap (the error names the field)."""
-    for role in ("model", "calibration", "eval"):
-        uri = getattr(request, f"{role}_uri")
-        if uri is not None:
-            try:
-                check_uri(uri, f"{role}_uri", ctx)
-            except NotFoundError as exc:  # the request is wrong, not its URL: 422 as for files
-                raise InvalidOptionError(exc.message, field=f"{role}_uri") from exc

@@ -1,4 +1,4 @@
-"""recalib.jobs.outbound: IPv6 addresses that carry an IPv4 address are judged by that IPv4.
+"""recalib.inputs.outbound: IPv6 addresses that carry an IPv4 address are judged by that IPv4.
 
 Python's ``is_global`` is true for most of these forms (3.11), so without extracting the IPv4
 ``http://[::127.0.0.1]/`` would reach the worker's own loopback.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from recalib.errors import OutboundNotAllowedError
-from recalib.jobs.outbound import OutboundPolicy
+from recalib.inputs.outbound import OutboundPolicy
 
 EMBEDS_NON_PUBLIC = [  # (IPv6 literal, the IPv4 it carries)
     ("::ffff:127.0.0.1", "127.0.0.1"),  # IPv4-mapped

@@ -4,7 +4,7 @@ Uploads in flight lie in ``<data_dir>/tmp/<process token>/``, a directory whose 
 process holds with ``flock``. At start-up every directory whose lock is free belongs to a process
 that is gone (killed mid-upload), and is removed; the kernel drops the lock of a killed process, so
 this is safe with several API processes sharing the data directory. A committed part is renamed
-into the file store (:class:`recalib.jobs.file_store.FileStore`).
+into the file store (:class:`recalib.files.store.FileStore`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from recalib import layout
-from recalib.jobs.meter import Meter, MeteredFile
+from recalib.files.storage.meter import Meter, MeteredFile
 
 logger = logging.getLogger(__name__)
 

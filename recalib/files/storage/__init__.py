@@ -3,7 +3,9 @@
 ``RECALIB_STORAGE_URL`` chooses: empty (the default) is ``RECALIB_DATA_DIR`` on this machine
 (:class:`LocalStorage`), ``s3://bucket/prefix`` an object store (:class:`S3Storage`, boto3;
 ``RECALIB_S3_ENDPOINT_URL`` for stores other than AWS). The file store, the artifact store, the
-readiness probe and retention all go through :func:`open_storage`'s object.
+readiness probe and retention all go through :func:`open_storage`'s object. Writes stream
+through :mod:`.meter` (counted, hashed, capped); the local backend's uploads in flight lie in its
+:mod:`.upload_area`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import os
 from pathlib import Path
 
 from recalib.errors import InvalidOptionError
-from recalib.jobs.storage.base import ObjectInfo, ObjectMissingError, Storage, UploadPart
-from recalib.jobs.storage.local import LocalStorage, storage_error
+from recalib.files.storage.base import ObjectInfo, ObjectMissingError, Storage, UploadPart
+from recalib.files.storage.local import LocalStorage, storage_error
 from recalib.settings import Settings
 
 __all__ = [
@@ -54,7 +56,7 @@ def open_storage(settings: Settings, who: str = "API") -> Storage:
     if not url:
         return LocalStorage(settings.data_dir)
     if url.startswith("s3://"):
-        from recalib.jobs.storage.s3 import S3Storage
+        from recalib.files.storage.s3 import S3Storage
 
         endpoint, public = settings.s3_endpoint_url or None, settings.s3_public_endpoint_url or None
         key = (os.getpid(), url, endpoint, public, who)

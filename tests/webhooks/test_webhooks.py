@@ -15,12 +15,12 @@ from recalib.contract.webhooks import DeliveryState, Webhook
 from recalib.errors import InvalidOptionError, OutboundNotAllowedError
 from recalib.ids import new_job_id
 from recalib.jobs import states
-from recalib.jobs.keys import WEBHOOK_DUE_KEY, WEBHOOK_WATCH_KEY, deliveries_key
 from recalib.jobs.records import delete_job, load, utcnow
-from recalib.jobs.webhook_sender import WebhookSender
-from recalib.jobs.webhook_signing import WebhookSecrets, sign
-from recalib.jobs.webhooks import Deliveries, backoff_s, check_webhook
+from recalib.keys import WEBHOOK_DUE_KEY, WEBHOOK_WATCH_KEY, deliveries_key
 from recalib.settings import Settings
+from recalib.webhooks.deliveries import Deliveries, backoff_s, check_webhook
+from recalib.webhooks.sender import WebhookSender
+from recalib.webhooks.signing import WebhookSecrets, sign
 from tests.live import wait_until
 from tests.webhook_receiver import Receiver, new_secret, verify
 

@@ -24,8 +24,8 @@ from typing import TypeVar
 
 from recalib import layout
 from recalib.contract import JobRecord
-from recalib.jobs.storage import LocalStorage, ObjectInfo, Storage
-from recalib.jobs.upload_area import clean_stale_uploads
+from recalib.files.storage import LocalStorage, ObjectInfo, Storage
+from recalib.files.storage.upload_area import clean_stale_uploads
 
 T = TypeVar("T")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from recalib.errors import PayloadTooLargeError, ServiceUnavailableError
-from recalib.jobs.storage import LocalStorage, ObjectMissingError, Storage
-from recalib.jobs.storage.s3 import S3Storage
-from recalib.jobs.storage.s3_part import MIN_PART_BYTES
+from recalib.files.storage import LocalStorage, ObjectMissingError, Storage
+from recalib.files.storage.s3 import S3Storage
+from recalib.files.storage.s3_part import MIN_PART_BYTES
 from tests import s3_fixtures
 from tests.live import free_port
 from tests.s3_fixtures import SECRET_KEY, S3Store

@@ -5,16 +5,22 @@ Every entrance that creates jobs (``POST /v1/jobs``, the web page's submit form)
 :class:`~recalib.errors.UserError` (422 naming the field). A request refused here never reaches
 a worker: without these checks, ``options.register`` on a server without MLflow would fail only
 after the whole run.
+
+The rules are the packages' own (the files exist: :mod:`recalib.files`; the URIs:
+:mod:`recalib.inputs`; the webhook: :mod:`recalib.webhooks.deliveries`; the registry:
+:mod:`recalib.registry`); this module, above them all, is the one place that applies them in
+order, then creates the job (:mod:`recalib.jobs`).
 """
 
 from __future__ import annotations
 
 from recalib.contract import JobCreate, JobRecord
-from recalib.jobs.file_store import FileStore
+from recalib.files.store import FileStore
+from recalib.inputs.uri_fetch import check_job_uris, fetch_context
 from recalib.jobs.job_store import JobStore
-from recalib.jobs.mlflow_registry import check_configured
-from recalib.jobs.webhooks import check_webhook
+from recalib.registry.models import check_configured
 from recalib.settings import Settings
+from recalib.webhooks.deliveries import check_webhook
 
 
 def check_request(request: JobCreate, tenant: str, settings: Settings) -> None:
@@ -49,8 +55,8 @@ def admit(
 
     Args:
         jobs: the job store (its settings are the server's).
-        files: the file store: the files the request names exist for ``tenant``, its URIs
-            pass the fetch rules as far as the API can tell.
+        files: the file store: the files the request names exist for ``tenant`` (the
+            request's URIs pass the fetch rules as far as the API can tell, with this store).
         tenant: who asks.
         request: the job asked for.
         idempotency_key: as :meth:`JobStore.create`.
@@ -62,6 +68,7 @@ def admit(
         UserError: the request breaks a rule (422 naming the field, the message says the fix);
             nothing is created.
     """
+    check_job_uris(request, fetch_context(jobs.settings, files.storage))
     files.require_job_inputs(tenant, request)
     check_request(request, tenant, jobs.settings)
     return jobs.create(tenant, request, idempotency_key=idempotency_key)

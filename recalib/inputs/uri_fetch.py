@@ -12,7 +12,7 @@ then would otherwise hold a worker until the job's timeout.
 
 Safety: ``https://`` URLs, every redirect included, and S3 endpoints named in a URI
 (``s3://bucket/key?endpoint=https://host``) reach only public addresses unless the operator
-lists them in ``RECALIB_OUTBOUND_ALLOW_HOSTS`` (:mod:`recalib.jobs.outbound`). ``s3://`` URIs
+lists them in ``RECALIB_OUTBOUND_ALLOW_HOSTS`` (:mod:`recalib.inputs.outbound`). ``s3://`` URIs
 without an endpoint use the operator's own (``RECALIB_S3_ENDPOINT_URL``, or AWS) and the
 worker's credentials; a URI never carries credentials.
 """
@@ -32,12 +32,19 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 
-from recalib.errors import InvalidDataError, NotFoundError, PayloadTooLargeError, UserError
-from recalib.jobs.input_cache import CacheEntry
-from recalib.jobs.meter import Meter, MeteredFile
-from recalib.jobs.outbound import OutboundPolicy, guarded_client
-from recalib.jobs.storage import Storage
-from recalib.settings import get_settings
+from recalib.contract import JobCreate
+from recalib.errors import (
+    InvalidDataError,
+    InvalidOptionError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UserError,
+)
+from recalib.files.storage import Storage
+from recalib.files.storage.meter import Meter, MeteredFile
+from recalib.inputs.cache import CacheEntry
+from recalib.inputs.outbound import OutboundPolicy, guarded_client
+from recalib.settings import Settings, get_settings
 
 CHUNK_BYTES = 1024 * 1024
 HTTP_TIMEOUT_S = 30.0  # each connect, read and write; the whole fetch: FetchContext.deadline_s
@@ -59,6 +66,18 @@ class FetchContext:
     mlflow_tracking_uri: str | None = None  # for models:/ URIs (RECALIB_MLFLOW_TRACKING_URI)
     # the longest https:// fetch, redirects included (RECALIB_URI_FETCH_DEADLINE_S)
     deadline_s: float = dataclasses.field(default_factory=_deadline_setting)
+
+
+def fetch_context(settings: Settings, store: Storage | None) -> FetchContext:
+    """The context ``settings`` give: their outbound rules, cap, S3 endpoint, MLflow, deadline."""
+    return FetchContext(
+        policy=OutboundPolicy(settings.outbound_allow_hosts),
+        max_bytes=settings.max_upload_bytes,
+        store=store,
+        s3_endpoint_url=settings.s3_endpoint_url or None,
+        mlflow_tracking_uri=settings.mlflow_tracking_uri or None,
+        deadline_s=settings.uri_fetch_deadline_s,
+    )
 
 
 class Sink(MeteredFile):
@@ -224,7 +243,7 @@ def parse_s3_uri(uri: str, field: str) -> S3Location:
 
 
 def _s3_client(location: S3Location, field: str, ctx: FetchContext) -> Any:
-    from recalib.jobs.storage.s3 import S3Storage, make_client
+    from recalib.files.storage.s3 import S3Storage, make_client
 
     if location.endpoint is not None:
         ctx.policy.check_url(location.endpoint, field=field)
@@ -237,7 +256,7 @@ def _s3_client(location: S3Location, field: str, ctx: FetchContext) -> Any:
 def fetch_s3(
     uri: str, field: str, sink: Sink, cached: CacheEntry | None, ctx: FetchContext
 ) -> Fetched:
-    from recalib.jobs.storage.s3_errors import error_code, is_missing
+    from recalib.files.storage.s3_errors import error_code, is_missing
 
     location = parse_s3_uri(uri, field)
     client = _s3_client(location, field, ctx)
@@ -271,7 +290,7 @@ def fetch_s3(
 def check_s3(uri: str, field: str, ctx: FetchContext) -> None:
     """Refuse at create time what can be known: a forbidden endpoint, a missing object, one over
     the cap. What the API cannot tell (other credentials, another store down) the worker will."""
-    from recalib.jobs.storage.s3_errors import is_missing
+    from recalib.files.storage.s3_errors import is_missing
 
     location = parse_s3_uri(uri, field)
     client = _s3_client(location, field, ctx)
@@ -309,7 +328,7 @@ def fetch_models(
     """A registered version's model file. A numbered version never changes, so a cached copy
     of it is used without asking the registry; an alias is resolved every time. The validator
     is ``<name>/<version>/<file name>`` (the file name's suffix tells the format)."""
-    from recalib.jobs import mlflow_registry
+    from recalib.registry import models as registry
 
     tracking_uri = _tracking_uri(field, ctx)
     name_version = uri.removeprefix("models:/")
@@ -317,7 +336,7 @@ def fetch_models(
         name, version, filename = cached.validator.rsplit("/", 2)
         if f"{name}/{version}" == name_version:
             return Fetched(cached.validator, not_modified=True, filename=filename)
-    filename, validator = mlflow_registry.fetch_models(uri, field, sink, tracking_uri)
+    filename, validator = registry.fetch_models(uri, field, sink, tracking_uri)
     return Fetched(f"{validator}/{filename}", filename=filename)
 
 
@@ -349,6 +368,18 @@ def check_uri(uri: str, field: str, ctx: FetchContext) -> None:
     check = CHECKS.get(scheme_of(uri, field))
     if check is not None:
         check(uri, field, ctx)
+
+
+def check_job_uris(request: JobCreate, ctx: FetchContext) -> None:
+    """Refuse a job whose URIs can be known bad now: a forbidden host, an object that does not
+    exist or is over the cap (the error names the field). Admission's check, at create time."""
+    for role in ("model", "calibration", "eval"):
+        uri = getattr(request, f"{role}_uri")
+        if uri is not None:
+            try:
+                check_uri(uri, f"{role}_uri", ctx)
+            except NotFoundError as exc:  # the request is wrong, not its URL: 422 as for files
+                raise InvalidOptionError(exc.message, field=f"{role}_uri") from exc
 
 
 def fetch(

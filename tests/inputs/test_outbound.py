@@ -1,4 +1,4 @@
-"""recalib.jobs.outbound: only public addresses unless allowed; redirects are checked too."""
+"""recalib.inputs.outbound: only public addresses unless allowed; redirects are checked too."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from recalib.errors import InvalidOptionError, OutboundNotAllowedError
-from recalib.jobs.outbound import OutboundPolicy, guarded_client
+from recalib.inputs.outbound import OutboundPolicy, guarded_client
 
 NOT_PUBLIC = [
     "http://127.0.0.1/x",

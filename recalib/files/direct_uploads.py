@@ -34,9 +34,9 @@ from recalib.errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
+from recalib.files.store import FileStore, content_key
 from recalib.ids import new_file_id
-from recalib.jobs.file_store import FileStore, content_key
-from recalib.jobs.keys import PREFIX, as_text
+from recalib.keys import PREFIX, as_text
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class DirectUploads:
 
     @property
     def store(self) -> Any:
-        from recalib.jobs.storage.s3 import S3Storage
+        from recalib.files.storage.s3 import S3Storage
 
         if not isinstance(self.files.storage, S3Storage):
             raise ConflictError(
@@ -173,7 +173,7 @@ class DirectUploads:
 
     def clean_expired(self, now: float | None = None) -> int:
         """Abort uploads whose URLs expired without completion (retention); return how many."""
-        from recalib.jobs.storage.s3 import S3Storage
+        from recalib.files.storage.s3 import S3Storage
 
         if not isinstance(self.files.storage, S3Storage):
             return 0

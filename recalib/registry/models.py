@@ -9,7 +9,7 @@
   only when the verdict is not ``worse``.
 
 The registry is the operator's: ``RECALIB_MLFLOW_TRACKING_URI`` (never a job field). The client,
-its bounded retries and what MLflow's errors mean are in :mod:`recalib.jobs.mlflow_client`.
+its bounded retries and what MLflow's errors mean are in :mod:`recalib.registry.client`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from recalib.checksums import sha256_of
 from recalib.contract.options import JobSpec, Register
 from recalib.contract.report import RegisteredModel, Report
 from recalib.errors import InvalidModelError, InvalidOptionError
-from recalib.jobs.mlflow_client import (
+from recalib.registry.client import (
     MODELS_URI_RE,
     SCHEME,
     check_configured,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from recalib.jobs.meter import Meter, Metered
+from recalib.files.storage.meter import Meter, Metered
 
 logger = logging.getLogger(__name__)
 

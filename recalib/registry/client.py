@@ -4,7 +4,7 @@ Credentials come from MLflow's own environment variables (``MLFLOW_TRACKING_TOKE
 ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``...). Requests are retried at most
 :data:`MAX_RETRIES` times with a :data:`REQUEST_TIMEOUT_S` timeout (MLflow's defaults would
 hold a job for minutes when the server is down) unless the operator set MLflow's variables for
-them. ``mlflow`` is imported only here and in :mod:`recalib.jobs.mlflow_registry`, only when used.
+them. ``mlflow`` is imported only here and in :mod:`recalib.registry.models`, only when used.
 """
 
 from __future__ import annotations

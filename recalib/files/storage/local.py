@@ -1,8 +1,8 @@
 """The local backend: objects are files under the data directory (``RECALIB_DATA_DIR``).
 
-Uploads are written in this process's locked upload area (:mod:`recalib.jobs.upload_area`) and
-renamed into place, small objects are written to a temporary name and renamed: a reader sees an
-object whole or not at all. A failure of the disk (full, read-only, not ours) is a 503 naming
+Uploads are written in this process's locked upload area (:mod:`.upload_area`) and renamed into
+place, small objects are written to a temporary name and renamed: a reader sees an object whole
+or not at all. A failure of the disk (full, read-only, not ours) is a 503 naming
 the directory (:func:`storage_error`).
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from recalib.errors import ServiceUnavailableError
-from recalib.jobs.storage.base import ObjectInfo, ObjectMissingError, UploadPart
-from recalib.jobs.upload_area import PartFile, UploadArea
+from recalib.files.storage.base import ObjectInfo, ObjectMissingError, UploadPart
+from recalib.files.storage.upload_area import PartFile, UploadArea
 
 STORAGE_ERRNOS = frozenset(
     {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}

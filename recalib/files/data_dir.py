@@ -27,8 +27,8 @@ import redis
 
 from recalib import defaults, layout
 from recalib.errors import RecalibError
-from recalib.jobs.keys import DATA_DIR_KEY, as_text
-from recalib.jobs.storage import LocalStorage, Storage, open_storage
+from recalib.files.storage import LocalStorage, Storage, open_storage
+from recalib.keys import DATA_DIR_KEY, as_text
 from recalib.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -22,9 +22,9 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from recalib.errors import InvalidOptionError
-from recalib.jobs.storage.base import ObjectInfo, ObjectMissingError, UploadPart
-from recalib.jobs.storage.s3_errors import is_missing, none_if_missing, unavailable
-from recalib.jobs.storage.s3_part import S3Part
+from recalib.files.storage.base import ObjectInfo, ObjectMissingError, UploadPart
+from recalib.files.storage.s3_errors import is_missing, none_if_missing, unavailable
+from recalib.files.storage.s3_part import S3Part
 
 READ_CHUNK_BYTES = 1024 * 1024
 TRANSFER = TransferConfig(multipart_chunksize=16 * 1024**2, max_concurrency=8)

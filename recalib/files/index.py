@@ -1,6 +1,6 @@
 """The per-tenant index of uploaded files in Redis: the listing order and a sha256 → id lookup.
 
-Only an index: the store (:class:`recalib.jobs.file_store.FileStore`) is the truth. The caller
+Only an index: the store (:class:`recalib.files.store.FileStore`) is the truth. The caller
 passes ``read`` (a file id → its record, None when its metadata has gone); an entry whose file
 has gone (a crash between the store and Redis) is dropped when a listing meets it.
 """
@@ -14,7 +14,7 @@ import redis
 
 from recalib.contract import FilePublic, FileRecord, Page
 from recalib.errors import InvalidOptionError
-from recalib.jobs.keys import as_text, file_index_key, file_sha_key
+from recalib.keys import as_text, file_index_key, file_sha_key
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CURSOR_RE = re.compile(r"^\d{17}:f_[A-Za-z0-9_-]{16,64}$")
