@@ -52,7 +52,7 @@ FAST_ENV = {
 HANG_GUARD_S = 120.0
 """How long a wait for an event may take before the test fails as hung (not a latency bound)."""
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, its NUL included
-RUNNER_SOCKET = "recalib-runner-4194304-XXXXXXXX/runner.sock"  # worker.runner.supervise, under TMPDIR
+RUNNER_SOCKET = "recalib-runner-4194304-XXXXXXXX/runner.sock"  # supervise.py, under TMPDIR
 _db_numbers = itertools.count(1)
 
 
