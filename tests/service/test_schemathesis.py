@@ -8,12 +8,13 @@ listed here, and a test checks the list against the schema, because schemathesis
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
 import redis
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -91,6 +92,21 @@ def test_every_operation_is_exercised(api_schema) -> None:
     assert found == set(OPERATIONS)
 
 
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _http_can_carry(case) -> bool:
+    """Whether HTTP/1.1 can carry the case's headers: uvicorn answers 400 itself, before the
+    app, to a header name that is not a token or a Content-Length that is not a number (seen:
+    negative cases with ``w2;`` and ``Content-Length: wRC.Lc``), which no API schema documents."""
+    for name, value in (case.headers or {}).items():
+        if not TOKEN.fullmatch(name):
+            return False
+        if name.lower() == "content-length" and not str(value).isdigit():
+            return False
+    return True
+
+
 @pytest.mark.parametrize(("method", "path"), OPERATIONS)
 def test_operation_conforms_to_the_schema(
     api_schema, live_service: Stack, known_ids: dict[str, str], method: str, path: str
@@ -107,10 +123,12 @@ def test_operation_conforms_to_the_schema(
         max_examples=EXAMPLES_PER_OPERATION,
         deadline=None,
         database=None,
+        derandomize=True,  # the same cases every run: a failure reproduces, a pass means the same
         suppress_health_check=list(HealthCheck),
     )
     @given(case=cases)
     def check(case) -> None:
+        assume(_http_can_carry(case))
         case.call_and_validate(base_url=live_service.url, checks=CHECKS)
 
     check()
