@@ -20,11 +20,15 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from recalib.contract import JobError, Progress, Report
-from worker.runner.protocol import JobRequest, LineReader, encode_request, send_line
+from worker.runner.protocol import (
+    SANDBOX_VIOLATION,
+    JobRequest,
+    LineReader,
+    encode_request,
+    send_line,
+)
 
 logger = logging.getLogger(__name__)
-
-SANDBOX_VIOLATION = "sandbox-violation"
 
 
 class RunnerLostError(RuntimeError):

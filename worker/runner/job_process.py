@@ -22,12 +22,10 @@ from typing import NoReturn
 
 from recalib.contract import JobSpec, Progress
 from recalib.errors import JobCancelledError, RecalibError, UserError, error_type_name
-from worker.runner.protocol import HORSE_GONE_EXIT, JobRequest, send_line
+from worker.runner.protocol import HORSE_GONE_EXIT, SANDBOX_VIOLATION, JobRequest, send_line
 from worker.sandbox import confine
 
 logger = logging.getLogger(__name__)
-
-SANDBOX_VIOLATION = "sandbox-violation"
 
 
 class _Connection:

@@ -35,6 +35,8 @@ RUNNER_LOST_EXIT = 75
 """A horse's exit status when its runner died during the run (EX_TEMPFAIL)."""
 HORSE_GONE_EXIT = 76
 """A job process's exit status when the trusted side of its job went away."""
+SANDBOX_VIOLATION = "sandbox-violation"
+"""The error type of a job in which the sandbox refused something."""
 MAX_LINE_BYTES = 32 * 1024 * 1024
 """A report line of a model with thousands of BN layers stays far below this."""
 

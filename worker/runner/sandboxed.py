@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from recalib.contract import JobSpec, Progress, Report, SandboxUsed
@@ -44,15 +44,16 @@ def data_workers(settings: Settings) -> int:
 
 
 def confinement_for(
-    spec: JobSpec, inputs_dir: Path, tmp_dir: Path, settings: Settings
+    spec: JobSpec, inputs: Sequence[Path | str], tmp_dir: Path, settings: Settings
 ) -> JobConfinement:
-    """What the job's process may touch and use: its inputs, its output and scratch directories,
+    """What the job's process may touch and use: its ``inputs`` (files or directories, read-only),
+    its output and scratch directories,
     the job's memory (``RECALIB_JOB_MEMORY_MB``, not on a GPU) and CPU time (the job timeout on
     every core)."""
     gpu = spec.options.device != "cpu" and os.path.exists("/dev/nvidiactl")
     memory = 0 if gpu else settings.job_memory_mb * 1024 * 1024
     return JobConfinement(
-        inputs=(str(inputs_dir),),
+        inputs=tuple(str(path) for path in inputs),
         out_dir=spec.out_dir,
         tmp_dir=str(tmp_dir),
         memory_bytes=memory,
@@ -150,8 +151,7 @@ def run_spec(
     })  # fmt: skip
     inputs = [p for p in (spec.model_path, spec.calibration_path, spec.eval_path) if p]
     with tempfile.TemporaryDirectory(prefix="recalib-job-") as tmp:
-        confinement = confinement_for(spec, Path(inputs[0]), Path(tmp), settings)
-        confinement = JobConfinement(**{**confinement.__dict__, "inputs": tuple(inputs)})
+        confinement = confinement_for(spec, inputs, Path(tmp), settings)
         request = JobRequest(spec=spec.model_dump(mode="json"), confinement=confinement,
                              level=status.level)  # fmt: skip
         try:

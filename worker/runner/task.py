@@ -97,7 +97,7 @@ class JobRun:
             tmp_dir = self.artifacts.tmp_dir(self.record.id, self.attempt)
             request = JobRequest(
                 spec=spec.model_dump(mode="json"),
-                confinement=confinement_for(spec, inputs_dir, tmp_dir, self.settings),
+                confinement=confinement_for(spec, [inputs_dir], tmp_dir, self.settings),
                 level=self.settings.sandbox,
                 job_id=self.record.id,
                 data_workers=data_workers(self.settings),
