@@ -71,8 +71,6 @@ CMD ["python3", "-m", "service.server"]
 # (the build fails if either is there, or if the CLI does not start without them).
 FROM runtime AS worker
 COPY --from=worker-deps /opt/venv /opt/venv
-# matplotlib (report.html) keeps its font cache here, not in the data volume.
-ENV MPLCONFIGDIR=/tmp/matplotlib
 COPY pyproject.toml README.md ./
 COPY recalib ./recalib
 COPY worker ./worker

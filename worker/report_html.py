@@ -3,7 +3,8 @@
 Inline CSS and inline SVG plots (:mod:`worker.report_plots`), no script, no external reference: it
 opens offline and from an email attachment. Rendered with Jinja2 with autoescape on: every string
 from the report (layer names, file names, messages come from the user's model and files) is
-escaped; only the SVG that matplotlib drew is inserted as markup.
+escaped; only the SVG that :mod:`worker.report_plots` wrote (its text escaped there) is
+inserted as markup.
 
 :func:`write_report_html` is best effort: a job whose report cannot be drawn still succeeds (the
 error is logged), because ``report.json`` and the checkpoint are what the job is for.
@@ -140,22 +141,21 @@ def render_report_html(report: Report) -> str:
     before, after = report.before, report.after
     class_svg = confidence_svg = layer_svg = None
     class_title = "Accuracy"
-    with report_plots.DRAW_LOCK:
-        if report.layers:
-            layer_svg = report_plots.layer_drift(report.layers)
-        if before and after and before.per_class_accuracy and after.per_class_accuracy:
-            class_svg = report_plots.per_class_accuracy(
-                before.per_class_accuracy, after.per_class_accuracy
-            )
-        elif before and after and before.per_class_iou and after.per_class_iou:
-            class_title = "IoU"
-            class_svg = report_plots.per_class_accuracy(
-                before.per_class_iou, after.per_class_iou, metric="IoU"
-            )
-        if before and after and before.confidence_histogram and after.confidence_histogram:
-            confidence_svg = report_plots.confidence_histograms(
-                before.confidence_histogram, after.confidence_histogram
-            )
+    if report.layers:
+        layer_svg = report_plots.layer_drift(report.layers)
+    if before and after and before.per_class_accuracy and after.per_class_accuracy:
+        class_svg = report_plots.per_class_accuracy(
+            before.per_class_accuracy, after.per_class_accuracy
+        )
+    elif before and after and before.per_class_iou and after.per_class_iou:
+        class_title = "IoU"
+        class_svg = report_plots.per_class_accuracy(
+            before.per_class_iou, after.per_class_iou, metric="IoU"
+        )
+    if before and after and before.confidence_histogram and after.confidence_histogram:
+        confidence_svg = report_plots.confidence_histograms(
+            before.confidence_histogram, after.confidence_histogram
+        )
     top1 = None  # the metric the verdict compares: (before, after, name)
     for name, key in _HEADLINE:
         old, new = (getattr(m, key) if m else None for m in (before, after))

@@ -185,3 +185,15 @@ def test_a_failed_render_does_not_fail_the_job(digits_report, tmp_path, caplog) 
     report, _ = digits_report
     assert write_report_html(report, tmp_path / "missing-dir") is None
     assert "could not write" in caplog.text
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(0.0, 1.0), (0.0, 0.62), (0.0, 0.98), (0.0, 1e-3), (0, 37)])
+def test_axis_ticks_are_round_and_reach_the_largest_value(lo: float, hi: float) -> None:
+    from worker.report_plots import nice_ticks
+
+    ticks = nice_ticks(lo, hi)
+    step = ticks[1] - ticks[0]
+    mantissa = step / 10 ** np.floor(np.log10(step))
+    assert any(mantissa == pytest.approx(m) for m in (1, 2, 5))
+    assert ticks[0] == lo and ticks[-1] >= hi and ticks[-2] < hi
+    assert 3 <= len(ticks) <= 7

@@ -71,8 +71,7 @@ def enter(confinement: JobConfinement, level: str) -> int | None:
     kept = {k: os.environ[k] for k in ENV_KEPT if k in os.environ}
     os.environ.clear()
     os.environ.update(kept)
-    os.environ.update(HOME=confinement.tmp_dir, TMPDIR=confinement.tmp_dir,
-                      MPLCONFIGDIR=confinement.tmp_dir)  # fmt: skip
+    os.environ.update(HOME=confinement.tmp_dir, TMPDIR=confinement.tmp_dir)
     if level == "off":
         return None
     read_only = [*(confinement.code or code_paths()), *SYSTEM_READ_ONLY, f"/proc/{os.getpid()}"]
