@@ -93,6 +93,24 @@ def test_a_confined_process_reaches_only_its_job(tmp_path, attempt, expected, se
     assert attempts == seen
 
 
+@pytest.mark.parametrize(
+    ("attempt", "seen"),
+    [
+        ("socket.socket()", ["opening a socket (AF_INET)"]),
+        ("os.fork()", ["starting a process (fork)"]),
+    ],
+)
+def test_a_filter_built_ahead_by_the_parent_confines_every_child(
+    tmp_path, monkeypatch, attempt, seen
+) -> None:
+    """The runner builds the filter once (prepare_job_filter); each forked job loads its copy."""
+    monkeypatch.setattr(syscalls, "_prepared_filter", None)  # restored after the test
+    syscalls.prepare_job_filter()
+    assert syscalls._prepared_filter is not None
+    for _ in range(2):
+        assert _in_confined_child(tmp_path, attempt) == (REFUSED, seen)
+
+
 def test_a_confined_process_keeps_no_secret_of_its_parent(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-jobs")
     said, _ = _in_confined_child(

@@ -55,6 +55,11 @@ class Runner:
         import worker.pipeline  # noqa: F401  (paid once here, not by every job)
 
         _warm_up(jobs=warm_up_jobs)  # a one-shot runner runs one job: its own would be waste
+        if level != "off":
+            from worker.sandbox.syscalls import SeccompError, prepare_job_filter
+
+            with contextlib.suppress(SeccompError):  # then each job builds it, and fails there
+                prepare_job_filter()
         gc.freeze()  # what is loaded now lives as long as the runner: out of the collector's way
         logger.info("runner %d ready (sandbox %s, network %s, %d threads per job)",
                     os.getpid(), level, self.network, self.default_threads)  # fmt: skip
