@@ -3,7 +3,8 @@
 Root ignores permission bits, so as root the directory gets the immutable attribute
 (``chattr +i``: no entry can be created, renamed or removed in it, EPERM); other users get
 ``chmod a-w`` (EACCES). Where neither works (no CAP_LINUX_IMMUTABLE, a filesystem without
-attributes) the test is skipped. The original state is restored on exit.
+attributes) the test is skipped. The original state is restored on exit (if the directory is
+still there: as a non-root user it can be removed, empty, through its writable parent).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ def unwritable(path: Path) -> Iterator[None]:
         path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
         try:
             yield
-        finally:
-            path.chmod(mode)
+        finally:  # the code under test may have removed it (a parent directory stays writable)
+            with contextlib.suppress(FileNotFoundError):
+                path.chmod(mode)
         return
     chattr = shutil.which("chattr")
     done = chattr and subprocess.run([chattr, "+i", str(path)], capture_output=True).returncode == 0

@@ -44,7 +44,7 @@ from recalib.jobs.storage_wait import wait_for_store
 from recalib.settings import Settings, get_settings
 from worker.runner.client import ConfinedJob, Outcome, RunnerLostError
 from worker.runner.progress import ProgressWriter
-from worker.runner.protocol import RUNNER_LOST_EXIT, JobRequest
+from worker.runner.protocol import RUNNER_LOST_EXIT, SANDBOX_VIOLATION, JobRequest
 from worker.runner.sandboxed import confinement_for, data_workers, finish_report, run_in_runner
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,13 @@ class JobRun:
             self.finish(JobStatus.cancelled)
         elif outcome.error is not None:
             error = outcome.error
-            if error.type == "internal-error" and (storage := self._probe_storage()) is not None:
+            # A write the job's process could not make (an internal error, or a permission
+            # error it took for the sandbox's) is the data directory's fault when this side
+            # cannot write there either; forbidden system calls (attempts) stay the model's.
+            maybe_ours = error.type == "internal-error" or (
+                error.type == SANDBOX_VIOLATION and not outcome.attempts
+            )
+            if maybe_ours and (storage := self._probe_storage()) is not None:
                 error = JobError(type=storage.type_slug, message=str(storage))  # not the job's
             self.finish(JobStatus.failed, error=error)
         else:
