@@ -307,6 +307,13 @@ def test_the_grace_period_covers_the_drain_deadline_and_the_hand_back() -> None:
     assert capped == defaults.JOB_TIMEOUT_S  # a job cannot run longer than its timeout
 
 
+def test_one_attempt_per_job_is_refused_as_a_drain_would_fail_the_job() -> None:
+    values = merged(VALUE_SETS["gpu-keda-external-redis"], {"settings": {}})
+    values["settings"] = {"RECALIB_JOB_MAX_ATTEMPTS": "1"}
+    with pytest.raises(helm.HelmRenderError, match="RECALIB_JOB_MAX_ATTEMPTS is below 2"):
+        render(values)
+
+
 def test_the_embedded_redis_keeps_an_append_only_file_on_its_claim() -> None:
     objects = rendered("embedded-redis-ingress")
     redis = one(objects, "StatefulSet", "-redis")

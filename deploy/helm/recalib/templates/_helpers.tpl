@@ -74,6 +74,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and .Values.keda.enabled (not .Values.redis.url) (not .Values.redis.embedded.enabled) (not .Values.keda.redis.address) -}}
 {{- fail "keda.redis.address is empty and redis.url is in secrets.existingSecret: give KEDA's Redis scaler host:port in keda.redis.address" -}}
 {{- end -}}
+{{- if lt (int (index .Values.settings "RECALIB_JOB_MAX_ATTEMPTS" | default "2")) 2 -}}
+{{- fail "settings.RECALIB_JOB_MAX_ATTEMPTS is below 2: a job handed back by a draining worker (scale-down, node drain, rollout) uses an attempt, so with 1 it would fail instead of running again elsewhere" -}}
+{{- end -}}
 {{- if not (has .Values.worker.sandbox (list "strict" "basic" "off")) -}}
 {{- fail (printf "worker.sandbox %q is not one of strict, basic, off (RECALIB_SANDBOX)" .Values.worker.sandbox) -}}
 {{- end -}}
