@@ -141,8 +141,8 @@ def environment(objects: list[dict[str, Any]], component: str) -> dict[str, str]
     spec = container(objects, component)
     for source in spec.get("envFrom", []):
         if "configMapRef" in source:
-            env |= one(objects, "ConfigMap", "-env")["data"]
+            env |= one(objects, "ConfigMap", source["configMapRef"]["name"])["data"]
         else:
-            env |= one(objects, "Secret", "-env")["stringData"]
+            env |= one(objects, "Secret", source["secretRef"]["name"])["stringData"]
     env |= {item["name"]: item["value"] for item in spec.get("env", [])}
     return env

@@ -176,6 +176,16 @@ def test_keda_reaches_the_redis_of_the_url_with_its_password_from_the_secret() -
     assert not {"ScaledObject", "TriggerAuthentication"} & keda_off
 
 
+def test_workers_never_get_the_api_keys_or_the_webhook_secrets() -> None:
+    objects = rendered("gpu-keda-external-redis")
+    secrets = VALUE_SETS["gpu-keda-external-redis"]["secrets"]
+    api, worker = environment(objects, "api"), environment(objects, "worker")
+    for name in ("RECALIB_API_KEYS", "RECALIB_WEBHOOK_SECRETS"):
+        assert api[name] == secrets[name]
+        assert name not in worker
+    assert api["RECALIB_REDIS_URL"] == worker["RECALIB_REDIS_URL"]
+
+
 def test_gpu_workers_take_one_gpu_each_on_the_gpu_pool() -> None:
     objects = rendered("gpu-keda-external-redis")
     worker = container(objects, "worker")

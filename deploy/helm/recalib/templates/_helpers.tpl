@@ -21,6 +21,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- if .Values.serviceAccount.create -}}{{ default (include "recalib.fullname" .) .Values.serviceAccount.name }}{{- else -}}{{ default "default" .Values.serviceAccount.name }}{{- end -}}
 {{- end -}}
 
+{{/* secrets only the API reads; they go into the ...-api Secret, never the workers' */}}
+{{- define "recalib.apiOnlySecrets" -}}["RECALIB_API_KEYS", "RECALIB_WEBHOOK_SECRETS"]{{- end -}}
+
 {{- define "recalib.secretName" -}}
 {{- default (printf "%s-env" (include "recalib.fullname" .)) .Values.secrets.existingSecret -}}
 {{- end -}}
