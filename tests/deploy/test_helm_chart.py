@@ -116,6 +116,17 @@ def test_the_vendored_schema_refuses_a_misspelt_trigger_field(tmp_path: Path) ->
     assert result.returncode == 1 and "metadta" in result.stdout
 
 
+def test_a_misspelt_value_is_refused_by_the_charts_values_schema() -> None:
+    """values.schema.json closes the chart's own sections: a typo fails instead of being ignored
+    (a GPU pool that silently got CPU workers)."""
+    values = merged(VALUE_SETS["gpu-keda-external-redis"], {"worker": {"gpu": {"enable": False}}})
+    with pytest.raises(helm.HelmValuesError, match="'enable' not allowed"):
+        render(values)
+    numbers = merged(VALUE_SETS["gpu-keda-external-redis"], {"settings": {"RECALIB_PORT": 8000}})
+    with pytest.raises(helm.HelmValuesError, match="RECALIB_PORT"):
+        render(numbers)  # settings are environment strings: "8000"
+
+
 # -- what the chart promises, against the code ---------------------------------------------
 
 
