@@ -348,6 +348,17 @@ def test_the_embedded_redis_keeps_an_append_only_file_on_its_claim() -> None:
     assert "StatefulSet" not in {o["kind"] for o in rendered("gpu-keda-external-redis")}
 
 
+def test_disruption_budgets_never_block_a_node_drain() -> None:
+    objects = rendered("gpu-keda-external-redis")
+    assert one(objects, "PodDisruptionBudget", "-api")["spec"]["minAvailable"] == 1
+    assert one(objects, "HorizontalPodAutoscaler")["spec"]["minReplicas"] == 2
+    assert one(objects, "PodDisruptionBudget", "-worker")["spec"]["maxUnavailable"] == 1
+    single = rendered("local-storage-single-pods")  # one API pod: no budget that holds it
+    assert [o["metadata"]["name"] for o in single if o["kind"] == "PodDisruptionBudget"] == [
+        one(single, "Deployment", "-worker")["metadata"]["name"]
+    ]
+
+
 def test_ingress_routes_to_the_api_service() -> None:
     objects = rendered("embedded-redis-ingress")
     ingress = one(objects, "Ingress")
