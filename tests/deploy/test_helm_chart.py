@@ -28,6 +28,7 @@ from recalib.settings import Settings
 from tests.deploy.chart import (
     CHART_DIR,
     KUBERNETES_VERSIONS,
+    NAMESPACE,
     SCHEMA_DIR,
     VALUE_SETS,
     container,
@@ -270,8 +271,10 @@ def test_network_policy_ports_match_the_settings() -> None:
     redis_in = one(embedded, "NetworkPolicy", "-redis")["spec"]["ingress"]
     embedded_url = urlsplit(environment(embedded, "worker")["RECALIB_REDIS_URL"])
     assert [p["port"] for rule in redis_in for p in rule["ports"]] == [embedded_url.port]
-    service = one(embedded, "Service", "-redis")
-    assert embedded_url.hostname == service["metadata"]["name"]
+    service = one(embedded, "Service", "-redis")["metadata"]["name"]
+    assert embedded_url.hostname == f"{service}.{NAMESPACE}.svc"  # KEDA resolves it elsewhere
+    for trigger in one(embedded, "ScaledObject")["spec"]["triggers"]:
+        assert trigger["metadata"]["address"] == f"{embedded_url.hostname}:{embedded_url.port}"
 
 
 def test_local_storage_is_refused_with_more_than_one_pod() -> None:

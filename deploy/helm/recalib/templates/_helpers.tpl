@@ -34,9 +34,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "recalib.queueListKey" -}}rq:queue:{{ .Values.queue.name }}{{- end -}}
 {{- define "recalib.queueWipKey" -}}rq:wip:{{ .Values.queue.name }}{{- end -}}
 
-{{/* RECALIB_REDIS_URL: the embedded StatefulSet's Service, or redis.url */}}
+{{/* RECALIB_REDIS_URL: the embedded StatefulSet's Service (by its full name: KEDA's operator
+     resolves it from its own namespace), or redis.url */}}
 {{- define "recalib.redisUrl" -}}
-{{- if .Values.redis.embedded.enabled -}}redis://{{ include "recalib.fullname" . }}-redis:{{ .Values.redis.embedded.port }}/0{{- else -}}{{ .Values.redis.url }}{{- end -}}
+{{- if .Values.redis.embedded.enabled -}}redis://{{ include "recalib.fullname" . }}-redis.{{ .Release.Namespace }}.svc:{{ .Values.redis.embedded.port }}/0{{- else -}}{{ .Values.redis.url }}{{- end -}}
 {{- end -}}
 
 {{- define "recalib.redisParsed" -}}
