@@ -48,6 +48,9 @@ JOB_TIMEOUT_S = 3600
 JOB_MAX_ATTEMPTS = 2
 REAPER_INTERVAL_S = 5.0
 WORKER_HEARTBEAT_S = 10
+WORKER_DRAIN_TIMEOUT_S = 0
+"""After a warm shutdown (SIGTERM) starts, how long a running job may go on before it is handed
+back to the queue; 0: no deadline (it finishes, however long it takes)."""
 RETENTION_S = 7 * 24 * 3600
 
 WORKER_MODE = "warm"

@@ -101,6 +101,16 @@ class Settings(BaseSettings):
         ge=1,
         description="Worker heartbeat period; a worker is dead after 3 missed beats.",
     )
+    worker_drain_timeout_s: int = Field(
+        defaults.WORKER_DRAIN_TIMEOUT_S,
+        ge=0,
+        description=(
+            "After SIGTERM a worker takes no new job and lets the running one finish for this "
+            "long, seconds; past it the job is handed back to the queue (run again from the "
+            "start by another worker) and the worker exits. 0: no deadline. Set it below the "
+            "time the platform waits before SIGKILL (Kubernetes' terminationGracePeriodSeconds)."
+        ),
+    )
     ready_requires_worker: bool = Field(
         False,
         description=(

@@ -31,20 +31,26 @@ Either way the device is detected in a short-lived subprocess, and :class:`Recal
 
 SIGTERM (``docker stop``) is RQ's warm shutdown: the running job finishes first. A second
 SIGTERM (or SIGINT) is a cold shutdown: the horse (and the runner) is killed and the job handed
-back (re-queued).
+back (re-queued). With ``RECALIB_WORKER_DRAIN_TIMEOUT_S`` the worker sends itself that second
+SIGTERM when the running job has not finished that long after the first: the job is handed back
+before the platform's SIGKILL (Kubernetes' ``terminationGracePeriodSeconds``) would lose it to
+the reaper's slower path.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from typing import Any
 
 import redis
 from rq import Worker
 from rq.job import Job
 from rq.queue import Queue
+from rq.worker import WorkerStatus
 
 from recalib.errors import ServiceUnavailableError
 from recalib.files import data_dir
@@ -88,6 +94,7 @@ class RecalibWorker(Worker):
         self._horse_exit = ""
         self._horse_status: int | None = None
         self._who_died = "the work horse"
+        self._drain_timer: threading.Timer | None = None
         # The whole registry hash, written at every beat: a Redis that lost it (restarted
         # without persistence, flushed) gets all of it back at the next beat, not just a state.
         self._registry: dict[str, str | int] = {
@@ -124,6 +131,32 @@ class RecalibWorker(Worker):
         super().set_state(state, pipeline)
         self._beat(pipeline, state=state)
 
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def handle_warm_shutdown_request(self) -> None:
+        """The first SIGTERM: with a drain deadline and a job running, arm the hand-back."""
+        super().handle_warm_shutdown_request()
+        drain_s = self.settings.worker_drain_timeout_s
+        if drain_s > 0 and self._drain_timer is None and self.get_state() == WorkerStatus.BUSY:
+            logger.info("draining: the running job has %d s to finish, or goes back", drain_s)
+            # A thread, not SIGALRM: RQ's horse monitor owns the alarm.
+            self._drain_timer = threading.Timer(drain_s, self._drain_deadline_passed)
+            self._drain_timer.daemon = True
+            self._drain_timer.start()
+
+    def _drain_deadline_passed(self) -> None:
+        """The second SIGTERM, to this process: RQ's cold shutdown hands the job back."""
+        logger.warning(
+            "the running job did not finish within RECALIB_WORKER_DRAIN_TIMEOUT_S=%d s; "
+            "handing it back to the queue",
+            self.settings.worker_drain_timeout_s,
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _disarm_drain(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+
     # -- runs ------------------------------------------------------------------------------
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
@@ -132,6 +165,7 @@ class RecalibWorker(Worker):
         try:
             return bool(super().work(*args, **kwargs))
         finally:
+            self._disarm_drain()
             if self.runner is not None:
                 self.runner.close()
 
@@ -160,6 +194,8 @@ class RecalibWorker(Worker):
             self._reconcile(job_id, job.id, reason, handing_back=True)
             raise
         finally:
+            if self._stop_requested:  # the job ended in time: the worker exits, nothing handed back
+                self._disarm_drain()
             self._beat(current_job="")
         if self.runner is not None:  # a runner that died, or is past its limits, is replaced
             self.runner.after_job()
