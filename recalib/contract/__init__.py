@@ -27,13 +27,15 @@ from recalib.contract.api import (
     Readiness,
     WorkerInfo,
 )
-from recalib.contract.options import Estimator, JobOptions, JobSpec, Preprocess, Task
+from recalib.contract.options import Estimator, JobKind, JobOptions, JobSpec, Preprocess, Task
 from recalib.contract.report import (
     REPORT_SCHEMA_VERSION,
     Artifact,
     CalibrationSummary,
     ConfidenceHistogram,
     DataSplit,
+    DriftLayer,
+    DriftReport,
     FoldReport,
     InputSource,
     LayerChange,
@@ -54,6 +56,8 @@ __all__ = [
     "CalibrationSummary",
     "ConfidenceHistogram",
     "DataSplit",
+    "DriftLayer",
+    "DriftReport",
     "Estimator",
     "FileId",
     "FilePublic",
@@ -64,6 +68,7 @@ __all__ = [
     "JobError",
     "JobEvent",
     "JobId",
+    "JobKind",
     "JobOptions",
     "JobPublic",
     "JobRecord",

@@ -49,6 +49,19 @@ class Task(StrEnum):
     none = "none"
 
 
+class JobKind(StrEnum):
+    """What a job does with the model.
+
+    - ``recalibrate``: re-estimate the BN statistics, evaluate before/after, write the model.
+    - ``drift``: one forward pass in eval mode that changes nothing: how far the data's BN
+      inputs are from the stored statistics, and whether recalibrating is recommended
+      (``report.drift``); no checkpoint is written.
+    """
+
+    recalibrate = "recalibrate"
+    drift = "drift"
+
+
 INPUT_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 """An input name: a tensor file's array name and the forward argument it feeds."""
 MAX_INPUT_NAMES = 32
@@ -211,6 +224,16 @@ class JobOptions(Input):
         description="Segmentation: the mask value of pixels left out of every metric.",
     )
 
+    drift_threshold: float = Field(
+        defaults.DRIFT_THRESHOLD,
+        gt=0,
+        le=1e6,
+        description=(
+            "Drift jobs: the drift score (mean symmetric KL per BN channel, nats) above which "
+            "recalibration is recommended."
+        ),
+    )
+
     register: Register | None = Field(
         None,
         description=(
@@ -230,9 +253,24 @@ class JobOptions(Input):
         return names
 
 
+def check_kind(kind: JobKind, options: JobOptions) -> None:
+    """Options that make no sense for ``kind``: a drift job writes no model to fold or register.
+
+    Raises:
+        ValueError: naming the option.
+    """
+    if kind == JobKind.drift:
+        for name, given in (("register", options.register is not None), ("fold", options.fold)):
+            if given:
+                raise ValueError(
+                    f"a drift job writes no model: options.{name} needs kind recalibrate"
+                )
+
+
 class JobSpec(Input):
     """Everything the job runner needs, with local paths. Built by the CLI or the queue task."""
 
+    kind: JobKind = JobKind.recalibrate
     model_path: str
     calibration_path: str
     eval_path: str | None = None
@@ -253,3 +291,8 @@ class JobSpec(Input):
     max_archive_members: int = defaults.MAX_ARCHIVE_MEMBERS
     max_archive_bytes: int = defaults.MAX_ARCHIVE_BYTES
     max_image_pixels: int = defaults.MAX_IMAGE_PIXELS
+
+    @model_validator(mode="after")
+    def _options_fit_kind(self) -> JobSpec:
+        check_kind(self.kind, self.options)
+        return self

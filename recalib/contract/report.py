@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from recalib.contract.base import Output
-from recalib.contract.options import Estimator, JobOptions
+from recalib.contract.options import Estimator, JobKind, JobOptions
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -247,11 +247,49 @@ class SandboxUsed(Output):
     )
 
 
+class DriftLayer(Output):
+    """How far one BN layer's input on the target is from its stored statistics."""
+
+    name: str
+    type: str
+    channels: int
+    score: float = Field(
+        description="Mean over channels of the symmetric KL divergence between the target's and "
+        "the stored Gaussian (README, 'Should we recalibrate?'), less its sampling noise; nats."
+    )
+    max_channel_score: float = Field(description="The largest channel's divergence, nats.")
+    noise: float = Field(
+        description="Mean divergence that sampling noise alone would show with these samples "
+        "(subtracted from `score`), nats."
+    )
+    mean_shift_std: float = Field(
+        description="RMS over channels of (target mean − stored mean) / stored std."
+    )
+    var_ratio: float = Field(description="Geometric mean over channels of target / stored var.")
+
+
+class DriftReport(Output):
+    """A drift job's finding: should this model be recalibrated for this data?"""
+
+    score: float = Field(description="Mean of the layers' scores, nats.")
+    threshold: float = Field(description="`options.drift_threshold` the score was compared with.")
+    recommend_recalibration: bool = Field(description="`score > threshold`.")
+    samples: int = Field(description="Samples the drift pass read.")
+    reliable: bool = Field(
+        description="Enough samples for the score to be more than sampling noise (≥ 16)."
+    )
+    most_moved: list[str] = Field(description="The layers with the highest scores, highest first.")
+    layers: list[DriftLayer] = Field(description="Every BN layer compared, in model order.")
+
+
 class Report(Output):
     """``report.json``: the result of one recalibration."""
 
     schema_version: int = REPORT_SCHEMA_VERSION
     recalib_version: str
+    kind: JobKind = Field(
+        JobKind.recalibrate, description="What the job did; older reports lack it."
+    )
     model_format: Literal["pt2", "torchscript", "safetensors", "pt", "module"]
     bn_layers: int = Field(description="BN layers recalibrated.")
     skipped_layers: list[SkippedLayer]
@@ -264,7 +302,9 @@ class Report(Output):
     )
     verdict: Verdict
     layers: list[LayerChange]
-    checkpoint: Artifact
+    checkpoint: Artifact | None = Field(
+        description="The recalibrated model; null for a drift job, which writes none."
+    )
     folded: FoldReport | None = None
     data: DataSplit
     options: JobOptions
@@ -285,4 +325,7 @@ class Report(Output):
     )
     sandbox: SandboxUsed | None = Field(
         None, description="The sandbox the model ran in; set by the trusted worker."
+    )
+    drift: DriftReport | None = Field(
+        None, description="A drift job's finding (`kind: drift`); null for a recalibration."
     )
