@@ -22,6 +22,7 @@ from recalib.contract import (
     DriftLayer,
     DriftReport,
     FoldReport,
+    JobKind,
     JobSpec,
     LayerChange,
     OutputChange,
@@ -151,7 +152,7 @@ def build_drift_report(
     calibration = plan.calibration
     subset = len(indices) < calibration.num_samples
     return Report(
-        kind="drift",
+        kind=JobKind.drift,
         recalib_version=recalib.__version__,
         model_format=loaded.format,
         bn_layers=len(result.layers),
