@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PlainValidator, field_validator, model_validator
 
 from recalib import defaults
 from recalib.contract.base import Input, JsonObject
@@ -60,6 +61,31 @@ class JobKind(StrEnum):
 
     recalibrate = "recalibrate"
     drift = "drift"
+
+
+def _prior_strength(value: object) -> float | str:
+    """``"auto"``, or a finite number ≥ 0 (a numeric string too: the command line's)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("give a number >= 0 or 'auto'")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"give a number >= 0 or 'auto', got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"give a finite number >= 0 or 'auto', got {value!r}")
+    return number
+
+
+PriorStrength = Annotated[
+    float | Literal["auto"],
+    PlainValidator(
+        _prior_strength, json_schema_input_type=Annotated[float, Field(ge=0)] | Literal["auto"]
+    ),
+]
+"""N of Schneider et al. 2020, or ``"auto"``: one validator, so an error names the field alone
+(a union would add its member to the error's location)."""
 
 
 INPUT_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -161,12 +187,13 @@ class JobOptions(Input):
     momentum: float = Field(
         defaults.MOMENTUM, gt=0, le=1, description="EMA momentum (estimator=ema only)."
     )
-    prior_strength: float = Field(
+    prior_strength: PriorStrength = Field(
         0.0,
-        ge=0,
         description=(
             "N of Schneider et al. 2020: new = N/(N+n)·source + n/(N+n)·target, n = calibration "
-            "samples. 0 = pure target statistics."
+            "samples. 0 = pure target statistics; `auto` = an N per BN layer chosen from the "
+            "data (the MSE-optimal weight between source and target estimates; "
+            "`report.calibration.prior` says which)."
         ),
     )
     tolerance: float | None = Field(

@@ -124,6 +124,32 @@ class SkippedLayer(Output):
     reason: str
 
 
+class PriorChoice(Output):
+    """The prior strength N (Schneider et al. 2020) the new statistics were mixed with."""
+
+    strength: float = Field(
+        description="N asked for; with `auto` the median of the layers' N (1e12: source kept)."
+    )
+    chosen_by: Literal["fixed", "auto"] = Field(
+        description="`fixed`: the option's number; `auto`: per layer from the data, the "
+        "MSE-optimal weight w = estimation variance / (estimation variance + squared shift) of "
+        "the source, N = n·w/(1 − w)."
+    )
+    per_layer: dict[str, float] | None = Field(None, description="`auto`: N by layer name.")
+
+
+class Convergence(Output):
+    """How much the estimates still moved over the last quarter of the calibration samples."""
+
+    last_quarter_change: float | None = Field(
+        description="Largest over layers of how far the estimates moved between 3/4 of the "
+        "batches and the end: RMS over channels, in estimated stds (the larger of mean and std "
+        "change). Small (≲ 0.05): more samples would change little."
+    )
+    samples_at_three_quarters: int
+    per_layer: dict[str, float]
+
+
 class CalibrationSummary(Output):
     samples: int = Field(description="Calibration samples actually forwarded.")
     batches: int
@@ -132,6 +158,14 @@ class CalibrationSummary(Output):
     estimator: Estimator
     merged_batches: int = Field(
         0, description="Batches merged into the next because they were too small for train-mode BN."
+    )
+    prior: PriorChoice | None = Field(
+        None, description="The prior strength used; older reports and drift jobs lack it."
+    )
+    convergence: Convergence | None = Field(
+        None,
+        description="Stability of the estimates over the last quarter of the samples; null "
+        "under 4 batches, after an early stop, and in older reports.",
     )
 
 
