@@ -116,9 +116,12 @@ class _Moments:
                 f"BN layer {self.layer.name!r} got an input of shape {tuple(inputs.shape)}; "
                 f"expected N×{channels}×…"
             )
-        values = inputs.detach().double().reshape(inputs.shape[0], channels, -1)
-        values = values - self.centre.to(values.device)[None, :, None]
-        m, q = values.mean(dim=2), (values * values).mean(dim=2)
+        # centred in float32 on the input's device (an activation-sized copy, as the forward's
+        # own); only the per-sample N×C moments go to float64
+        values = inputs.detach().float().reshape(inputs.shape[0], channels, -1)
+        values = values - self.centre.to(values.device, torch.float32)[None, :, None]
+        m = values.mean(dim=2).double()
+        q = values.square().mean(dim=2).double()
         self.count += int(inputs.shape[0])
         self.sums += torch.stack([m, q, m * m, q * q, m * q]).sum(dim=1).cpu()
 

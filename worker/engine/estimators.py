@@ -141,9 +141,11 @@ class SampleMoments:
 
     def add(self, inputs: torch.Tensor) -> None:
         channels = self.centre.numel()
-        values = inputs.detach().double().reshape(inputs.shape[0], channels, -1)
-        values = values - self.centre.to(values.device)[None, :, None]
-        m, q = values.mean(dim=2), (values * values).mean(dim=2)
+        # centred in float32 on the input's device; only the N×C moments go to float64
+        values = inputs.detach().float().reshape(inputs.shape[0], channels, -1)
+        values = values - self.centre.to(values.device, torch.float32)[None, :, None]
+        m = values.mean(dim=2).double()
+        q = values.square().mean(dim=2).double()
         self.samples += int(inputs.shape[0])
         self.sums += torch.stack([m, q, m * m, q * q, m * q]).sum(dim=1).cpu()
 
