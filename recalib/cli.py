@@ -21,6 +21,7 @@ DESCRIPTION = (
     "without retraining; it compares the model before and after on labeled data and writes the "
     "recalibrated model in its own format with a report. Use 'recalib run' to recalibrate a model "
     "file locally, 'recalib serve' to start the REST API with a job queue and workers, "
+    "'recalib drift' to check whether a model's data drifted enough to recalibrate, "
     "'recalib submit' to send a job to that server (for pipelines), 'recalib worker' to add a "
     "queue worker, and 'recalib demo' to see the whole thing on a small digits model. "
     "'recalib COMMAND --help' lists a command's options."
@@ -29,6 +30,7 @@ DESCRIPTION = (
 
 COMMANDS = {
     "run": "Recalibrate a model locally, no server.",
+    "drift": "Check whether data drifted from a model's BN statistics enough to recalibrate.",
     "submit": "Submit a job to a recalib server (for pipelines).",
     "serve": "Start the API (and, with no Redis configured, an embedded Valkey and a worker).",
     "worker": "Start one queue worker.",

@@ -142,10 +142,14 @@ class RecalibClient:
         arch: str | None = None,
         arch_kwargs: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        kind: str | None = None,
     ) -> JobPublic:
-        """Queue a job over uploaded file ids; options are validated locally first."""
+        """Queue a job over uploaded file ids; options are validated locally first. ``kind``:
+        ``recalibrate`` (the server's default when None) or ``drift`` (a drift check)."""
         try:
+            extra = {"kind": kind} if kind is not None else {}
             body = JobCreate(
+                **extra,  # type: ignore[arg-type]
                 model_file=model_file,
                 calibration_file=calibration_file,
                 eval_file=eval_file,

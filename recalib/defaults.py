@@ -114,6 +114,17 @@ TOLERANCE_WINDOW = 5
 """Batches over which ``tolerance`` is judged."""
 
 HOLDOUT = 0.5
+
+DRIFT_THRESHOLD = 0.05
+"""Drift score (mean symmetric KL per BN channel, nats) above which a drift check recommends
+recalibrating: measured on digits (``bench/drift.py``, README "Should we recalibrate?")."""
+
+DRIFT_MIN_SAMPLES = 16
+"""Below this many samples a drift score is mostly sampling noise (clean digits read up to 0.12
+at 8 samples), and the drift report says so."""
+
+DRIFT_TOP_LAYERS = 5
+"""Layers named in a drift report's ``most_moved``."""
 """Fraction of labeled calibration data held out when no eval file is given."""
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"

@@ -20,6 +20,8 @@ EXIT_USER_ERROR = 2
 EXIT_WORSE = 3
 EXIT_JOB_FAILED = 4
 EXIT_CANCELLED = 5
+EXIT_DRIFTED = 6
+"""``recalib drift --fail-if-drifted``: the drift check recommends recalibrating."""
 
 
 class RecalibError(Exception):

@@ -16,7 +16,7 @@ import pytest
 from recalib import defaults
 from recalib.contract import JobStatus, Phase
 
-COMMANDS = ("run", "submit", "serve", "worker", "demo")
+COMMANDS = ("run", "drift", "submit", "serve", "worker", "demo")
 
 
 def _help(*argv: str) -> str:

@@ -12,6 +12,11 @@ evaluation measures (``options.task``: :mod:`worker.evaluation.task`). Several i
 model by keyword, a ``.pt2`` program's positionally in ``input_names`` order. Without labels (or
 with task ``none``) the after-pass also measures how far every output moved
 (``report.output_change``).
+
+A drift job (``spec.kind == "drift"``) loads and checks the same way, then runs one eval-mode
+pass over the calibration data (:func:`worker.engine.drift.measure_drift`, phase ``evaluating``)
+and writes only ``report.json``/``report.html`` with ``report.drift``: no evaluation, no
+checkpoint, the model unchanged. It reads the calibration file only (an eval file is ignored).
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from recalib.contract import FoldReport, JobSpec, Phase, Progress, Report
+from recalib.contract import FoldReport, JobKind, JobSpec, Phase, Progress, Report
 from recalib.errors import JobCancelledError
 from worker import report as reporting
 from worker.batch_limits import batch_limits, probe_indices, shape_guards_as_data_errors
 from worker.devices import resolve_device
 from worker.engine import RecalibrationResult, call_model, positional_call, recalibrate
+from worker.engine.drift import DriftResult, measure_drift
 from worker.evaluation import Evaluation, ReferenceBuffers, evaluate, max_output_diff
 from worker.fold_export import save_folded
 from worker.folding import fold_batchnorm
@@ -86,6 +93,8 @@ def run_job(
         UserError: a subclass naming the file or option at fault, for any bad input.
         JobCancelledError: ``should_stop`` returned True.
     """
+    if spec.kind == JobKind.drift:
+        spec = spec.model_copy(update={"eval_path": None})  # a drift check reads one file
     return _Job(spec, on_progress, should_stop, data_workers).run()
 
 
@@ -120,6 +129,8 @@ class _Job:
             self.task = check_job(
                 self.model, self.loaded, self.plan, self.limits, self.options, self.call_fn
             )
+        if self.spec.kind == JobKind.drift:
+            return self._drift_check()
         logger.info("evaluating as %s (%s)", self.task.task, self.task.reason)
         self.eval_batch_size = self.limits.fit(self.options.eval_batch_size, "evaluating")
         self.eval_loader = self._loader(
@@ -165,6 +176,52 @@ class _Job:
         report = report.model_copy(update={"runtime": runtime})
         reporting.write_report(report, self.out_dir)
         return report  # options.register: the trusted side registers it (worker.runner.sandboxed)
+
+    def _drift_check(self) -> Report:
+        """The drift job: one eval-mode pass over the calibration data, ``report.drift``."""
+        indices = list(range(self.plan.calibration.num_samples))
+        if self.options.max_samples is not None and self.options.max_samples < len(indices):
+            order = np.random.default_rng(self.options.seed).permutation(len(indices))
+            indices = sorted(int(i) for i in order[: self.options.max_samples])
+        batch_size = self.limits.fit(self.options.eval_batch_size, "evaluating")
+
+        def at(size: int) -> DriftResult:
+            loader = self._loader(self.plan.calibration, indices, size)
+            self.progress.start(Phase.evaluating, len(loader))
+            with self.timer("drift"), shape_guards_as_data_errors(self.limits):
+                return measure_drift(
+                    self.model,
+                    loader,
+                    device=self.device,
+                    channels_last=self.options.channels_last,
+                    autocast_dtype=self.autocast_dtype,
+                    batch_size_range=(self.limits.min_size, self.limits.max_size),
+                    call_fn=self.call_fn,
+                    total_batches=len(loader),
+                    progress=self.progress.batches(Phase.evaluating),
+                    should_stop=self.should_stop,
+                )
+
+        result = halve_on_oom(
+            at, batch_size, step="drift", clock=self.clock, min_size=self.limits.min_size
+        )
+        self.progress.start(Phase.saving)
+        report = reporting.build_drift_report(
+            self.spec,
+            loaded=self.loaded,
+            plan=self.plan,
+            indices=indices,
+            result=result,
+            device=self.device,
+            timings_s=self.timer.finish(),
+        )
+        runtime = self.clock.summary(
+            data_workers=loader_workers(self.plan.calibration, self.data_workers),
+            pinned_memory=self.device.type == "cuda",
+        )
+        report = report.model_copy(update={"runtime": runtime})
+        reporting.write_report(report, self.out_dir)
+        return report
 
     def _loader(self, samples: SampleSet, indices: list[int], batch_size: int) -> TimedBatches:
         pin_memory = self.device.type == "cuda"

@@ -14,17 +14,24 @@ from typing import TYPE_CHECKING
 import torch
 
 import recalib
+from recalib import defaults
 from recalib.contract import (
     Artifact,
     CalibrationSummary,
+    Convergence,
     DataSplit,
+    DriftLayer,
+    DriftReport,
     FoldReport,
+    JobKind,
     JobSpec,
     LayerChange,
     OutputChange,
+    PriorChoice,
     Report,
     SkippedLayer,
     TaskDecision,
+    Verdict,
 )
 from worker.devices import describe_device
 from worker.evaluation import Evaluation, decide_verdict, prediction_change
@@ -33,6 +40,7 @@ from worker.report_html import write_report_html
 
 if TYPE_CHECKING:
     from worker.engine import RecalibrationResult
+    from worker.engine.drift import DriftResult
     from worker.evaluation import TaskPlan
     from worker.formats.models import LoadedModel
     from worker.splits import DataPlan
@@ -112,6 +120,8 @@ def build_report(
             stopped_early=result.stopped_early,
             estimator=spec.options.estimator,
             merged_batches=result.merged_batches,
+            prior=PriorChoice(**asdict(result.prior)) if result.prior else None,
+            convergence=Convergence(**asdict(result.convergence)) if result.convergence else None,
         ),
         before=before.metrics,
         after=after.metrics,
@@ -128,6 +138,60 @@ def build_report(
         output_change=after.output_change
         if isinstance(after.output_change, OutputChange)
         else None,
+    )
+
+
+def build_drift_report(
+    spec: JobSpec,
+    *,
+    loaded: LoadedModel,
+    plan: DataPlan,
+    indices: list[int],
+    result: DriftResult,
+    device: torch.device,
+    timings_s: dict[str, float],
+) -> Report:
+    """The :class:`Report` of a drift job: ``drift`` filled, no evaluation, no checkpoint."""
+    threshold = spec.options.drift_threshold
+    calibration = plan.calibration
+    subset = len(indices) < calibration.num_samples
+    return Report(
+        kind=JobKind.drift,
+        recalib_version=recalib.__version__,
+        model_format=loaded.format,
+        bn_layers=len(result.layers),
+        skipped_layers=[SkippedLayer(**asdict(layer)) for layer in result.skipped],
+        calibration=CalibrationSummary(
+            samples=result.samples,
+            batches=result.batches,
+            available_samples=calibration.num_samples,
+            estimator=spec.options.estimator,
+        ),
+        before=None,
+        after=None,
+        prediction_change=None,
+        verdict=Verdict.unknown,
+        layers=[],
+        checkpoint=None,
+        data=DataSplit(
+            calibration_file=Path(spec.calibration_path).name,
+            eval_file=None,
+            calibration_indices=indices if subset else None,
+            skipped_entries=calibration.skipped_entries,
+            skipped_examples=calibration.skipped_examples[:MAX_SKIPPED_EXAMPLES],
+        ),
+        options=spec.options,
+        device=describe_device(device),
+        timings_s=timings_s,
+        drift=DriftReport(
+            score=result.score,
+            threshold=threshold,
+            recommend_recalibration=result.score > threshold,
+            samples=result.samples,
+            reliable=result.samples >= defaults.DRIFT_MIN_SAMPLES,
+            most_moved=[layer.name for layer in result.most_moved(defaults.DRIFT_TOP_LAYERS)],
+            layers=[DriftLayer(**asdict(layer)) for layer in result.layers],
+        ),
     )
 
 

@@ -57,7 +57,27 @@ border-bottom:1px solid #edf2f7}td:first-child,th:first-child{text-align:left}
 figure svg{width:100%;height:auto}dl{display:grid;grid-template-columns:max-content auto;
 gap:.1rem 1rem;margin:.4rem 0}dt{color:#4a5568}dd{margin:0}
 </style></head><body>
-<h1>recalib report: {{ title }}</h1>
+<h1>recalib {{ "drift check" if r.drift else "report" }}: {{ title }}</h1>
+{% if r.drift %}{% set d = r.drift %}
+<p><span class="verdict {{ 'worse' if d.recommend_recalibration else 'better' }}"
+ id="drift-recommendation">
+{{- "recalibrate" if d.recommend_recalibration else "no recalibration needed" }}</span>
+drift score {{ "%.4f"|format(d.score) }} {{ ">" if d.recommend_recalibration else "≤" }} threshold
+{{ "%.4g"|format(d.threshold) }} · {{ d.samples }} samples
+{%- if not d.reliable %} <strong>(too few samples: the score is mostly sampling noise)</strong>
+{%- endif %}</p>
+<h2>Drift per BN layer</h2>
+<p class="muted">Symmetric KL divergence between each channel's Gaussian on this data and the stored
+running statistics, less what sampling noise alone would show; averaged over channels (nats).
+Most moved: {{ d.most_moved|join(", ") }}.</p>
+<table id="drift-layers"><tr><th>layer</th><th>type</th><th>channels</th><th>score</th>
+<th>max channel</th><th>noise</th><th>mean shift (σ)</th><th>var ratio</th></tr>
+{% for layer in d.layers %}<tr><td>{{ layer.name }}</td><td>{{ layer.type }}</td>
+<td>{{ layer.channels }}</td><td>{{ "%.4f"|format(layer.score) }}</td>
+<td>{{ "%.4f"|format(layer.max_channel_score) }}</td><td>{{ "%.4f"|format(layer.noise) }}</td>
+<td>{{ "%.4f"|format(layer.mean_shift_std) }}</td><td>{{ "%.4f"|format(layer.var_ratio) }}</td></tr>
+{% endfor %}</table>
+{% else %}
 <p><span class="verdict {{ r.verdict.value }}" id="verdict">{{ r.verdict.value }}</span>
 {% if top1 %} {{ top1[2] }} {{ top1[0] }} → {{ top1[1] }}{% endif %}
 {% if r.prediction_change is not none %}
@@ -87,8 +107,8 @@ output {{ r.task.output }})</span></dd>{% endif %}
 <dt>time</dt><dd>{{ "%.2f"|format(r.timings_s.get("total", 0)) }} s
 <span class="muted">({% for k, v in r.timings_s.items() if k != "total" %}{{ k }}
 {{ "%.2f"|format(v) }} s{% if not loop.last %}, {% endif %}{% endfor %})</span></dd>
-<dt>checkpoint</dt><dd>{{ r.checkpoint.file }} <span class="muted">sha256
-{{ r.checkpoint.sha256[:16] }}…</span></dd>
+{% if r.checkpoint %}<dt>checkpoint</dt><dd>{{ r.checkpoint.file }} <span class="muted">sha256
+{{ r.checkpoint.sha256[:16] }}…</span></dd>{% endif %}
 {% if r.folded %}<dt>folded</dt><dd>{{ r.folded.artifact.file }}: {{ r.folded.folded }} folded,
 max |diff| {{ "%.2e"|format(r.folded.max_abs_diff) }}</dd>{% endif %}
 <dt>recalib</dt><dd>{{ r.recalib_version }}</dd>
@@ -109,6 +129,7 @@ running standard deviation, and the ratio of new to old variance.</p>
 {% if confidence_svg %}<h2>Confidence</h2>
 <p class="muted">Distribution of the max-softmax probability over the evaluated samples.</p>
 <figure id="confidence">{{ confidence_svg }}</figure>{% endif %}
+{% endif %}
 </body></html>
 """
 

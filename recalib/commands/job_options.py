@@ -39,7 +39,7 @@ METAVARS = {
     "register": "NAME[@ALIAS]",
     "holdout": "FRACTION",
     "max_samples": "N",
-    "prior_strength": "N",
+    "prior_strength": "N|auto",
     "tolerance_window": "BATCHES",
     "input_names": "NAME,...",
     "resize": "PIXELS",
@@ -147,10 +147,10 @@ def _add_flag(group: argparse._ArgumentGroup, name: str, dest: str, field: Field
         group.add_argument(flag(name), dest=dest, action="store_true", default=None, help=text)
         return
     choices = _choices(field.annotation)
-    if choices:
-        metavar = "{" + ",".join(choices) + "}"
-    elif name in METAVARS:
+    if name in METAVARS:  # before choices: a number or a word (prior_strength: N|auto)
         metavar = METAVARS[name]
+    elif choices:
+        metavar = "{" + ",".join(choices) + "}"
     else:
         metavar = name.split("_")[-1].upper() + (",..." if _is_list(field.annotation) else "")
     group.add_argument(flag(name), dest=dest, metavar=metavar, help=text)

@@ -165,7 +165,8 @@ def summary(report: Report, out_dir: Path) -> str:
         f"layers, estimator {calib.estimator.value}, device {report.device}"
         + (", stopped early" if calib.stopped_early else "")
     )
-    lines.append(f"checkpoint: {out_dir / report.checkpoint.file}")
+    if report.checkpoint is not None:
+        lines.append(f"checkpoint: {out_dir / report.checkpoint.file}")
     if report.folded is not None:
         lines.append(
             f"folded: {out_dir / report.folded.artifact.file} "

@@ -28,6 +28,7 @@ from recalib.commands.job_options import (
 from recalib.contract import JobPublic, JobStatus, Verdict
 from recalib.errors import (
     EXIT_CANCELLED,
+    EXIT_DRIFTED,
     EXIT_JOB_FAILED,
     EXIT_OK,
     EXIT_WORSE,
@@ -68,6 +69,18 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Exit 3 when the verdict is worse (implies --wait).",
     )
+    parser.add_argument(
+        "--kind",
+        choices=("recalibrate", "drift"),
+        help="recalibrate (default), or drift: only check whether the data drifted from the "
+        "model's BN statistics (changes nothing, writes no model).",
+    )
+    parser.add_argument(
+        "--fail-if-drifted",
+        action="store_true",
+        help=f"With --kind drift: exit {EXIT_DRIFTED} when recalibration is recommended "
+        "(implies --wait).",
+    )
     parser.add_argument("--json", action="store_true", help="Print the job as JSON on stdout.")
     parser.add_argument(
         "--idempotency-key",
@@ -97,7 +110,9 @@ def main(args: argparse.Namespace) -> int:
     options = options_from_args(args)  # bad values fail here, before any upload; only the
     # flags given are sent (model_fields_set), the rest keep the contract's defaults
     arch_kwargs = _arch_kwargs(args.arch_kwargs)
-    wait = args.wait or args.download is not None or args.fail_if_worse
+    wait = args.wait or args.download is not None or args.fail_if_worse or args.fail_if_drifted
+    if args.fail_if_drifted and args.kind != "drift":
+        raise InvalidOptionError("--fail-if-drifted needs --kind drift", field="--fail-if-drifted")
     with RecalibClient(args.server, api_key=args.api_key) as client:
         ids = {}
         for role, path in (("model", args.model), ("calib", args.calib), ("eval", args.eval)):
@@ -112,6 +127,7 @@ def main(args: argparse.Namespace) -> int:
             arch=args.arch,
             arch_kwargs=arch_kwargs,
             idempotency_key=args.idempotency_key,
+            kind=args.kind,
         )
         _note(f"job {job.id} {job.status.value}")
         if not wait:
@@ -121,17 +137,21 @@ def main(args: argparse.Namespace) -> int:
         if job.status == JobStatus.succeeded and args.download is not None:
             _download_all(client, job, args.download)
     _out(job.model_dump_json(indent=2) if args.json else _summary(job))
-    return exit_code(job, fail_if_worse=args.fail_if_worse)
+    return exit_code(job, fail_if_worse=args.fail_if_worse, fail_if_drifted=args.fail_if_drifted)
 
 
-def exit_code(job: JobPublic, *, fail_if_worse: bool) -> int:
-    """0, or the code of a failed/cancelled job, or EXIT_WORSE for a worse verdict if asked."""
+def exit_code(job: JobPublic, *, fail_if_worse: bool, fail_if_drifted: bool = False) -> int:
+    """0, or the code of a failed/cancelled job, or EXIT_WORSE for a worse verdict if asked
+    (EXIT_DRIFTED for a drift check that recommends recalibrating)."""
     if job.status == JobStatus.failed:
         return EXIT_JOB_FAILED
     if job.status == JobStatus.cancelled:
         return EXIT_CANCELLED
     if fail_if_worse and job.result is not None and job.result.verdict == Verdict.worse:
         return EXIT_WORSE
+    drift = job.result.drift if job.result is not None else None
+    if fail_if_drifted and drift is not None and drift.recommend_recalibration:
+        return EXIT_DRIFTED
     return EXIT_OK
 
 
@@ -153,7 +173,9 @@ def _follow(client: RecalibClient, job_id: str, poll_s: float) -> JobPublic:
 
 
 def _download_all(client: RecalibClient, job: JobPublic, dest: Path) -> None:
-    which_all = ["report", "checkpoint"] + (["folded"] if job.result and job.result.folded else [])
+    result = job.result
+    which_all = ["report"] + (["checkpoint"] if result and result.checkpoint else [])
+    which_all += ["folded"] if result and result.folded else []
     for which in which_all:
         path = client.download(job.id, which, dest)  # type: ignore[arg-type]
         _note(f"{which}: {path} (sha256 verified)")
@@ -164,6 +186,14 @@ def _summary(job: JobPublic) -> str:
         error = f": [{job.error.type}] {job.error.message}" if job.error else ""
         return f"job {job.id} {job.status.value}{error}"
     report = job.result
+    if report.drift is not None:
+        advice = (
+            "recalibrate" if report.drift.recommend_recalibration else "no recalibration needed"
+        )
+        return (
+            f"job {job.id} succeeded: drift {report.drift.score:.4f} (threshold "
+            f"{report.drift.threshold:g}): {advice}"
+        )
     headline = report_text.headline(report)
     metric = f", {headline[0]} {_fmt(headline[1])} → {_fmt(headline[2])}" if headline else ""
     moved = report_text.output_change_text(report)

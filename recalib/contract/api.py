@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, Field, model_validator
 
 from recalib.contract.base import Input, JsonObject, Output
-from recalib.contract.options import JobOptions
+from recalib.contract.options import JobKind, JobOptions, check_kind
 from recalib.contract.report import Report
 from recalib.contract.webhooks import Webhook
 from recalib.ids import FILE_ID_PATTERN, JOB_ID_PATTERN
@@ -105,6 +105,13 @@ class FileRecord(FilePublic):
 class JobCreate(Input):
     """``POST /v1/jobs`` body."""
 
+    kind: JobKind = Field(
+        JobKind.recalibrate,
+        description=(
+            "`recalibrate` (default), or `drift`: measure how far the calibration data is from "
+            "the model's BN statistics and recommend recalibrating or not; changes nothing."
+        ),
+    )
     model_file: FileId | None = Field(None, description="An uploaded file; or `model_uri`.")
     calibration_file: FileId | None = Field(
         None, description="An uploaded file; or `calibration_uri`."
@@ -144,6 +151,7 @@ class JobCreate(Input):
                 raise ValueError(f"give {role}_file or {role}_uri, not both")
             if required and not given:
                 raise ValueError(f"{role}_file (an upload) or {role}_uri is required")
+        check_kind(self.kind, self.options)
         return self
 
     webhook: Webhook | None = Field(

@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PlainValidator, field_validator, model_validator
 
 from recalib import defaults
 from recalib.contract.base import Input, JsonObject
@@ -47,6 +48,44 @@ class Task(StrEnum):
     classification = "classification"
     segmentation = "segmentation"
     none = "none"
+
+
+class JobKind(StrEnum):
+    """What a job does with the model.
+
+    - ``recalibrate``: re-estimate the BN statistics, evaluate before/after, write the model.
+    - ``drift``: one forward pass in eval mode that changes nothing: how far the data's BN
+      inputs are from the stored statistics, and whether recalibrating is recommended
+      (``report.drift``); no checkpoint is written.
+    """
+
+    recalibrate = "recalibrate"
+    drift = "drift"
+
+
+def _prior_strength(value: object) -> float | str:
+    """``"auto"``, or a finite number ≥ 0 (a numeric string too: the command line's)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("give a number >= 0 or 'auto'")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"give a number >= 0 or 'auto', got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"give a finite number >= 0 or 'auto', got {value!r}")
+    return number
+
+
+PriorStrength = Annotated[
+    float | Literal["auto"],
+    PlainValidator(
+        _prior_strength, json_schema_input_type=Annotated[float, Field(ge=0)] | Literal["auto"]
+    ),
+]
+"""N of Schneider et al. 2020, or ``"auto"``: one validator, so an error names the field alone
+(a union would add its member to the error's location)."""
 
 
 INPUT_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -148,12 +187,13 @@ class JobOptions(Input):
     momentum: float = Field(
         defaults.MOMENTUM, gt=0, le=1, description="EMA momentum (estimator=ema only)."
     )
-    prior_strength: float = Field(
+    prior_strength: PriorStrength = Field(
         0.0,
-        ge=0,
         description=(
             "N of Schneider et al. 2020: new = N/(N+n)·source + n/(N+n)·target, n = calibration "
-            "samples. 0 = pure target statistics."
+            "samples. 0 = pure target statistics; `auto` = an N per BN layer chosen from the "
+            "data (the MSE-optimal weight between source and target estimates; "
+            "`report.calibration.prior` says which)."
         ),
     )
     tolerance: float | None = Field(
@@ -211,6 +251,16 @@ class JobOptions(Input):
         description="Segmentation: the mask value of pixels left out of every metric.",
     )
 
+    drift_threshold: float = Field(
+        defaults.DRIFT_THRESHOLD,
+        gt=0,
+        le=1e6,
+        description=(
+            "Drift jobs: the drift score (mean symmetric KL per BN channel, nats) above which "
+            "recalibration is recommended."
+        ),
+    )
+
     register: Register | None = Field(
         None,
         description=(
@@ -230,9 +280,24 @@ class JobOptions(Input):
         return names
 
 
+def check_kind(kind: JobKind, options: JobOptions) -> None:
+    """Options that make no sense for ``kind``: a drift job writes no model to fold or register.
+
+    Raises:
+        ValueError: naming the option.
+    """
+    if kind == JobKind.drift:
+        for name, given in (("register", options.register is not None), ("fold", options.fold)):
+            if given:
+                raise ValueError(
+                    f"a drift job writes no model: options.{name} needs kind recalibrate"
+                )
+
+
 class JobSpec(Input):
     """Everything the job runner needs, with local paths. Built by the CLI or the queue task."""
 
+    kind: JobKind = JobKind.recalibrate
     model_path: str
     calibration_path: str
     eval_path: str | None = None
@@ -253,3 +318,8 @@ class JobSpec(Input):
     max_archive_members: int = defaults.MAX_ARCHIVE_MEMBERS
     max_archive_bytes: int = defaults.MAX_ARCHIVE_BYTES
     max_image_pixels: int = defaults.MAX_IMAGE_PIXELS
+
+    @model_validator(mode="after")
+    def _options_fit_kind(self) -> JobSpec:
+        check_kind(self.kind, self.options)
+        return self

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from recalib.contract.base import Output
-from recalib.contract.options import Estimator, JobOptions
+from recalib.contract.options import Estimator, JobKind, JobOptions
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -124,6 +124,32 @@ class SkippedLayer(Output):
     reason: str
 
 
+class PriorChoice(Output):
+    """The prior strength N (Schneider et al. 2020) the new statistics were mixed with."""
+
+    strength: float = Field(
+        description="N asked for; with `auto` the median of the layers' N (1e12: source kept)."
+    )
+    chosen_by: Literal["fixed", "auto"] = Field(
+        description="`fixed`: the option's number; `auto`: per layer from the data, the "
+        "MSE-optimal weight w = estimation variance / (estimation variance + squared shift) of "
+        "the source, N = n·w/(1 − w)."
+    )
+    per_layer: dict[str, float] | None = Field(None, description="`auto`: N by layer name.")
+
+
+class Convergence(Output):
+    """How much the estimates still moved over the last quarter of the calibration samples."""
+
+    last_quarter_change: float | None = Field(
+        description="Largest over layers of how far the estimates moved between 3/4 of the "
+        "batches and the end: RMS over channels, in estimated stds (the larger of mean and std "
+        "change). Small (≲ 0.05): more samples would change little."
+    )
+    samples_at_three_quarters: int
+    per_layer: dict[str, float]
+
+
 class CalibrationSummary(Output):
     samples: int = Field(description="Calibration samples actually forwarded.")
     batches: int
@@ -132,6 +158,14 @@ class CalibrationSummary(Output):
     estimator: Estimator
     merged_batches: int = Field(
         0, description="Batches merged into the next because they were too small for train-mode BN."
+    )
+    prior: PriorChoice | None = Field(
+        None, description="The prior strength used; older reports and drift jobs lack it."
+    )
+    convergence: Convergence | None = Field(
+        None,
+        description="Stability of the estimates over the last quarter of the samples; null "
+        "under 4 batches, after an early stop, and in older reports.",
     )
 
 
@@ -247,11 +281,49 @@ class SandboxUsed(Output):
     )
 
 
+class DriftLayer(Output):
+    """How far one BN layer's input on the target is from its stored statistics."""
+
+    name: str
+    type: str
+    channels: int
+    score: float = Field(
+        description="Mean over channels of the symmetric KL divergence between the target's and "
+        "the stored Gaussian (README, 'Should we recalibrate?'), less its sampling noise; nats."
+    )
+    max_channel_score: float = Field(description="The largest channel's divergence, nats.")
+    noise: float = Field(
+        description="Mean divergence that sampling noise alone would show with these samples "
+        "(subtracted from `score`), nats."
+    )
+    mean_shift_std: float = Field(
+        description="RMS over channels of (target mean − stored mean) / stored std."
+    )
+    var_ratio: float = Field(description="Geometric mean over channels of target / stored var.")
+
+
+class DriftReport(Output):
+    """A drift job's finding: should this model be recalibrated for this data?"""
+
+    score: float = Field(description="Mean of the layers' scores, nats.")
+    threshold: float = Field(description="`options.drift_threshold` the score was compared with.")
+    recommend_recalibration: bool = Field(description="`score > threshold`.")
+    samples: int = Field(description="Samples the drift pass read.")
+    reliable: bool = Field(
+        description="Enough samples for the score to be more than sampling noise (≥ 16)."
+    )
+    most_moved: list[str] = Field(description="The layers with the highest scores, highest first.")
+    layers: list[DriftLayer] = Field(description="Every BN layer compared, in model order.")
+
+
 class Report(Output):
     """``report.json``: the result of one recalibration."""
 
     schema_version: int = REPORT_SCHEMA_VERSION
     recalib_version: str
+    kind: JobKind = Field(
+        JobKind.recalibrate, description="What the job did; older reports lack it."
+    )
     model_format: Literal["pt2", "torchscript", "safetensors", "pt", "module"]
     bn_layers: int = Field(description="BN layers recalibrated.")
     skipped_layers: list[SkippedLayer]
@@ -264,7 +336,9 @@ class Report(Output):
     )
     verdict: Verdict
     layers: list[LayerChange]
-    checkpoint: Artifact
+    checkpoint: Artifact | None = Field(
+        description="The recalibrated model; null for a drift job, which writes none."
+    )
     folded: FoldReport | None = None
     data: DataSplit
     options: JobOptions
@@ -285,4 +359,7 @@ class Report(Output):
     )
     sandbox: SandboxUsed | None = Field(
         None, description="The sandbox the model ran in; set by the trusted worker."
+    )
+    drift: DriftReport | None = Field(
+        None, description="A drift job's finding (`kind: drift`); null for a recalibration."
     )

@@ -25,7 +25,7 @@ from recalib import __version__
 from recalib.checksums import sha256_of
 from recalib.contract.options import JobSpec, Register
 from recalib.contract.report import RegisteredModel, Report
-from recalib.errors import InvalidModelError, InvalidOptionError
+from recalib.errors import InternalError, InvalidModelError, InvalidOptionError
 from recalib.registry.client import (
     MODELS_URI_RE,
     SCHEME,
@@ -148,6 +148,8 @@ def registry_tags(
     report: Report, source: str | None, calibration_sha256: str | None
 ) -> dict[str, str]:
     """The lineage and quality tags of a registered recalibrated version."""
+    if report.checkpoint is None:  # a drift job: JobCreate/JobSpec refuse register for it
+        raise InternalError("a report without a checkpoint cannot be registered")
     tags = {
         "recalib.version": __version__,
         "recalib.estimator": report.calibration.estimator.value,
@@ -193,6 +195,8 @@ def register_result(
 ) -> RegisteredModel:
     """Register ``out_dir``'s checkpoint as a new version of ``register.name`` (created when
     missing), with :func:`registry_tags`; move ``register.alias`` unless the verdict is worse."""
+    if report.checkpoint is None:  # a drift job: JobCreate/JobSpec refuse register for it
+        raise InternalError("a report without a checkpoint cannot be registered")
     checkpoint = out_dir / report.checkpoint.file
     with registry_client(tracking_uri, field) as client:
         try:

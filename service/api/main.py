@@ -21,6 +21,7 @@ API_PREFIX = "/v1"
 api_router = APIRouter()
 for _resource in (files, uploads, jobs, deliveries, artifacts, report_html):
     api_router.include_router(_resource.router, prefix=API_PREFIX)
+api_router.include_router(metrics.job_router, prefix=API_PREFIX)
 api_router.include_router(health.router)
 api_router.include_router(metrics.router)
 api_router.include_router(web_routes.router)  # the web page, outside /v1

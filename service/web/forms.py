@@ -23,7 +23,7 @@ from recalib.files.store import FileStore
 from service.uploads import MULTIPART_OVERHEAD_BYTES, SLICE_BYTES, check_declared_length
 
 FILE_FIELDS = ("model", "calibration", "evaluation")
-TEXT_FIELDS = ("csrf_token", "estimator", "batch_size", "fold", "arch", "options")
+TEXT_FIELDS = ("csrf_token", "kind", "estimator", "batch_size", "fold", "arch", "options")
 MAX_FIELD_BYTES = 64 * 1024
 
 

@@ -189,6 +189,7 @@ def _job_create(form: SubmitForm) -> JobCreate:
         options |= extra
     evaluation = form.uploads.get("evaluation")
     return JobCreate(
+        kind=fields.get("kind") or "recalibrate",
         model_file=form.uploads["model"][0],
         calibration_file=form.uploads["calibration"][0],
         eval_file=evaluation[0] if evaluation else None,

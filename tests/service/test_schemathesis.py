@@ -51,6 +51,7 @@ OPERATIONS = [
     ("GET", "/v1/jobs/{job_id}/report"),
     ("GET", "/v1/jobs/{job_id}/folded"),
     ("GET", "/v1/jobs/{job_id}/report.html"),
+    ("GET", "/v1/jobs/{job_id}/metrics"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),

@@ -239,3 +239,55 @@ def test_login_redirect_goes_only_to_local_paths(api: ApiThread) -> None:
             )
             assert response.status_code == 303
             assert response.headers["location"] == "/"
+
+
+def _drift_report(recommend: bool) -> Report:
+    report = _minimal_report({"checkpoint": "unused"}).model_dump(mode="json")
+    layer = {"name": "features.1", "type": "BatchNorm2d", "channels": 8, "score": 2.5,
+             "max_channel_score": 4.0, "noise": 0.001, "mean_shift_std": 1.2,
+             "var_ratio": 0.3}  # fmt: skip
+    drift = {"score": 2.5 if recommend else 0.001, "threshold": 0.05,
+             "recommend_recalibration": recommend, "samples": 359, "reliable": True,
+             "most_moved": ["features.1"], "layers": [layer]}  # fmt: skip
+    return Report.model_validate({**report, "kind": "drift", "checkpoint": None, "drift": drift})
+
+
+def test_submit_form_queues_a_drift_check(api: ApiThread, tmp_path: Path, redis_url: str) -> None:
+    with _browser(api) as browser:
+        assert _login(browser, KEY_A).status_code == 303
+        form = browser.get("/submit")
+        assert '<select id="kind" name="kind">' in form.text
+        assert '<option value="drift">' in form.text
+        token = _csrf(browser, "/submit")
+        refused = browser.post(
+            "/submit", data={"csrf_token": token, "kind": "drift", "fold": "on"},
+            files=_submit_files(),
+        )  # fmt: skip
+        assert refused.status_code == 422
+        assert "writes no model" in refused.text
+        assert '<option value="drift" selected>' in refused.text  # the form keeps the choice
+        assert browser.get("/v1/files").json()["items"] == []
+        unknown = browser.post(
+            "/submit", data={"csrf_token": token, "kind": "prune"}, files=_submit_files()
+        )
+        assert unknown.status_code == 422
+        response = browser.post(
+            "/submit", data={"csrf_token": token, "kind": "drift"}, files=_submit_files()
+        )
+        assert response.status_code == 303
+        job_id = response.headers["location"].removeprefix("/?created=")
+        job = browser.get(f"/v1/jobs/{job_id}").json()
+        assert job["request"]["kind"] == "drift"
+        assert job["request"]["options"]["fold"] is False
+
+        conn = redis.Redis.from_url(redis_url)
+        try:
+            _finish(conn, job_id, JobStatus.succeeded, result=_drift_report(recommend=True))
+        finally:
+            conn.close()
+        page = browser.get(f"/jobs/{job_id}")
+        assert 'id="drift"' in page.text
+        assert "recalibrate" in page.text
+        assert f"/v1/jobs/{job_id}/checkpoint" not in page.text  # a drift check writes no model
+        assert f"/v1/jobs/{job_id}/metrics" in page.text
+        assert "drift: recalibrate" in browser.get("/").text

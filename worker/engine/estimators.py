@@ -115,6 +115,71 @@ def make_estimator(
     )
 
 
+AUTO_PRIOR = "auto"
+"""``prior_strength`` value that chooses N per layer from the data (:func:`auto_prior_strength`)."""
+
+SCRIPTED_PRIOR_STRENGTH = 16.0
+"""N for TorchScript layers under ``auto``: they take no hooks, so their per-sample statistics
+are unknown; 16 is what Schneider et al. 2020 found to work with few samples."""
+
+MAX_PRIOR_STRENGTH = 1e12
+"""N reported when the data cannot tell the target from the source at all (weight 1 on it)."""
+
+
+class SampleMoments:
+    """Per-sample, per-channel moments of one BN layer's input, centred on its source mean.
+
+    From each sample's channel mean ``m`` and mean square ``q`` (over the other dimensions):
+    the target mean and variance and the sampling variance of both (delta method), which
+    :func:`auto_prior_strength` weighs against their distance from the source statistics.
+    """
+
+    def __init__(self, source_mean: torch.Tensor) -> None:
+        self.centre = source_mean.detach().double()
+        self.samples = 0
+        self.sums = torch.zeros(5, source_mean.numel(), dtype=torch.float64)  # m, q, m², q², mq
+
+    def add(self, inputs: torch.Tensor) -> None:
+        channels = self.centre.numel()
+        # plain float32 means of x and x² per sample and channel (the fastest reductions here:
+        # centring the activation first costs ~8x); centred in float64 on the N×C results.
+        # float32 cancellation in E[x²] − E[x]² is ~1e-7·mean²/var, negligible for BN inputs.
+        values = inputs.detach().float().reshape(inputs.shape[0], channels, -1)
+        mean, square = values.mean(dim=2).double(), (values * values).mean(dim=2).double()
+        centre = self.centre.to(mean.device)[None, :]
+        m = mean - centre
+        q = square - 2 * centre * mean + centre * centre
+        self.samples += int(inputs.shape[0])
+        self.sums += torch.stack([m, q, m * m, q * q, m * q]).sum(dim=1).cpu()
+
+    def source_weight(self, source_var: torch.Tensor) -> float:
+        """The MSE-optimal weight w of the source in w·source + (1 − w)·target, one per layer:
+        estimation variance / (estimation variance + squared shift), both summed over channels
+        in units of the source variance (means) and its square (variances). E[(target −
+        source)²] = shift² + estimation variance, so w = estimation variance / that, clamped to
+        [0, 1]."""
+        n = self.samples
+        if n < 2:
+            return 1.0
+        m, q, mm, qq, mq = self.sums / n
+        var_s = source_var.detach().double().cpu().clamp_min(1e-12)
+        var_t = (q - m * m).clamp_min(0.0)
+        spread_m = (mm - m * m).clamp_min(0.0) * n / (n - 1)
+        spread_v = (qq - q * q - 4 * m * (mq - m * q) + 4 * m * m * (mm - m * m)).clamp_min(0.0)
+        estimation = (spread_m / n / var_s).sum() + (spread_v * n / (n - 1) / n / var_s**2).sum()
+        distance = (m * m / var_s).sum() + ((var_t - var_s) ** 2 / var_s**2).sum()
+        if float(distance) <= 0.0:
+            return 1.0
+        return float((estimation / distance).clamp(0.0, 1.0))
+
+
+def prior_strength_of(weight: float, samples: int) -> float:
+    """N such that N/(N + n) = ``weight`` (capped at :data:`MAX_PRIOR_STRENGTH`)."""
+    if weight >= 1.0:
+        return MAX_PRIOR_STRENGTH
+    return min(MAX_PRIOR_STRENGTH, samples * weight / (1.0 - weight))
+
+
 def mix_with_prior(
     source: torch.Tensor, target: torch.Tensor, prior_strength: float, samples: int
 ) -> torch.Tensor:

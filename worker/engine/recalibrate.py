@@ -15,9 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from recalib.errors import InvalidDataError, JobCancelledError, NoBatchNormError
+from recalib.errors import (
+    InvalidDataError,
+    InvalidOptionError,
+    JobCancelledError,
+    NoBatchNormError,
+)
 from worker.devices import model_device
 from worker.engine.bn_layers import BNLayer, find_bn_layers
+from worker.engine.estimators import AUTO_PRIOR
 from worker.engine.inputs import CallFn, InputFn, batch_inputs, call_model, move_batch
 from worker.engine.results import RecalibrationResult
 from worker.engine.run_state import CalibrationRun, one_value_error
@@ -35,7 +41,7 @@ def recalibrate(
     *,
     estimator: str = "population",
     momentum: float = 0.1,
-    prior_strength: float = 0.0,
+    prior_strength: float | str = 0.0,
     tolerance: float | None = None,
     tolerance_window: int = 5,
     device: torch.device | None = None,
@@ -78,7 +84,13 @@ def recalibrate(
             :mod:`worker.engine.estimators`.
         momentum: EMA momentum, for ``ema`` only.
         prior_strength: N of Schneider et al. 2020; stored stats are N/(N+n)·source +
-            n/(N+n)·target with n the samples used. 0 keeps pure target statistics.
+            n/(N+n)·target with n the samples used. 0 keeps pure target statistics. ``"auto"``
+            chooses N per layer from the data: the MSE-optimal weight between the source
+            statistics and the target estimate, from the estimate's sampling variance (spread
+            of the per-sample statistics) against its squared distance from the source; it
+            goes to 0 (full adaptation) as samples grow wherever the target really differs,
+            and stays large where the data cannot tell them apart. ``result.prior`` says what
+            was chosen.
         tolerance: early stop once, over the last ``tolerance_window`` batches, no channel's
             estimated mean moved by more than ``tolerance`` running stds and no channel's std
             changed by more than that fraction.
@@ -131,9 +143,17 @@ def recalibrate(
             "inputs than at inference; a program with a dynamic batch dimension calibrates better"
         )
     device = device or model_device(model)
+    if prior_strength != AUTO_PRIOR and (
+        isinstance(prior_strength, str) or not prior_strength >= 0
+    ):
+        raise InvalidOptionError(
+            f"prior_strength must be a number >= 0 or {AUTO_PRIOR!r}, got {prior_strength!r}",
+            field="prior_strength",
+        )
     run = CalibrationRun(
-        layers, estimator, momentum, tolerance, tolerance_window, max_batch, call_fn
-    )
+        layers, estimator, momentum, tolerance, tolerance_window, max_batch, call_fn,
+        auto_prior=prior_strength == AUTO_PRIOR, total_batches=total_batches,
+    )  # fmt: skip
     modes = {module: module.training for module in model.modules()}
     succeeded = False
     try:
@@ -171,6 +191,8 @@ def recalibrate(
         merged_batches=stream.merged,
         stopped_early=run.stopped_early,
         dropped_samples=stream.dropped_samples,
+        prior=moved.prior,
+        convergence=moved.convergence,
     )
 
 
@@ -227,6 +249,6 @@ def _record_hook(
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         del module, output
-        run.record(index, args[0].numel() // channels)
+        run.record(index, args[0].numel() // channels, args[0])
 
     return hook

@@ -18,9 +18,17 @@ from torch import nn
 
 from recalib.errors import InvalidDataError, InvalidModelError, StatisticsUnchangedError
 from worker.engine.bn_layers import BNLayer, probe_elements_per_sample
-from worker.engine.estimators import LayerEstimator, make_estimator, mix_with_prior
+from worker.engine.estimators import (
+    AUTO_PRIOR,
+    SCRIPTED_PRIOR_STRENGTH,
+    LayerEstimator,
+    SampleMoments,
+    make_estimator,
+    mix_with_prior,
+    prior_strength_of,
+)
 from worker.engine.inputs import CallFn, Inputs, batch_size, call_model, concat, first_tensor
-from worker.engine.results import LayerChange, SkippedLayer
+from worker.engine.results import Convergence, LayerChange, PriorChoice, SkippedLayer
 
 
 @dataclass
@@ -30,6 +38,8 @@ class Moved:
     layers: list[BNLayer]
     skipped: list[SkippedLayer]
     changes: list[LayerChange]
+    prior: PriorChoice | None = None
+    convergence: Convergence | None = None
 
 
 def one_value_error(
@@ -62,6 +72,9 @@ class CalibrationRun:
         window: int,
         max_batch: int | None = None,
         call_fn: CallFn = call_model,
+        *,
+        auto_prior: bool = False,
+        total_batches: int | None = None,
     ) -> None:
         self.layers, self.kind, self.max_batch = layers, kind, max_batch
         self.call_fn = call_fn
@@ -78,14 +91,23 @@ class CalibrationRun:
         self.calls = [0] * len(layers)  # calls measured per layer, over all batches
         self.recording = True  # off while probing scripted layers
         self.per_sample: list[int] | None = None  # scripted layers: elements per channel/sample
+        # auto prior: per-sample moments of each eager layer's input (scripted ones take no hook)
+        self.moments = [SampleMoments(mean) for mean, _ in self.source] if auto_prior else None
+        # convergence: the estimates after 3/4 of the batches, compared with the final ones
+        self.snapshot_at = (total_batches * 3) // 4 if total_batches and total_batches >= 4 else 0
+        self.snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.snapshot_samples = 0
 
-    def record(self, index: int, count: int) -> None:
-        """One call of eager layer ``index`` on ``count`` elements per channel just finished."""
+    def record(self, index: int, count: int, inputs: torch.Tensor | None = None) -> None:
+        """One call of eager layer ``index`` on ``count`` elements per channel just finished
+        (``inputs``: that call's input, for the auto prior's per-sample moments)."""
         if not self.recording:
             return
         mean, var = self.layers[index].read()
         self.estimators[index].update(mean, var, float(count))
         self.calls[index] += 1
+        if self.moments is not None and inputs is not None:
+            self.moments[index].add(inputs)
 
     def forward(self, model: nn.Module, inputs: Inputs, dtype: torch.dtype | None) -> None:
         """Run one batch; eager layers record through their hooks, scripted ones are read."""
@@ -126,6 +148,9 @@ class CalibrationRun:
             self.calls[index] += 1
         self.samples += batch_size(inputs)
         self.batches += 1
+        if self.batches == self.snapshot_at:
+            self.snapshot = [estimator.result() for estimator in self.estimators]
+            self.snapshot_samples = self.samples
 
     def _call(self, model: nn.Module, inputs: Inputs, dtype: torch.dtype | None) -> None:
         autocast = (
@@ -167,8 +192,12 @@ class CalibrationRun:
             layer.running_var.copy_(var)
             layer.module.num_batches_tracked.copy_(counter)
 
-    def finish(self, prior_strength: float) -> Moved:
+    def finish(self, prior_strength: float | str) -> Moved:
         """Write the estimates into the buffers; report layers that never updated.
+
+        ``prior_strength``: N, or ``"auto"`` for an N per layer chosen from the data
+        (:meth:`SampleMoments.source_weight`; scripted layers get
+        :data:`SCRIPTED_PRIOR_STRENGTH`).
 
         ``num_batches_tracked`` becomes the number of calls measured (population/batch_mean
         restart the count as ``update_bn``'s reset does; ema continues it), as train-mode BN
@@ -182,6 +211,8 @@ class CalibrationRun:
                 "torch.jit.script or export it with torch.export instead of torch.jit.trace"
             )
         moved = Moved([], [], [])
+        convergence = self._convergence()
+        chosen: dict[str, float] = {}
         for index, layer in enumerate(self.layers):
             (old_mean, old_var), counter = self.source[index], self.source_counts[index]
             if not self.updated[index]:
@@ -197,15 +228,53 @@ class CalibrationRun:
                 )
                 continue
             mean, var = self.estimators[index].result()
-            mean = mix_with_prior(old_mean, mean, prior_strength, self.samples)
-            var = mix_with_prior(old_var, var, prior_strength, self.samples)
+            strength = self._layer_prior(index, prior_strength)
+            chosen[layer.name] = strength
+            mean = mix_with_prior(old_mean, mean, strength, self.samples)
+            var = mix_with_prior(old_var, var, strength, self.samples)
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
             calls = self.calls[index]
             layer.module.num_batches_tracked.copy_(counter + calls if self.kind == "ema" else calls)
             moved.layers.append(layer)
             moved.changes.append(_layer_change(layer, old_mean, old_var))
+        if prior_strength == AUTO_PRIOR:
+            median = sorted(chosen.values())[len(chosen) // 2] if chosen else 0.0
+            moved.prior = PriorChoice(strength=median, chosen_by="auto", per_layer=chosen)
+        else:
+            moved.prior = PriorChoice(strength=float(prior_strength), chosen_by="fixed")
+        moved.convergence = convergence
         return moved
+
+    def _layer_prior(self, index: int, prior_strength: float | str) -> float:
+        if prior_strength != AUTO_PRIOR:
+            return float(prior_strength)
+        if self.moments is None or self.moments[index].samples == 0:  # scripted: no hook
+            return SCRIPTED_PRIOR_STRENGTH
+        weight = self.moments[index].source_weight(self.source[index][1])
+        return prior_strength_of(weight, self.samples)
+
+    def _convergence(self) -> Convergence | None:
+        """How far each layer's estimate moved between 3/4 of the batches and the end (in
+        estimated stds, RMS over channels, the larger of mean and std); None under 4 batches."""
+        if self.snapshot is None:
+            return None
+        per_layer: dict[str, float] = {}
+        for layer, estimator, (old_mean, old_var), updated in zip(
+            self.layers, self.estimators, self.snapshot, self.updated, strict=True
+        ):
+            if not updated:
+                continue
+            mean, var = estimator.result()
+            std = var.double().clamp_min(1e-12).sqrt()
+            mean_move = ((mean.double() - old_mean.double()) / std).square().mean().sqrt()
+            std_move = ((std - old_var.double().clamp_min(1e-12).sqrt()) / std).square().mean()
+            per_layer[layer.name] = float(torch.maximum(mean_move, std_move.sqrt()))
+        return Convergence(
+            last_quarter_change=max(per_layer.values()) if per_layer else None,
+            samples_at_three_quarters=self.snapshot_samples,
+            per_layer=per_layer,
+        )
 
 
 def _layer_change(layer: BNLayer, old_mean: torch.Tensor, old_var: torch.Tensor) -> LayerChange:

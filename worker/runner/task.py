@@ -188,6 +188,7 @@ class JobRun:
             options = options.model_copy(update={"device": device})
         s = self.settings
         return JobSpec(
+            kind=request.kind,
             model_path=self._input("model"),
             calibration_path=self._input("calibration"),
             eval_path=self._input("eval"),

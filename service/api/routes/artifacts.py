@@ -80,6 +80,10 @@ def resolve_artifact(
         key = prefix + REPORT_FILE
         return ArtifactFile(key, sha256, f"{stem}.report.json", "application/json")
     artifact = report.checkpoint if which == "checkpoint" else None
+    if which == "checkpoint" and artifact is None:
+        raise NotFoundError(
+            f"job {record.id} is a {report.kind.value} job: it writes no model", field="checkpoint"
+        )
     if which == "folded":
         if report.folded is None:
             raise NotFoundError(
