@@ -2,8 +2,8 @@
 
 :func:`install_job_filter` loads a filter (built ahead by :func:`prepare_job_filter` in the
 runner that forks the jobs, or there and then) into the calling process (all its threads, its
-future threads; irrevocable). Every forbidden call is not executed: the kernel suspends the caller and
-hands the call to the trusted parent through a *listener* file descriptor
+future threads; irrevocable). Every forbidden call is not executed: the kernel suspends the
+caller and hands the call to the trusted parent through a *listener* file descriptor
 (``SECCOMP_RET_USER_NOTIF``); the parent (:class:`Listener`) records what was attempted and answers
 ``EPERM``. So a job that tries is refused *and* the attempt is known even when the model swallows
 the error: the job then fails naming it (:func:`describe`).
