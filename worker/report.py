@@ -27,7 +27,7 @@ from recalib.contract import (
     TaskDecision,
 )
 from worker.devices import describe_device
-from worker.evaluation import Evaluation, decide_verdict, prediction_change
+from worker.evaluation import Evaluation, judge, prediction_change
 from worker.formats.samples import MAX_SKIPPED_EXAMPLES
 from worker.report_html import write_report_html
 
@@ -100,6 +100,7 @@ def build_report(
     task: TaskPlan | None = None,
 ) -> Report:
     """The :class:`Report` of one finished job; ``task`` is what the evaluation measured."""
+    judgement = judge(before, after)
     return Report(
         recalib_version=recalib.__version__,
         model_format=loaded.format,
@@ -113,10 +114,12 @@ def build_report(
             estimator=spec.options.estimator,
             merged_batches=result.merged_batches,
         ),
-        before=before.metrics,
-        after=after.metrics,
+        before=judgement.before,
+        after=judgement.after,
         prediction_change=prediction_change(before.predictions, after.predictions),
-        verdict=decide_verdict(before.metrics, after.metrics),
+        verdict=judgement.verdict,
+        verdict_basis=judgement.basis,
+        significance=judgement.significance,
         layers=[LayerChange(**asdict(change)) for change in result.changes],
         checkpoint=checkpoint,
         folded=folded,

@@ -30,6 +30,7 @@ from pydantic.fields import FieldInfo
 from recalib import defaults
 from recalib.contract import JobOptions, Preprocess
 from recalib.errors import InvalidOptionError
+from recalib.verdict import REQUIREMENTS
 
 PREPROCESS_FIELD = "preprocess"
 """The JobOptions field holding :class:`Preprocess`: its fields get flags of their own."""
@@ -68,6 +69,17 @@ ARCH_HELP = (
     "(default: " + ", ".join(defaults.ARCH_ALLOWLIST) + ")."
 )
 """Help of the data and model arguments that ``run`` and ``submit`` share."""
+
+
+def add_require_flag(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--require better|not-worse``, the verdict gate of ``run`` and ``submit``
+    (:func:`recalib.verdict.fails`); ``note`` is appended to the help."""
+    parser.add_argument(
+        "--require",
+        choices=REQUIREMENTS,
+        help=f"Exit 3 unless the verdict meets this{note}: 'better' fails on anything but "
+        "better (unchanged, inconclusive, unknown too), 'not-worse' on worse.",
+    )
 
 
 def flag(name: str) -> str:

@@ -3,7 +3,8 @@
 The job-option flags are generated from the contract (:mod:`recalib.commands.job_options`, shared
 with ``recalib submit``) and validated by it, so a bad value ends as one line naming the flag and
 exit code 2. The verdict does not change the exit code unless ``--fail-if-worse`` is given (then 3
-when the verdict is ``worse``, as for ``submit``).
+when the verdict is ``worse``, as for ``submit``) or ``--require better`` (3 on any other verdict;
+the gates are :func:`recalib.verdict.fails`).
 Operator settings (``RECALIB_ARCH_ALLOWLIST``, ``RECALIB_ALLOW_UNSAFE_PICKLE``, archive limits)
 apply here as in the service.
 """
@@ -26,12 +27,14 @@ from recalib.commands.job_options import (
     EVAL_HELP,
     MODEL_HELP,
     add_option_flags,
+    add_require_flag,
     flag,
     options_from_args,
 )
 from recalib.contract import JobSpec, Progress, Report, Verdict
 from recalib.errors import EXIT_OK, EXIT_WORSE, InvalidOptionError, NotFoundError
 from recalib.settings import get_settings
+from recalib.verdict import explain, fails
 
 _EVALUATED_ON = {
     "eval_file": "the eval file",
@@ -66,6 +69,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fail-if-worse", action="store_true", help="Exit 3 when the verdict is worse."
     )
+    add_require_flag(parser)
 
 
 def build_spec(args: argparse.Namespace) -> JobSpec:
@@ -127,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
     else:
         sys.stdout.write(summary(report, Path(spec.out_dir)) + "\n")
-    if args.fail_if_worse and report.verdict is Verdict.worse:
+    if fails(report.verdict, fail_if_worse=args.fail_if_worse, require=args.require):
         return EXIT_WORSE
     return EXIT_OK
 
@@ -148,6 +152,7 @@ def summary(report: Report, out_dir: Path) -> str:
         + f" on {evaluated} samples of {_EVALUATED_ON[report.data.evaluated_on]}"
         + (f", {pixels}predictions changed: {change:.1%}" if change is not None else "")
     )
+    lines.append(f"  {explain(report)}")
     headline = report_text.headline(report)
     if report.verdict is Verdict.worse and headline is not None:
         name, before, after = headline

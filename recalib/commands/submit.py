@@ -1,7 +1,8 @@
 """``recalib submit``: upload a model and data to a recalib server, queue a job, optionally wait.
 
 For pipelines: the exit code says how it went (``recalib.errors``): 0 success, 2 bad arguments or
-request, 3 ``--fail-if-worse`` and the verdict is worse, 4 the job failed, 5 it was cancelled,
+request, 3 ``--fail-if-worse`` and the verdict is worse (or ``--require better`` and it is not
+better), 4 the job failed, 5 it was cancelled,
 1 the server is unreachable or another internal fault.
 """
 
@@ -23,9 +24,10 @@ from recalib.commands.job_options import (
     EVAL_HELP,
     MODEL_HELP,
     add_option_flags,
+    add_require_flag,
     options_from_args,
 )
-from recalib.contract import JobPublic, JobStatus, Verdict
+from recalib.contract import JobPublic, JobStatus
 from recalib.errors import (
     EXIT_CANCELLED,
     EXIT_JOB_FAILED,
@@ -33,6 +35,7 @@ from recalib.errors import (
     EXIT_WORSE,
     InvalidOptionError,
 )
+from recalib.verdict import explain, fails
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +71,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Exit 3 when the verdict is worse (implies --wait).",
     )
+    add_require_flag(parser, " (implies --wait)")
     parser.add_argument("--json", action="store_true", help="Print the job as JSON on stdout.")
     parser.add_argument(
         "--idempotency-key",
@@ -97,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
     options = options_from_args(args)  # bad values fail here, before any upload; only the
     # flags given are sent (model_fields_set), the rest keep the contract's defaults
     arch_kwargs = _arch_kwargs(args.arch_kwargs)
-    wait = args.wait or args.download is not None or args.fail_if_worse
+    wait = args.wait or args.download is not None or args.fail_if_worse or bool(args.require)
     with RecalibClient(args.server, api_key=args.api_key) as client:
         ids = {}
         for role, path in (("model", args.model), ("calib", args.calib), ("eval", args.eval)):
@@ -121,16 +125,22 @@ def main(args: argparse.Namespace) -> int:
         if job.status == JobStatus.succeeded and args.download is not None:
             _download_all(client, job, args.download)
     _out(job.model_dump_json(indent=2) if args.json else _summary(job))
-    return exit_code(job, fail_if_worse=args.fail_if_worse)
+    return exit_code(job, fail_if_worse=args.fail_if_worse, require=args.require)
 
 
-def exit_code(job: JobPublic, *, fail_if_worse: bool) -> int:
-    """0, or the code of a failed/cancelled job, or EXIT_WORSE for a worse verdict if asked."""
+def exit_code(job: JobPublic, *, fail_if_worse: bool, require: str | None = None) -> int:
+    """0, or the code of a failed/cancelled job, or EXIT_WORSE when the verdict fails the gate
+    asked for (:func:`recalib.verdict.fails`)."""
     if job.status == JobStatus.failed:
         return EXIT_JOB_FAILED
     if job.status == JobStatus.cancelled:
         return EXIT_CANCELLED
-    if fail_if_worse and job.result is not None and job.result.verdict == Verdict.worse:
+    gated = fail_if_worse or require is not None
+    if (
+        gated
+        and job.result is not None
+        and fails(job.result.verdict, fail_if_worse=fail_if_worse, require=require)
+    ):
         return EXIT_WORSE
     return EXIT_OK
 
@@ -169,7 +179,10 @@ def _summary(job: JobPublic) -> str:
     moved = report_text.output_change_text(report)
     moved_text = f", {moved}" if moved and not headline else ""
     task = f" ({report_text.task_of(report)})" if report.task is not None else ""
-    return f"job {job.id} succeeded: verdict {report.verdict.value}{task}{metric}{moved_text}"
+    return (
+        f"job {job.id} succeeded: verdict {report.verdict.value}{task}{metric}{moved_text}\n"
+        f"  {explain(report)}"
+    )
 
 
 def _fmt(value: float | None) -> str:

@@ -17,7 +17,43 @@ class Verdict(StrEnum):
     better = "better"
     worse = "worse"
     unchanged = "unchanged"
+    inconclusive = "inconclusive"
     unknown = "unknown"
+
+
+class Interval(Output):
+    """A 95 % confidence interval, in the unit of the quantity it bounds."""
+
+    low: float
+    high: float
+
+
+class Significance(Output):
+    """The paired test behind a labeled verdict (:mod:`recalib.verdict`), after − before."""
+
+    test: Literal["mcnemar_exact", "paired_bootstrap"] = Field(
+        description="Exact McNemar test on the samples whose top-1 correctness changed "
+        "(classification), or a paired bootstrap over images of the mean IoU (segmentation)."
+    )
+    p_value: float | None = Field(description="Two-sided p-value of no difference.")
+    alpha: float = Field(description="Significance level of `better`/`worse`.")
+    difference: float = Field(description="after − before: top-1 or mean IoU.")
+    difference_interval: Interval = Field(description="95 % interval of `difference`.")
+    tolerance: float = Field(
+        description="`unchanged` when `difference_interval` lies within ±tolerance."
+    )
+    samples: int = Field(description="Paired samples (images) the test used.")
+    samples_needed: int | None = Field(
+        None,
+        description="Labeled samples that would detect the observed difference at `alpha` with "
+        "power 0.8; null when the difference is zero.",
+    )
+    only_before_correct: int | None = Field(
+        None, description="McNemar: samples right before and wrong after."
+    )
+    only_after_correct: int | None = Field(
+        None, description="McNemar: samples wrong before and right after."
+    )
 
 
 class ConfidenceHistogram(Output):
@@ -40,6 +76,9 @@ class Metrics(Output):
     """
 
     top1: float | None = Field(None, description="Classification; null without labels.")
+    top1_interval: Interval | None = Field(
+        None, description="95 % Wilson interval of `top1`; older reports lack it."
+    )
     top5: float | None = Field(
         None, description="Null without labels, with fewer than 5 classes, or not classification."
     )
@@ -70,6 +109,11 @@ class Metrics(Output):
         None,
         description="Segmentation: mean over classes of IoU, classes absent from labels and "
         "predictions left out.",
+    )
+    mean_iou_interval: Interval | None = Field(
+        None,
+        description="95 % bootstrap interval of `mean_iou` (images resampled, seeded); older "
+        "reports lack it.",
     )
     per_class_iou: list[float | None] | None = Field(
         None,
@@ -262,7 +306,19 @@ class Report(Output):
         description="Fraction of evaluated samples (segmentation: pixels) whose top-1 "
         "prediction changed; null without logits."
     )
-    verdict: Verdict
+    verdict: Verdict = Field(
+        description="`better`/`worse`: a significant change at `significance.alpha`; "
+        "`unchanged`: the difference's interval within the tolerance; `inconclusive`: too few "
+        "samples to tell; `unknown`: no labels and no estimate."
+    )
+    verdict_basis: Literal["labels", "estimate"] | None = Field(
+        None,
+        description="What the verdict rests on: labeled evaluation data, a label-free estimate, "
+        "or nothing (`unknown`; older reports).",
+    )
+    significance: Significance | None = Field(
+        None, description="The paired test of a labeled verdict; null otherwise."
+    )
     layers: list[LayerChange]
     checkpoint: Artifact
     folded: FoldReport | None = None
