@@ -142,6 +142,7 @@ class RecalibClient:
         arch: str | None = None,
         arch_kwargs: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        source_eval_file: str | None = None,
     ) -> JobPublic:
         """Queue a job over uploaded file ids; options are validated locally first."""
         try:
@@ -149,6 +150,7 @@ class RecalibClient:
                 model_file=model_file,
                 calibration_file=calibration_file,
                 eval_file=eval_file,
+                source_eval_file=source_eval_file,
                 arch=arch,
                 arch_kwargs=dict(arch_kwargs or {}),
                 options=JobOptions.model_validate(options or {}),

@@ -29,7 +29,7 @@ import math
 from collections.abc import Sequence
 from statistics import NormalDist
 
-from recalib.contract import Interval, Report, Significance, Verdict
+from recalib.contract import Estimate, EstimatedTop1, Interval, Report, Significance, Verdict
 
 ALPHA = 0.05
 """Two-sided significance level of a labeled ``better``/``worse``."""
@@ -282,6 +282,31 @@ def paired_bootstrap(
     return _decide(significant, difference, interval, tolerance), significance
 
 
+ESTIMATE_MARGIN = 0.05
+"""How far a reliable label-free estimate may be off (ATC's error on shifts it handles): the
+after estimate must clear the before's upper end by this to say ``better``."""
+
+
+def estimate_verdict(estimate: Estimate) -> Verdict:
+    """The label-free verdict: ``better`` only when the after estimate is reliable and its lower
+    end clears everything the before model could have reached: its class bound, and (when the
+    before estimate is reliable) its upper end plus ``ESTIMATE_MARGIN``; ``worse`` symmetrically;
+    ``unknown`` otherwise. An unreliable estimate counts only by its bound, which holds without
+    any confidence assumption (no label shift assumed)."""
+    before, after = estimate.before, estimate.after
+
+    def ceiling(side: EstimatedTop1) -> float:
+        if side.reliable:
+            return min(side.upper_bound, side.interval.high + ESTIMATE_MARGIN)
+        return side.upper_bound
+
+    if after.reliable and after.interval.low > ceiling(before):
+        return Verdict.better
+    if before.reliable and before.interval.low > ceiling(after):
+        return Verdict.worse
+    return Verdict.unknown
+
+
 # -- the readers ---------------------------------------------------------------------------
 
 
@@ -327,6 +352,24 @@ def explain(report: Report) -> str:
         elif report.verdict is Verdict.inconclusive and significance.samples_needed is not None:
             text += f"; about {significance.samples_needed} labeled samples would detect it"
         return text
+    if report.verdict_basis == "estimate" and report.estimate is not None:
+        est = report.estimate
+        return (
+            f"label-free estimate ({est.method}, source top-1 {est.source_top1:.4f}): before "
+            f"{_estimate_text(est.before)}, after {_estimate_text(est.after)}"
+        )
     if report.verdict is Verdict.unknown:
+        if report.estimate is not None:
+            est = report.estimate
+            return (
+                f"no labels; the label-free estimate cannot tell: before "
+                f"{_estimate_text(est.before)}, after {_estimate_text(est.after)}"
+            )
         return "no labeled evaluation data: nothing to compare"
     return f"{report.verdict.value} (no test recorded: an older report)"
+
+
+def _estimate_text(side: EstimatedTop1) -> str:
+    if not side.reliable or side.top1 is None:
+        return f"unreliable (top-1 ≤ {side.upper_bound:.2f})"
+    return f"{side.top1:.2f} [{side.interval.low:.2f}, {side.interval.high:.2f}]"

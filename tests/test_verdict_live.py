@@ -133,3 +133,29 @@ def test_rest_api_reports_the_significance(service: Stack, mild_files) -> None:
         assert page.status_code == 200
         assert 'id="job-verdict">inconclusive' in page.text
         assert "labeled samples would detect it" in page.text
+
+
+def test_rest_api_label_free_verdict_from_a_source_set(
+    service: Stack, digits_case, digits_files, tmp_path
+) -> None:
+    """No target labels: the job's source_eval_file gives the verdict (basis estimate)."""
+    source_x, source_y = digits_case.calibration
+    np.savez(tmp_path / "source.npz", inputs=source_x, labels=source_y)
+    np.savez(tmp_path / "target.npz", inputs=digits_case.shifted_evaluation[0])
+    with service.client() as client:
+        body = {
+            "model_file": upload(client, digits_files["model"]),
+            "calibration_file": upload(client, tmp_path / "target.npz"),
+            "source_eval_file": upload(client, tmp_path / "source.npz"),
+        }
+        job = wait_for_job(client, create_job(client, body)["id"], {"succeeded", "failed"}, 120)
+        assert job["status"] == "succeeded", job.get("error")
+        report = job["result"]
+        assert report["verdict"] == "better" and report["verdict_basis"] == "estimate"
+        assert report["estimate"]["after"]["reliable"] is True
+        assert report["estimate"]["before"]["reliable"] is False
+        roles = [source["role"] for source in report["data"]["sources"]]
+        assert roles == ["model", "calibration", "source_eval"]
+        bad = dict(body, source_eval_file="f_" + "0" * 32)
+        refused = client.post("/v1/jobs", json=bad)
+        assert refused.status_code == 422 and "source_eval_file" in refused.text

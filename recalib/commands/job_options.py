@@ -63,6 +63,11 @@ EVAL_HELP = (
     "Labeled evaluation data, in the formats of --calib (left out: part of labeled calibration "
     "data is held out, see --holdout)."
 )
+SOURCE_EVAL_HELP = (
+    "Labeled data from the model's training (source) domain, in the formats of --calib: without "
+    "target labels, the label-free estimate of the target top-1 and its verdict come from it "
+    "(docs/label_free.md)."
+)
 ARCH_HELP = (
     "MODULE:FUNCTION that builds the model, for a state_dict file (e.g. "
     "torchvision.models:resnet18), imported only from the modules of RECALIB_ARCH_ALLOWLIST "

@@ -26,6 +26,7 @@ from recalib.commands.job_options import (
     CALIB_HELP,
     EVAL_HELP,
     MODEL_HELP,
+    SOURCE_EVAL_HELP,
     add_option_flags,
     add_require_flag,
     flag,
@@ -48,6 +49,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("--calib", required=True, metavar="DATA", help=CALIB_HELP)
     parser.add_argument("--eval", metavar="DATA", help=EVAL_HELP)
+    parser.add_argument("--source-eval", metavar="DATA", help=SOURCE_EVAL_HELP)
     parser.add_argument("--arch", metavar="MODULE:FUNCTION", help=ARCH_HELP)
     parser.add_argument(
         "--arch-kwargs",
@@ -74,7 +76,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def build_spec(args: argparse.Namespace) -> JobSpec:
     """The :class:`JobSpec` of the arguments; bad values raise :class:`InvalidOptionError`."""
-    for label, path in (("model", args.model), ("calibration", args.calib), ("eval", args.eval)):
+    paths = (("model", args.model), ("calibration", args.calib), ("eval", args.eval))
+    for label, path in (*paths, ("source eval", args.source_eval)):
         if path is not None and not Path(path).is_file():
             raise NotFoundError(f"{label} file not found", file=path)
     options = options_from_args(args)
@@ -94,6 +97,7 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
             model_path=args.model,
             calibration_path=args.calib,
             eval_path=args.eval,
+            source_eval_path=args.source_eval,
             arch=args.arch,
             arch_kwargs=arch_kwargs,
             options=options,

@@ -23,6 +23,7 @@ from recalib.commands.job_options import (
     CALIB_HELP,
     EVAL_HELP,
     MODEL_HELP,
+    SOURCE_EVAL_HELP,
     add_option_flags,
     add_require_flag,
     options_from_args,
@@ -42,6 +43,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help=MODEL_HELP)
     parser.add_argument("--calib", type=Path, required=True, metavar="DATA", help=CALIB_HELP)
     parser.add_argument("--eval", type=Path, metavar="DATA", help=EVAL_HELP)
+    parser.add_argument("--source-eval", type=Path, metavar="DATA", help=SOURCE_EVAL_HELP)
     parser.add_argument(
         "--server",
         metavar="URL",
@@ -104,7 +106,8 @@ def main(args: argparse.Namespace) -> int:
     wait = args.wait or args.download is not None or args.fail_if_worse or bool(args.require)
     with RecalibClient(args.server, api_key=args.api_key) as client:
         ids = {}
-        for role, path in (("model", args.model), ("calib", args.calib), ("eval", args.eval)):
+        paths = (("model", args.model), ("calib", args.calib), ("eval", args.eval))
+        for role, path in (*paths, ("source_eval", args.source_eval)):
             if path is not None:
                 ids[role] = client.upload_file(path).id
                 _note(f"{role}: {path} → {ids[role]}")
@@ -116,6 +119,7 @@ def main(args: argparse.Namespace) -> int:
             arch=args.arch,
             arch_kwargs=arch_kwargs,
             idempotency_key=args.idempotency_key,
+            source_eval_file=ids.get("source_eval"),
         )
         _note(f"job {job.id} {job.status.value}")
         if not wait:

@@ -56,6 +56,34 @@ class Significance(Output):
     )
 
 
+class EstimatedTop1(Output):
+    """A label-free estimate of one model's top-1 on the target (``report.estimate``)."""
+
+    top1: float | None = Field(description="The estimate; null when it is unreliable.")
+    interval: Interval = Field(
+        description="95 % interval; for an unreliable estimate [0, upper_bound]."
+    )
+    reliable: bool = Field(
+        description="False when the evidence cannot support a number (the model is out of its "
+        "training distribution): then only `upper_bound` holds."
+    )
+    upper_bound: float = Field(
+        description="1 − TV(predicted class frequencies, source label frequencies): top-1 cannot "
+        "exceed it when the target's class frequencies are the source's."
+    )
+    reason: str
+
+
+class Estimate(Output):
+    """Label-free estimates from a labeled source validation set (``source_eval_file``)."""
+
+    method: str = Field(description="`atc-ne+class-bound` (see docs/label_free.md).")
+    source_top1: float = Field(description="The original model's top-1 on the source set.")
+    source_samples: int
+    before: EstimatedTop1
+    after: EstimatedTop1
+
+
 class ConfidenceHistogram(Output):
     """How many samples had their max-softmax probability in each bin of [0, 1].
 
@@ -182,7 +210,7 @@ class CalibrationSummary(Output):
 class InputSource(Output):
     """Where one input of the job came from, and exactly what it was."""
 
-    role: Literal["model", "calibration", "eval"]
+    role: Literal["model", "calibration", "eval", "source_eval"]
     file_id: str | None = Field(None, description="The upload, when the input was one.")
     uri: str | None = Field(None, description="The URI, when the input was given by one.")
     sha256: str
@@ -318,6 +346,11 @@ class Report(Output):
     )
     significance: Significance | None = Field(
         None, description="The paired test of a labeled verdict; null otherwise."
+    )
+    estimate: Estimate | None = Field(
+        None,
+        description="Label-free target top-1 before and after, from a labeled source "
+        "validation set; null without one.",
     )
     layers: list[LayerChange]
     checkpoint: Artifact

@@ -26,15 +26,20 @@ class Evaluation:
     """Metrics of one pass plus ``predictions``: top-1 class per sample (segmentation: per pixel,
     N×H×W in a compact integer type), in loader order; None without logits. ``output_change``:
     how far the outputs moved from the reference (label-free evaluations after recalibration).
-    ``correct``: classification with labels, whether each sample's top-1 was right (bool, loader
-    order); ``image_counts``: segmentation with labels, per image and class the labeled pixels,
-    predicted pixels and hits, (images, 3, classes) int64; both for the paired verdict."""
+    For the verdict: ``correct`` (classification with labels) whether each sample's top-1 was
+    right, bool in loader order; ``image_counts`` (segmentation with labels) per image and class
+    the labeled pixels, predicted pixels and hits, (images, 3, classes) int64. For the label-free
+    estimate (classification): ``negative_entropy`` per sample (nats, float32), ``num_classes``,
+    and with labels ``labels``."""
 
     metrics: Metrics
     predictions: torch.Tensor | None
     output_change: object | None = None
     correct: torch.Tensor | None = None
     image_counts: torch.Tensor | None = None
+    negative_entropy: torch.Tensor | None = None
+    num_classes: int | None = None
+    labels: torch.Tensor | None = None
 
 
 def confidence_histogram(counts: torch.Tensor) -> ConfidenceHistogram:
@@ -77,6 +82,8 @@ class ClassificationAccumulator:
         self._confidence_sum = 0.0
         self._predictions: list[torch.Tensor] = []
         self._correct: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._negative_entropy: list[torch.Tensor] = []
         self._confidence_counts = torch.zeros(CONFIDENCE_BINS, dtype=torch.int64)
         self._class_hits = torch.zeros(0, dtype=torch.int64)  # per label, grown as needed
         self._class_totals = torch.zeros(0, dtype=torch.int64)
@@ -90,6 +97,7 @@ class ClassificationAccumulator:
         self._entropy_sum += float(entropy.sum(dtype=torch.float64))
         self._confidence_sum += float(confidence.sum(dtype=torch.float64))
         self._confidence_counts += confidence_bins(confidence)
+        self._negative_entropy.append((-entropy).cpu())
         predictions = logits.argmax(dim=1)
         self._predictions.append(predictions.cpu())
         if not self.labeled:
@@ -97,6 +105,7 @@ class ClassificationAccumulator:
         labels = labels.to(logits.device, torch.int64)
         self._top1 += int((predictions == labels).sum())
         self._correct.append((predictions == labels).cpu())
+        self._labels.append(labels.cpu())
         self._count_per_class(labels, predictions == labels)
         if self.num_classes >= 5:
             top5 = logits.topk(5, dim=1).indices
@@ -124,7 +133,12 @@ class ClassificationAccumulator:
         )
         correct = torch.cat(self._correct) if self.labeled else None
         return Evaluation(
-            metrics=metrics, predictions=torch.cat(self._predictions), correct=correct
+            metrics=metrics,
+            predictions=torch.cat(self._predictions),
+            correct=correct,
+            negative_entropy=torch.cat(self._negative_entropy),
+            num_classes=self.num_classes,
+            labels=torch.cat(self._labels) if self.labeled else None,
         )
 
     def _count_per_class(self, labels: torch.Tensor, correct: torch.Tensor) -> None:
