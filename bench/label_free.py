@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from recalib.contract import Verdict
-from recalib.verdict import estimate_verdict, top1_from_counts
+from recalib.verdict import estimate_verdict, top1_from_counts, wilson_interval
 from worker.digits import make_digits_case, shift_domain
 from worker.engine import recalibrate
+from worker.evaluation.estimate import SourceReference, scores_of
 from worker.evaluation.estimate import estimate as estimate_from_scores
-from worker.evaluation.estimate import scores_of
 
 Shift = Callable[[np.ndarray, int], np.ndarray]
 
@@ -54,6 +54,27 @@ SHIFTS: dict[str, Shift] = {
 }
 """Target domains; BN adaptation cannot undo the last three (they change the image's structure)."""
 
+FEW_SAMPLES = 4
+"""Calibration samples of the ``(4 calibration samples)`` cases: AdaBN on too few hurts."""
+
+LABEL_SHIFT_CLASSES = (0, 1, 2)
+"""The classes of the label-shift cases, which break the estimate's one assumption (the target's
+class frequencies are the source's): there to show what happens, not to pass."""
+
+VARIANTS: dict[str, tuple[str, int | None, tuple[int, ...] | None]] = {
+    **{name: (name, None, None) for name in SHIFTS},
+    "none (4 calibration samples)": ("none", FEW_SAMPLES, None),
+    "mild (4 calibration samples)": ("mild (contrast ×0.8, +0.1, noise)", FEW_SAMPLES, None),
+    "bright (4 calibration samples)": ("bright (+0.3)", FEW_SAMPLES, None),
+    "label shift: classes 0–2 only": ("none", None, LABEL_SHIFT_CLASSES),
+    "label shift: classes 0–2, mild": (
+        "mild (contrast ×0.8, +0.1, noise)",
+        None,
+        LABEL_SHIFT_CLASSES,
+    ),
+}
+"""Every case: (shift, calibration samples or all, target classes or all)."""
+
 
 @dataclass
 class Case:
@@ -70,6 +91,11 @@ class Case:
     reliable_before: bool
     reliable_after: bool
     label_free: str
+    naive_atc: str  # ATC alone, no bound, no reliability check: what it would have said
+
+    @property
+    def label_shift(self) -> bool:
+        return self.shift.startswith("label shift")
 
     @property
     def misled(self) -> bool:
@@ -82,15 +108,28 @@ def _logits(model: torch.nn.Module, inputs: np.ndarray) -> torch.Tensor:
         return model(torch.from_numpy(inputs.astype(np.float32))).float()
 
 
-def run_case(case: object, seed: int, name: str, shift: Shift) -> Case:
-    """One model under one shift (``case``: a :class:`worker.digits.DigitsCase`)."""
+def run_case(
+    case: object,
+    seed: int,
+    name: str,
+    shift: Shift,
+    calibration_samples: int | None = None,
+    classes: tuple[int, ...] | None = None,
+) -> Case:
+    """One model under one shift (``case``: a :class:`worker.digits.DigitsCase`); the target
+    keeps only ``classes`` (a label shift), calibration only its first ``calibration_samples``."""
     source_x, source_y = case.calibration  # type: ignore[attr-defined]
     eval_x, eval_y = case.evaluation  # type: ignore[attr-defined]
-    target_calib = shift(source_x, 1).astype(np.float32)
+    calib_x = source_x
+    if classes is not None:
+        calib_x = source_x[np.isin(source_y, classes)]
+        keep = np.isin(eval_y, classes)
+        eval_x, eval_y = eval_x[keep], eval_y[keep]
+    target_calib = shift(calib_x, 1).astype(np.float32)[:calibration_samples]
     target_eval = shift(eval_x, 2).astype(np.float32)
     original = case.model.eval()  # type: ignore[attr-defined]
     adapted = copy.deepcopy(original)
-    batches = torch.from_numpy(target_calib).split(64)
+    batches = torch.from_numpy(target_calib).split(64)  # population statistics: batch-free
     recalibrate(adapted, batches)
     adapted.eval()
     before_logits, after_logits = _logits(original, target_eval), _logits(adapted, target_eval)
@@ -101,12 +140,14 @@ def run_case(case: object, seed: int, name: str, shift: Shift) -> Case:
         int((right_after & ~right_before).sum()),
         len(eval_y),
     )
+    source_scores = scores_of(_logits(original, source_x))
     estimate = estimate_from_scores(
-        (*scores_of(_logits(original, source_x)), source_y),
+        (*source_scores, source_y),
         scores_of(before_logits),
         scores_of(after_logits),
         int(before_logits.shape[1]),
     )
+    reference = SourceReference.fit(*source_scores, source_y, int(before_logits.shape[1]))
     return Case(
         seed=seed,
         shift=name,
@@ -121,7 +162,20 @@ def run_case(case: object, seed: int, name: str, shift: Shift) -> Case:
         reliable_before=estimate.before.reliable,
         reliable_after=estimate.after.reliable,
         label_free=estimate_verdict(estimate).value,
+        naive_atc=_naive_atc(reference, scores_of(before_logits)[1], scores_of(after_logits)[1]),
     )
+
+
+def _naive_atc(reference: SourceReference, before: np.ndarray, after: np.ndarray) -> str:
+    """ATC's verdict with nothing else: the Wilson intervals of the two estimates apart."""
+    low_high = [
+        wilson_interval(int((s > reference.threshold).sum()), len(s)) for s in (before, after)
+    ]
+    if low_high[1].low > low_high[0].high:
+        return "better"
+    if low_high[0].low > low_high[1].high:
+        return "worse"
+    return "unknown"
 
 
 def run_cases(seeds: list[int], epochs: int = 30) -> list[Case]:
@@ -129,7 +183,8 @@ def run_cases(seeds: list[int], epochs: int = 30) -> list[Case]:
     cases = []
     for seed in seeds:
         digits = make_digits_case(seed=seed, epochs=epochs)
-        cases += [run_case(digits, seed, name, shift) for name, shift in SHIFTS.items()]
+        for name, (shift, samples, classes) in VARIANTS.items():
+            cases.append(run_case(digits, seed, name, SHIFTS[shift], samples, classes))
     return cases
 
 
@@ -139,15 +194,16 @@ def _fmt(value: float | None) -> str:
 
 def markdown(cases: list[Case]) -> str:
     rows = [
-        "| seed | shift | top-1 before → after | labeled | estimate before (bound) | "
-        "estimate after (bound) | label-free |",
-        "|---|---|---|---|---|---|---|",
+        "| seed | case | top-1 before → after | labeled | estimate before (bound) | "
+        "estimate after (bound) | label-free | ATC alone |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
         rows.append(
             f"| {c.seed} | {c.shift} | {c.true_before:.3f} → {c.true_after:.3f} | {c.labeled} | "
             f"{_fmt(c.estimate_before)} (≤ {c.bound_before:.2f}) | "
-            f"{_fmt(c.estimate_after)} (≤ {c.bound_after:.2f}) | {c.label_free} |"
+            f"{_fmt(c.estimate_after)} (≤ {c.bound_after:.2f}) | {c.label_free} | "
+            f"{c.naive_atc} |"
         )
     return "\n".join(rows)
 
@@ -171,7 +227,15 @@ def summary(cases: list[Case]) -> dict[str, object]:
         "same_verdict": sum(1 for c in cases if c.label_free == c.labeled),
         "unknown": sum(1 for c in cases if c.label_free == "unknown"),
         "not_contradicting": agree,
-        "misled": [asdict(c) for c in cases if c.misled],
+        "labeled_worse": sum(1 for c in cases if c.labeled == "worse"),
+        "naive_atc_misled": sum(
+            1 for c in cases if c.naive_atc in ("better", "worse") and c.naive_atc != c.labeled
+        ),
+        "naive_atc_better_where_worse": sum(
+            1 for c in cases if c.naive_atc == "better" and c.labeled == "worse"
+        ),
+        "misled": [asdict(c) for c in cases if c.misled and not c.label_shift],
+        "misled_under_label_shift": [asdict(c) for c in cases if c.misled and c.label_shift],
     }
 
 

@@ -159,3 +159,18 @@ def test_rest_api_label_free_verdict_from_a_source_set(
         bad = dict(body, source_eval_file="f_" + "0" * 32)
         refused = client.post("/v1/jobs", json=bad)
         assert refused.status_code == 422 and "source_eval_file" in refused.text
+
+
+def test_run_source_eval_gives_the_verdict_without_target_labels(
+    digits_case, digits_files, tmp_path
+) -> None:
+    source_x, source_y = digits_case.calibration
+    np.savez(tmp_path / "source.npz", inputs=source_x, labels=source_y)
+    np.savez(tmp_path / "target.npz", inputs=digits_case.shifted_evaluation[0])
+    result = _cli_run(digits_files["model"], "--calib", tmp_path / "target.npz",
+                      "--source-eval", tmp_path / "source.npz", "--out", tmp_path / "out",
+                      "--require", "better")  # fmt: skip
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "verdict: better" in result.stdout
+    assert "label-free estimate (atc-ne+class-bound" in result.stdout
+    assert "before unreliable (top-1 ≤" in result.stdout
