@@ -95,6 +95,17 @@ output {{ r.task.output }})</span></dd>{% endif %}
 max |diff| {{ "%.2e"|format(r.folded.max_abs_diff) }}</dd>{% endif %}
 <dt>recalib</dt><dd>{{ r.recalib_version }}</dd>
 </dl>
+{% if r.estimate %}<h2>Label-free estimate</h2>
+<p class="muted">Target top-1 estimated without target labels from the source set
+({{ r.estimate.source_samples }} labeled samples, source top-1
+{{ "%.4f"|format(r.estimate.source_top1) }}; method {{ r.estimate.method }}).</p>
+<table id="estimate"><tr><th></th><th>top-1</th><th>95 % interval</th><th>bound</th>
+<th>reliable</th><th>why</th></tr>
+{% for name, side in (("before", r.estimate.before), ("after", r.estimate.after)) %}
+<tr><td>{{ name }}</td><td>{{ "%.4f"|format(side.top1) if side.top1 is not none else "–" }}</td>
+<td>[{{ "%.4f"|format(side.interval.low) }}, {{ "%.4f"|format(side.interval.high) }}]</td>
+<td>≤ {{ "%.4f"|format(side.upper_bound) }}</td><td>{{ "yes" if side.reliable else "no" }}</td>
+<td style="text-align:left">{{ side.reason }}</td></tr>{% endfor %}</table>{% endif %}
 <h2>Drift per BN layer</h2>
 <p class="muted">How far each layer's running statistics moved: the mean shift in units of the old
 running standard deviation, and the ratio of new to old variance.</p>

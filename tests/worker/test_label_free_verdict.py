@@ -120,7 +120,9 @@ def test_job_without_target_labels_gets_a_label_free_verdict(source_and_target, 
     assert estimate is not None and estimate.source_samples == 359
     assert not estimate.before.reliable and estimate.after.reliable
     assert estimate.after.top1 > 0.8 and estimate.before.upper_bound < 0.5
-    assert "label-free estimate" in (tmp_path / "report.html").read_text()
+    html = (tmp_path / "report.html").read_text()
+    assert "label-free estimate" in html and 'id="estimate"' in html
+    assert "out of its training distribution" in html  # the before estimate's reason
 
 
 @pytest.mark.slow
