@@ -143,6 +143,7 @@ class RecalibClient:
         arch_kwargs: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         kind: str | None = None,
+        source_eval_file: str | None = None,
     ) -> JobPublic:
         """Queue a job over uploaded file ids; options are validated locally first. ``kind``:
         ``recalibrate`` (the server's default when None) or ``drift`` (a drift check)."""
@@ -153,6 +154,7 @@ class RecalibClient:
                 model_file=model_file,
                 calibration_file=calibration_file,
                 eval_file=eval_file,
+                source_eval_file=source_eval_file,
                 arch=arch,
                 arch_kwargs=dict(arch_kwargs or {}),
                 options=JobOptions.model_validate(options or {}),

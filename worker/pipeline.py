@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from recalib.contract import FoldReport, JobKind, JobSpec, Phase, Progress, Report
-from recalib.errors import JobCancelledError
+from recalib.errors import InvalidOptionError, JobCancelledError
 from worker import report as reporting
 from worker.batch_limits import batch_limits, probe_indices, shape_guards_as_data_errors
 from worker.devices import resolve_device
@@ -39,7 +39,7 @@ from worker.evaluation import Evaluation, ReferenceBuffers, evaluate, max_output
 from worker.fold_export import save_folded
 from worker.folding import fold_batchnorm
 from worker.formats.data import SampleSet, make_loader
-from worker.preflight import check_job, load_job
+from worker.preflight import check_job, load_job, load_source_eval
 from worker.runtime import RunClock, TimedBatches, halve_on_oom, loader_workers
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class _Job:
             self.plan.eval_set, self.plan.eval_indices, self.eval_batch_size
         )
         before = self._evaluate_halving("evaluate_before")
+        source = self._evaluate_source()
         label_free = self.task.task == "none" or not self.plan.labeled
         reference = ReferenceBuffers(self.model) if label_free else None
         batch_size = self.limits.fit(self.options.batch_size, "calibrating")
@@ -168,6 +169,7 @@ class _Job:
             device=self.device,
             timings_s=self.timer.finish(),
             task=self.task,
+            source=source,
         )
         runtime = self.clock.summary(
             data_workers=loader_workers(self.plan.calibration, self.data_workers),
@@ -266,6 +268,40 @@ class _Job:
                 channels_last=self.options.channels_last,
                 min_batch_size=self.limits.min_size,
                 total_batches=total,
+                progress=self.progress.batches(Phase.evaluating),
+                should_stop=self.should_stop,
+            )
+
+    def _evaluate_source(self) -> Evaluation | None:
+        """The original model on the labeled source set (``source_eval_path``), for the
+        label-free estimate; None without one.
+
+        Raises:
+            InvalidOptionError: the model is not a classifier.
+        """
+        samples = load_source_eval(self.spec)
+        if samples is None:
+            return None
+        if self.task.task != "classification":
+            raise InvalidOptionError(
+                f"a source evaluation set estimates classification top-1, and this model is "
+                f"evaluated as {self.task.task}; leave source_eval out",
+                field="source_eval_path",
+            )
+        loader = self._loader(samples, list(range(samples.num_samples)), self.eval_batch_size)
+        self.progress.start(Phase.evaluating, len(loader))
+        with self.timer("evaluate_source"), shape_guards_as_data_errors(self.limits):
+            return evaluate(
+                self.model,
+                loader,
+                labeled=True,
+                plan=self.task,
+                call_fn=self.call_fn,
+                device=self.device,
+                autocast_dtype=self.autocast_dtype,
+                channels_last=self.options.channels_last,
+                min_batch_size=self.limits.min_size,
+                total_batches=len(loader),
                 progress=self.progress.batches(Phase.evaluating),
                 should_stop=self.should_stop,
             )

@@ -44,6 +44,7 @@ def load_job(spec: JobSpec) -> tuple[LoadedModel, DataPlan]:
         (spec.model_path, "model_path"),
         (spec.calibration_path, "calibration_path"),
         (spec.eval_path, "eval_path"),
+        (spec.source_eval_path, "source_eval_path"),
     ):
         if path is not None and not Path(path).is_file():
             raise NotFoundError(f"{field}: no such file: {path}", file=path)
@@ -70,6 +71,35 @@ def load_job(spec: JobSpec) -> tuple[LoadedModel, DataPlan]:
             spec.eval_path, preprocess=options.preprocess, limits=limits, input_names=names
         )
     return loaded, plan_data(calibration, eval_set, options)
+
+
+def load_source_eval(spec: JobSpec) -> SampleSet | None:
+    """The labeled source validation set of ``spec`` (None without one).
+
+    Raises:
+        InvalidDataError: it has no labels.
+    """
+    if spec.source_eval_path is None:
+        return None
+    limits = DataLimits(
+        max_archive_members=spec.max_archive_members,
+        max_archive_bytes=spec.max_archive_bytes,
+        max_image_pixels=spec.max_image_pixels,
+    )
+    options = spec.options
+    samples = open_samples(
+        spec.source_eval_path,
+        preprocess=options.preprocess,
+        limits=limits,
+        input_names=tuple(options.input_names),
+    )
+    if not samples.has_labels or samples.num_samples == 0:
+        raise InvalidDataError(
+            "the source evaluation set needs labeled samples (its labels are what the "
+            "label-free estimate learns from); give one with labels",
+            file=spec.source_eval_path,
+        )
+    return samples
 
 
 def check_job(

@@ -22,6 +22,7 @@ from recalib.contract import (
     DataSplit,
     DriftLayer,
     DriftReport,
+    Estimate,
     FoldReport,
     JobKind,
     JobSpec,
@@ -33,8 +34,10 @@ from recalib.contract import (
     TaskDecision,
     Verdict,
 )
+from recalib.verdict import estimate_verdict
 from worker.devices import describe_device
-from worker.evaluation import Evaluation, decide_verdict, prediction_change
+from worker.evaluation import Evaluation, judge, prediction_change
+from worker.evaluation.estimate import estimate
 from worker.formats.samples import MAX_SKIPPED_EXAMPLES
 from worker.report_html import write_report_html
 
@@ -106,8 +109,16 @@ def build_report(
     device: torch.device,
     timings_s: dict[str, float],
     task: TaskPlan | None = None,
+    source: Evaluation | None = None,
 ) -> Report:
-    """The :class:`Report` of one finished job; ``task`` is what the evaluation measured."""
+    """The :class:`Report` of one finished job; ``task`` is what the evaluation measured;
+    ``source`` the original model on a labeled source set (the label-free estimate, which
+    gives the verdict when the target has no labels)."""
+    judgement = judge(before, after)
+    estimate = label_free_estimate(source, before, after)
+    verdict, basis = judgement.verdict, judgement.basis
+    if basis is None and estimate is not None:
+        verdict, basis = estimate_verdict(estimate), "estimate"
     return Report(
         recalib_version=recalib.__version__,
         model_format=loaded.format,
@@ -123,10 +134,13 @@ def build_report(
             prior=PriorChoice(**asdict(result.prior)) if result.prior else None,
             convergence=Convergence(**asdict(result.convergence)) if result.convergence else None,
         ),
-        before=before.metrics,
-        after=after.metrics,
+        before=judgement.before,
+        after=judgement.after,
         prediction_change=prediction_change(before.predictions, after.predictions),
-        verdict=decide_verdict(before.metrics, after.metrics),
+        verdict=verdict,
+        verdict_basis=basis,
+        significance=judgement.significance,
+        estimate=estimate,
         layers=[LayerChange(**asdict(change)) for change in result.changes],
         checkpoint=checkpoint,
         folded=folded,
@@ -192,6 +206,23 @@ def build_drift_report(
             most_moved=[layer.name for layer in result.most_moved(defaults.DRIFT_TOP_LAYERS)],
             layers=[DriftLayer(**asdict(layer)) for layer in result.layers],
         ),
+    )
+
+
+def label_free_estimate(
+    source: Evaluation | None, before: Evaluation, after: Evaluation
+) -> Estimate | None:
+    """``report.estimate`` from the source evaluation and the target's before/after passes;
+    None without a source set or per-sample scores."""
+    if source is None or source.labels is None:
+        return None
+    scored = []
+    for evaluation in (source, before, after):
+        if evaluation.predictions is None or evaluation.negative_entropy is None:
+            return None
+        scored.append((evaluation.predictions.numpy(), evaluation.negative_entropy.numpy()))
+    return estimate(
+        (*scored[0], source.labels.numpy()), scored[1], scored[2], int(source.num_classes or 0)
     )
 
 

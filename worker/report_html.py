@@ -20,7 +20,8 @@ from pathlib import Path
 from jinja2 import Environment
 from markupsafe import Markup
 
-from recalib.contract import Metrics, Report
+from recalib.contract import Interval, Metrics, Report
+from recalib.verdict import explain
 from worker import report_plots
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ table{border-collapse:collapse;margin:.4rem 0}td,th{padding:.2rem .7rem;text-ali
 border-bottom:1px solid #edf2f7}td:first-child,th:first-child{text-align:left}
 .verdict{display:inline-block;padding:.1rem .6rem;border-radius:.8rem;font-weight:600;color:#fff}
 .better{background:#2f855a}.worse{background:#c53030}.unchanged{background:#718096}
-.unknown{background:#a0aec0}.muted{color:#718096}figure{margin:.4rem 0}
+.unknown{background:#a0aec0}.inconclusive{background:#b7791f}.muted{color:#718096}
+figure{margin:.4rem 0}
 figure svg{width:100%;height:auto}dl{display:grid;grid-template-columns:max-content auto;
 gap:.1rem 1rem;margin:.4rem 0}dt{color:#4a5568}dd{margin:0}
 </style></head><body>
@@ -86,6 +88,7 @@ Most moved: {{ d.most_moved|join(", ") }}.</p>
  · outputs moved {{ "%.2f"|format(100 * r.output_change.relative_l2) }}% (relative L2)
 {%- if r.output_change.shape_changed %}, {{ r.output_change.shape_changed }} output tensors
  changed shape{% endif %}{% endif %}</p>
+<p id="verdict-basis" class="muted">{{ verdict_text }}</p>
 <h2>Summary</h2>
 <table id="metrics"><tr><th>metric</th><th>before</th><th>after</th></tr>
 {% for label, before, after in metrics %}
@@ -113,6 +116,17 @@ output {{ r.task.output }})</span></dd>{% endif %}
 max |diff| {{ "%.2e"|format(r.folded.max_abs_diff) }}</dd>{% endif %}
 <dt>recalib</dt><dd>{{ r.recalib_version }}</dd>
 </dl>
+{% if r.estimate %}<h2>Label-free estimate</h2>
+<p class="muted">Target top-1 estimated without target labels from the source set
+({{ r.estimate.source_samples }} labeled samples, source top-1
+{{ "%.4f"|format(r.estimate.source_top1) }}; method {{ r.estimate.method }}).</p>
+<table id="estimate"><tr><th></th><th>top-1</th><th>95 % interval</th><th>bound</th>
+<th>reliable</th><th>why</th></tr>
+{% for name, side in (("before", r.estimate.before), ("after", r.estimate.after)) %}
+<tr><td>{{ name }}</td><td>{{ "%.4f"|format(side.top1) if side.top1 is not none else "–" }}</td>
+<td>[{{ "%.4f"|format(side.interval.low) }}, {{ "%.4f"|format(side.interval.high) }}]</td>
+<td>≤ {{ "%.4f"|format(side.upper_bound) }}</td><td>{{ "yes" if side.reliable else "no" }}</td>
+<td style="text-align:left">{{ side.reason }}</td></tr>{% endfor %}</table>{% endif %}
 <h2>Drift per BN layer</h2>
 <p class="muted">How far each layer's running statistics moved: the mean shift in units of the old
 running standard deviation, and the ratio of new to old variance.</p>
@@ -148,12 +162,26 @@ def _format(value: float | int | None, spec: str) -> str:
     return "–" if value is None else spec.format(value)
 
 
+_INTERVALS = {"top1": "top1_interval", "mean_iou": "mean_iou_interval"}
+"""The metrics shown with their 95 % interval."""
+
+
+def _with_interval(text: str, interval: Interval | None) -> str:
+    return text if interval is None else f"{text} [{interval.low:.4f}, {interval.high:.4f}]"
+
+
 def _metric_rows(before: Metrics | None, after: Metrics | None) -> list[tuple[str, str, str]]:
     rows = []
     for label, key, spec in _METRICS:
         values = [getattr(m, key) if m else None for m in (before, after)]
         if any(v is not None for v in values):
-            rows.append((label, *(_format(v, spec) for v in values)))
+            texts = [_format(v, spec) for v in values]
+            if key in _INTERVALS:
+                texts = [
+                    _with_interval(t, getattr(m, _INTERVALS[key]) if m else None)
+                    for t, m in zip(texts, (before, after), strict=True)
+                ]
+            rows.append((label, *texts))
     return rows
 
 
@@ -188,6 +216,7 @@ def render_report_html(report: Report) -> str:
         r=report,
         title=report.data.eval_file or report.data.calibration_file,
         top1=top1,
+        verdict_text=explain(report),
         metrics=_metric_rows(before, after),
         evaluated_on=evaluated_on.format(report.data.eval_file),
         layer_svg=Markup(layer_svg) if layer_svg else None,

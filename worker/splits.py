@@ -9,7 +9,8 @@ Which samples serve what, as :func:`plan_data` decides (recorded in ``report.dat
 - no eval file, unlabeled calibration data: the model is evaluated before and after on the
   calibration samples themselves (``evaluated_on = "calibration"``): the label-free metrics
   (entropy, confidence, prediction change) only, top-1/top-5/loss are null, the verdict is
-  ``unknown``. ``options.holdout`` is an :class:`InvalidOptionError` here.
+  ``unknown`` (or, with a labeled source set, the label-free estimate's). ``options.holdout``
+  is an :class:`InvalidOptionError` here.
 
 ``options.max_samples`` then keeps a seeded random subset of the calibration part. The seed fixes
 the split, the subset and the calibration order, so a job is deterministic for a seed.

@@ -30,6 +30,7 @@ from pydantic.fields import FieldInfo
 from recalib import defaults
 from recalib.contract import JobOptions, Preprocess
 from recalib.errors import InvalidOptionError
+from recalib.verdict import REQUIREMENTS
 
 PREPROCESS_FIELD = "preprocess"
 """The JobOptions field holding :class:`Preprocess`: its fields get flags of their own."""
@@ -62,12 +63,28 @@ EVAL_HELP = (
     "Labeled evaluation data, in the formats of --calib (left out: part of labeled calibration "
     "data is held out, see --holdout)."
 )
+SOURCE_EVAL_HELP = (
+    "Labeled data from the model's training (source) domain, in the formats of --calib: without "
+    "target labels, the label-free estimate of the target top-1 and its verdict come from it "
+    "(docs/label_free.md)."
+)
 ARCH_HELP = (
     "MODULE:FUNCTION that builds the model, for a state_dict file (e.g. "
     "torchvision.models:resnet18), imported only from the modules of RECALIB_ARCH_ALLOWLIST "
     "(default: " + ", ".join(defaults.ARCH_ALLOWLIST) + ")."
 )
 """Help of the data and model arguments that ``run`` and ``submit`` share."""
+
+
+def add_require_flag(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--require better|not-worse``, the verdict gate of ``run`` and ``submit``
+    (:func:`recalib.verdict.fails`); ``note`` is appended to the help."""
+    parser.add_argument(
+        "--require",
+        choices=REQUIREMENTS,
+        help=f"Exit 3 unless the verdict meets this{note}: 'better' fails on anything but "
+        "better (unchanged, inconclusive, unknown too), 'not-worse' on worse.",
+    )
 
 
 def flag(name: str) -> str:

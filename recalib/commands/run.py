@@ -3,7 +3,8 @@
 The job-option flags are generated from the contract (:mod:`recalib.commands.job_options`, shared
 with ``recalib submit``) and validated by it, so a bad value ends as one line naming the flag and
 exit code 2. The verdict does not change the exit code unless ``--fail-if-worse`` is given (then 3
-when the verdict is ``worse``, as for ``submit``).
+when the verdict is ``worse``, as for ``submit``) or ``--require better`` (3 on any other verdict;
+the gates are :func:`recalib.verdict.fails`).
 Operator settings (``RECALIB_ARCH_ALLOWLIST``, ``RECALIB_ALLOW_UNSAFE_PICKLE``, archive limits)
 apply here as in the service.
 """
@@ -25,13 +26,16 @@ from recalib.commands.job_options import (
     CALIB_HELP,
     EVAL_HELP,
     MODEL_HELP,
+    SOURCE_EVAL_HELP,
     add_option_flags,
+    add_require_flag,
     flag,
     options_from_args,
 )
 from recalib.contract import JobSpec, Progress, Report, Verdict
 from recalib.errors import EXIT_OK, EXIT_WORSE, InvalidOptionError, NotFoundError
 from recalib.settings import get_settings
+from recalib.verdict import explain, fails
 
 _EVALUATED_ON = {
     "eval_file": "the eval file",
@@ -45,6 +49,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("--calib", required=True, metavar="DATA", help=CALIB_HELP)
     parser.add_argument("--eval", metavar="DATA", help=EVAL_HELP)
+    parser.add_argument("--source-eval", metavar="DATA", help=SOURCE_EVAL_HELP)
     parser.add_argument("--arch", metavar="MODULE:FUNCTION", help=ARCH_HELP)
     parser.add_argument(
         "--arch-kwargs",
@@ -66,11 +71,13 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fail-if-worse", action="store_true", help="Exit 3 when the verdict is worse."
     )
+    add_require_flag(parser)
 
 
 def build_spec(args: argparse.Namespace) -> JobSpec:
     """The :class:`JobSpec` of the arguments; bad values raise :class:`InvalidOptionError`."""
-    for label, path in (("model", args.model), ("calibration", args.calib), ("eval", args.eval)):
+    paths = (("model", args.model), ("calibration", args.calib), ("eval", args.eval))
+    for label, path in (*paths, ("source eval", args.source_eval)):
         if path is not None and not Path(path).is_file():
             raise NotFoundError(f"{label} file not found", file=path)
     options = options_from_args(args)
@@ -90,6 +97,7 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
             model_path=args.model,
             calibration_path=args.calib,
             eval_path=args.eval,
+            source_eval_path=args.source_eval,
             arch=args.arch,
             arch_kwargs=arch_kwargs,
             options=options,
@@ -127,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
     else:
         sys.stdout.write(summary(report, Path(spec.out_dir)) + "\n")
-    if args.fail_if_worse and report.verdict is Verdict.worse:
+    if fails(report.verdict, fail_if_worse=args.fail_if_worse, require=args.require):
         return EXIT_WORSE
     return EXIT_OK
 
@@ -148,6 +156,7 @@ def summary(report: Report, out_dir: Path) -> str:
         + f" on {evaluated} samples of {_EVALUATED_ON[report.data.evaluated_on]}"
         + (f", {pixels}predictions changed: {change:.1%}" if change is not None else "")
     )
+    lines.append(f"  {explain(report)}")
     headline = report_text.headline(report)
     if report.verdict is Verdict.worse and headline is not None:
         name, before, after = headline

@@ -1,7 +1,8 @@
 """``recalib submit``: upload a model and data to a recalib server, queue a job, optionally wait.
 
 For pipelines: the exit code says how it went (``recalib.errors``): 0 success, 2 bad arguments or
-request, 3 ``--fail-if-worse`` and the verdict is worse, 4 the job failed, 5 it was cancelled,
+request, 3 ``--fail-if-worse`` and the verdict is worse (or ``--require better`` and it is not
+better), 4 the job failed, 5 it was cancelled,
 1 the server is unreachable or another internal fault.
 """
 
@@ -22,10 +23,12 @@ from recalib.commands.job_options import (
     CALIB_HELP,
     EVAL_HELP,
     MODEL_HELP,
+    SOURCE_EVAL_HELP,
     add_option_flags,
+    add_require_flag,
     options_from_args,
 )
-from recalib.contract import JobPublic, JobStatus, Verdict
+from recalib.contract import JobPublic, JobStatus
 from recalib.errors import (
     EXIT_CANCELLED,
     EXIT_DRIFTED,
@@ -34,12 +37,14 @@ from recalib.errors import (
     EXIT_WORSE,
     InvalidOptionError,
 )
+from recalib.verdict import explain, fails
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help=MODEL_HELP)
     parser.add_argument("--calib", type=Path, required=True, metavar="DATA", help=CALIB_HELP)
     parser.add_argument("--eval", type=Path, metavar="DATA", help=EVAL_HELP)
+    parser.add_argument("--source-eval", type=Path, metavar="DATA", help=SOURCE_EVAL_HELP)
     parser.add_argument(
         "--server",
         metavar="URL",
@@ -81,6 +86,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help=f"With --kind drift: exit {EXIT_DRIFTED} when recalibration is recommended "
         "(implies --wait).",
     )
+    add_require_flag(parser, " (implies --wait)")
     parser.add_argument("--json", action="store_true", help="Print the job as JSON on stdout.")
     parser.add_argument(
         "--idempotency-key",
@@ -110,12 +116,19 @@ def main(args: argparse.Namespace) -> int:
     options = options_from_args(args)  # bad values fail here, before any upload; only the
     # flags given are sent (model_fields_set), the rest keep the contract's defaults
     arch_kwargs = _arch_kwargs(args.arch_kwargs)
-    wait = args.wait or args.download is not None or args.fail_if_worse or args.fail_if_drifted
+    wait = (
+        args.wait
+        or args.download is not None
+        or args.fail_if_worse
+        or bool(args.require)
+        or args.fail_if_drifted
+    )
     if args.fail_if_drifted and args.kind != "drift":
         raise InvalidOptionError("--fail-if-drifted needs --kind drift", field="--fail-if-drifted")
     with RecalibClient(args.server, api_key=args.api_key) as client:
         ids = {}
-        for role, path in (("model", args.model), ("calib", args.calib), ("eval", args.eval)):
+        paths = (("model", args.model), ("calib", args.calib), ("eval", args.eval))
+        for role, path in (*paths, ("source_eval", args.source_eval)):
             if path is not None:
                 ids[role] = client.upload_file(path).id
                 _note(f"{role}: {path} → {ids[role]}")
@@ -128,6 +141,7 @@ def main(args: argparse.Namespace) -> int:
             arch_kwargs=arch_kwargs,
             idempotency_key=args.idempotency_key,
             kind=args.kind,
+            source_eval_file=ids.get("source_eval"),
         )
         _note(f"job {job.id} {job.status.value}")
         if not wait:
@@ -137,17 +151,29 @@ def main(args: argparse.Namespace) -> int:
         if job.status == JobStatus.succeeded and args.download is not None:
             _download_all(client, job, args.download)
     _out(job.model_dump_json(indent=2) if args.json else _summary(job))
-    return exit_code(job, fail_if_worse=args.fail_if_worse, fail_if_drifted=args.fail_if_drifted)
+    return exit_code(
+        job, fail_if_worse=args.fail_if_worse, require=args.require,
+        fail_if_drifted=args.fail_if_drifted,
+    )  # fmt: skip
 
 
-def exit_code(job: JobPublic, *, fail_if_worse: bool, fail_if_drifted: bool = False) -> int:
-    """0, or the code of a failed/cancelled job, or EXIT_WORSE for a worse verdict if asked
-    (EXIT_DRIFTED for a drift check that recommends recalibrating)."""
+def exit_code(
+    job: JobPublic, *, fail_if_worse: bool, require: str | None = None,
+    fail_if_drifted: bool = False,
+) -> int:  # fmt: skip
+    """0, or the code of a failed/cancelled job, or EXIT_WORSE when the verdict fails the gate
+    asked for (:func:`recalib.verdict.fails`), or EXIT_DRIFTED for a drift check that
+    recommends recalibrating when ``fail_if_drifted``."""
     if job.status == JobStatus.failed:
         return EXIT_JOB_FAILED
     if job.status == JobStatus.cancelled:
         return EXIT_CANCELLED
-    if fail_if_worse and job.result is not None and job.result.verdict == Verdict.worse:
+    gated = fail_if_worse or require is not None
+    if (
+        gated
+        and job.result is not None
+        and fails(job.result.verdict, fail_if_worse=fail_if_worse, require=require)
+    ):
         return EXIT_WORSE
     drift = job.result.drift if job.result is not None else None
     if fail_if_drifted and drift is not None and drift.recommend_recalibration:
@@ -199,7 +225,10 @@ def _summary(job: JobPublic) -> str:
     moved = report_text.output_change_text(report)
     moved_text = f", {moved}" if moved and not headline else ""
     task = f" ({report_text.task_of(report)})" if report.task is not None else ""
-    return f"job {job.id} succeeded: verdict {report.verdict.value}{task}{metric}{moved_text}"
+    return (
+        f"job {job.id} succeeded: verdict {report.verdict.value}{task}{metric}{moved_text}\n"
+        f"  {explain(report)}"
+    )
 
 
 def _fmt(value: float | None) -> str:

@@ -126,6 +126,13 @@ class JobCreate(Input):
     )
     calibration_uri: InputUri | None = Field(None, description="Calibration data by URI.")
     eval_uri: InputUri | None = Field(None, description="Evaluation data by URI.")
+    source_eval_file: FileId | None = Field(
+        None,
+        description="Labeled data from the model's training (source) domain: without target "
+        "labels, the label-free estimate of the target top-1 and its verdict come from it "
+        "(`report.estimate`).",
+    )
+    source_eval_uri: InputUri | None = Field(None, description="Source evaluation data by URI.")
     arch: str | None = Field(
         None,
         max_length=256,
@@ -143,7 +150,8 @@ class JobCreate(Input):
 
     @model_validator(mode="after")
     def _one_source_each(self) -> Self:
-        for role, required in (("model", True), ("calibration", True), ("eval", False)):
+        roles = (("model", True), ("calibration", True), ("eval", False), ("source_eval", False))
+        for role, required in roles:
             given = [
                 f"{role}_{kind}" for kind in ("file", "uri") if getattr(self, f"{role}_{kind}")
             ]

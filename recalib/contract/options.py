@@ -301,6 +301,11 @@ class JobSpec(Input):
     model_path: str
     calibration_path: str
     eval_path: str | None = None
+    source_eval_path: str | None = Field(
+        None,
+        description="Labeled data from the model's training domain, for the label-free "
+        "estimate of the target top-1.",
+    )
     arch: str | None = Field(None, description="`module:callable` for state_dict models.")
     arch_kwargs: JsonObject = Field(default_factory=dict)
     options: JobOptions = Field(default_factory=JobOptions)

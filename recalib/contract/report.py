@@ -17,7 +17,71 @@ class Verdict(StrEnum):
     better = "better"
     worse = "worse"
     unchanged = "unchanged"
+    inconclusive = "inconclusive"
     unknown = "unknown"
+
+
+class Interval(Output):
+    """A 95 % confidence interval, in the unit of the quantity it bounds."""
+
+    low: float
+    high: float
+
+
+class Significance(Output):
+    """The paired test behind a labeled verdict (:mod:`recalib.verdict`), after − before."""
+
+    test: Literal["mcnemar_exact", "paired_bootstrap"] = Field(
+        description="Exact McNemar test on the samples whose top-1 correctness changed "
+        "(classification), or a paired bootstrap over images of the mean IoU (segmentation)."
+    )
+    p_value: float | None = Field(description="Two-sided p-value of no difference.")
+    alpha: float = Field(description="Significance level of `better`/`worse`.")
+    difference: float = Field(description="after − before: top-1 or mean IoU.")
+    difference_interval: Interval = Field(description="95 % interval of `difference`.")
+    tolerance: float = Field(
+        description="`unchanged` when `difference_interval` lies within ±tolerance."
+    )
+    samples: int = Field(description="Paired samples (images) the test used.")
+    samples_needed: int | None = Field(
+        None,
+        description="Labeled samples that would detect the observed difference at `alpha` with "
+        "power 0.8; null when the difference is zero.",
+    )
+    only_before_correct: int | None = Field(
+        None, description="McNemar: samples right before and wrong after."
+    )
+    only_after_correct: int | None = Field(
+        None, description="McNemar: samples wrong before and right after."
+    )
+
+
+class EstimatedTop1(Output):
+    """A label-free estimate of one model's top-1 on the target (``report.estimate``)."""
+
+    top1: float | None = Field(description="The estimate; null when it is unreliable.")
+    interval: Interval = Field(
+        description="95 % interval; for an unreliable estimate [0, upper_bound]."
+    )
+    reliable: bool = Field(
+        description="False when the evidence cannot support a number (the model is out of its "
+        "training distribution): then only `upper_bound` holds."
+    )
+    upper_bound: float = Field(
+        description="1 − TV(predicted class frequencies, source label frequencies): top-1 cannot "
+        "exceed it when the target's class frequencies are the source's."
+    )
+    reason: str
+
+
+class Estimate(Output):
+    """Label-free estimates from a labeled source validation set (``source_eval_file``)."""
+
+    method: str = Field(description="`atc-ne+class-bound` (see docs/label_free.md).")
+    source_top1: float = Field(description="The original model's top-1 on the source set.")
+    source_samples: int
+    before: EstimatedTop1
+    after: EstimatedTop1
 
 
 class ConfidenceHistogram(Output):
@@ -40,6 +104,9 @@ class Metrics(Output):
     """
 
     top1: float | None = Field(None, description="Classification; null without labels.")
+    top1_interval: Interval | None = Field(
+        None, description="95 % Wilson interval of `top1`; older reports lack it."
+    )
     top5: float | None = Field(
         None, description="Null without labels, with fewer than 5 classes, or not classification."
     )
@@ -70,6 +137,11 @@ class Metrics(Output):
         None,
         description="Segmentation: mean over classes of IoU, classes absent from labels and "
         "predictions left out.",
+    )
+    mean_iou_interval: Interval | None = Field(
+        None,
+        description="95 % bootstrap interval of `mean_iou` (images resampled, seeded); older "
+        "reports lack it.",
     )
     per_class_iou: list[float | None] | None = Field(
         None,
@@ -172,7 +244,7 @@ class CalibrationSummary(Output):
 class InputSource(Output):
     """Where one input of the job came from, and exactly what it was."""
 
-    role: Literal["model", "calibration", "eval"]
+    role: Literal["model", "calibration", "eval", "source_eval"]
     file_id: str | None = Field(None, description="The upload, when the input was one.")
     uri: str | None = Field(None, description="The URI, when the input was given by one.")
     sha256: str
@@ -334,7 +406,24 @@ class Report(Output):
         description="Fraction of evaluated samples (segmentation: pixels) whose top-1 "
         "prediction changed; null without logits."
     )
-    verdict: Verdict
+    verdict: Verdict = Field(
+        description="`better`/`worse`: a significant change at `significance.alpha`; "
+        "`unchanged`: the difference's interval within the tolerance; `inconclusive`: too few "
+        "samples to tell; `unknown`: no labels and no estimate."
+    )
+    verdict_basis: Literal["labels", "estimate"] | None = Field(
+        None,
+        description="What the verdict rests on: labeled evaluation data, a label-free estimate, "
+        "or nothing (`unknown`; older reports).",
+    )
+    significance: Significance | None = Field(
+        None, description="The paired test of a labeled verdict; null otherwise."
+    )
+    estimate: Estimate | None = Field(
+        None,
+        description="Label-free target top-1 before and after, from a labeled source "
+        "validation set; null without one.",
+    )
     layers: list[LayerChange]
     checkpoint: Artifact | None = Field(
         description="The recalibrated model; null for a drift job, which writes none."

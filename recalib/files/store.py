@@ -246,7 +246,7 @@ class FileStore:
 
     def require_job_inputs(self, tenant: str, request: JobCreate) -> None:
         """Check that every file a job names exists for ``tenant`` (the error names the field)."""
-        for field in ("model_file", "calibration_file", "eval_file"):
+        for field in ("model_file", "calibration_file", "eval_file", "source_eval_file"):
             file_id = getattr(request, field)
             if file_id is not None:
                 try:

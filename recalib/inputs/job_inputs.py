@@ -26,7 +26,7 @@ from recalib.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("model", "calibration", "eval")
+ROLES = ("model", "calibration", "eval", "source_eval")
 REPORT_FILE = "report.json"
 
 

@@ -373,7 +373,7 @@ def check_uri(uri: str, field: str, ctx: FetchContext) -> None:
 def check_job_uris(request: JobCreate, ctx: FetchContext) -> None:
     """Refuse a job whose URIs can be known bad now: a forbidden host, an object that does not
     exist or is over the cap (the error names the field). Admission's check, at create time."""
-    for role in ("model", "calibration", "eval"):
+    for role in ("model", "calibration", "eval", "source_eval"):
         uri = getattr(request, f"{role}_uri")
         if uri is not None:
             try:

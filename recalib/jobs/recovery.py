@@ -213,7 +213,8 @@ class Reaper:
             stored = records.load(self.conn, job_id)
             if stored is not None:
                 request = stored.record.request
-                in_use |= {request.model_file, request.calibration_file, request.eval_file}
+                in_use |= {request.model_file, request.calibration_file, request.eval_file,
+                           request.source_eval_file}  # fmt: skip
         deleted = 0
         for record in self.files.records():
             if record.id in in_use or record.created_at.timestamp() >= cutoff:

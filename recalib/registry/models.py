@@ -34,6 +34,7 @@ from recalib.registry.client import (
     registry_client,
     reraise,
 )
+from recalib.verdict import alias_may_move
 
 __all__ = [  # with the client's two checks, which callers import from here
     "EXPERIMENT",
@@ -222,7 +223,7 @@ def register_result(
                 tags=registry_tags(report, source, calibration_sha256),
                 description=f"recalibrated by recalib {__version__} (verdict: {report.verdict})",
             )
-            moved = register.alias is not None and report.verdict.value != "worse"
+            moved = register.alias is not None and alias_may_move(report.verdict)
             if moved:
                 client.set_registered_model_alias(register.name, register.alias, version.version)
         except Exception as exc:

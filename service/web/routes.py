@@ -23,6 +23,7 @@ from recalib.contract import JobCreate, JobOptions, JobRecord
 from recalib.errors import InvalidOptionError, RecalibError, UnauthorizedError
 from recalib.files.artifacts import ArtifactStore
 from recalib.files.store import FileStore
+from recalib.verdict import explain
 from service.api.deps import CursorQuery, JobIdPath
 from service.api.routes.report_html import REPORT_HTML_FILE
 from service.web import login, session
@@ -93,6 +94,7 @@ def job_page(request: Request, job_id: JobIdPath) -> Response:
         names=names,
         has_html=has_html,
         options=json.dumps(options) if options else "defaults",
+        verdict_text=explain(record.result) if record.result is not None else None,
     )
 
 

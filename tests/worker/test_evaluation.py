@@ -11,9 +11,11 @@ from torch import nn
 from recalib.contract import Metrics, Verdict
 from recalib.errors import InvalidModelError, JobCancelledError
 from worker.evaluation import (
-    decide_verdict,
+    ClassificationAccumulator,
+    Evaluation,
     evaluate,
     infer_num_classes,
+    judge,
     max_output_diff,
     prediction_change,
 )
@@ -95,31 +97,46 @@ def test_prediction_change() -> None:
         prediction_change(before, after[:3])
 
 
-def _metrics(top1: float | None, samples: int = 100) -> Metrics:
-    return Metrics(
-        top1=top1, top5=None, loss=None, samples=samples, mean_entropy=1.0, mean_confidence=0.5
-    )
+def _evaluation(correct: list[bool] | None) -> Evaluation:
+    top1 = None if correct is None else sum(correct) / len(correct)
+    metrics = Metrics(top1=top1, samples=len(correct or [0]), mean_entropy=1.0)
+    flags = None if correct is None else torch.tensor(correct)
+    return Evaluation(metrics=metrics, predictions=None, correct=flags)
+
+
+INCONCLUSIVE = Verdict.inconclusive
 
 
 @pytest.mark.parametrize(
     ("before", "after", "verdict"),
     [
-        (0.50, 0.90, Verdict.better),
-        (0.90, 0.50, Verdict.worse),
-        (0.50, 0.50, Verdict.unchanged),
-        (0.50, 0.51, Verdict.unchanged),  # one sample of 100: noise
-        (0.51, 0.50, Verdict.unchanged),
-        (0.50, 0.52, Verdict.better),  # two samples
-        (0.52, 0.50, Verdict.worse),
+        ([False] * 60 + [True] * 40, [True] * 100, Verdict.better),  # 60 fixed: p ≈ 2^-59
+        ([True] * 100, [False] * 60 + [True] * 40, Verdict.worse),
+        ([True] * 50 + [False] * 50, [True] * 50 + [False] * 50, Verdict.unchanged),
+        # two samples more of 100: the old rule said better; McNemar p = 0.5
+        ([False] * 2 + [True] * 48 + [False] * 50, [True] * 50 + [False] * 50, INCONCLUSIVE),
     ],
 )
-def test_verdict_by_top1(before: float, after: float, verdict: Verdict) -> None:
-    assert decide_verdict(_metrics(before), _metrics(after)) is verdict
+def test_verdict_by_paired_top1(before, after, verdict: Verdict) -> None:
+    judgement = judge(_evaluation(before), _evaluation(after))
+    assert judgement.verdict is verdict and judgement.basis == "labels"
+    assert judgement.significance is not None and judgement.significance.test == "mcnemar_exact"
 
 
-def test_verdict_unknown_without_labels_or_data() -> None:
-    assert decide_verdict(_metrics(None), _metrics(None)) is Verdict.unknown
-    assert decide_verdict(None, None) is Verdict.unknown
+def test_verdict_unknown_without_labels() -> None:
+    judgement = judge(_evaluation(None), _evaluation(None))
+    assert judgement.verdict is Verdict.unknown and judgement.basis is None
+    assert judgement.significance is None
+
+
+def test_top1_interval_is_wilson() -> None:
+    accumulator = ClassificationAccumulator(labeled=True)
+    accumulator.update(torch.eye(4)[[0, 1, 2, 3, 0]], torch.tensor([0, 1, 2, 3, 1]))
+    metrics = accumulator.result().metrics
+    assert metrics.top1 == pytest.approx(0.8)
+    interval = metrics.top1_interval
+    assert interval is not None
+    assert (interval.low, interval.high) == pytest.approx((0.3755, 0.9638), abs=1e-4)
 
 
 class _Returns(nn.Module):

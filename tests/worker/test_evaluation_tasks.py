@@ -12,10 +12,10 @@ from torch import nn
 
 from recalib.contract import Metrics, Verdict
 from recalib.errors import InvalidDataError, InvalidModelError, InvalidOptionError
-from worker.evaluation import ReferenceBuffers, decide_verdict, evaluate, resolve_task
+from worker.evaluation import Evaluation, ReferenceBuffers, evaluate, judge, resolve_task
 from worker.evaluation.label_free import OutputChangeAccumulator
 from worker.evaluation.outputs import auto_logits, describe, select
-from worker.evaluation.segmentation import fit_to_masks
+from worker.evaluation.segmentation import SegmentationAccumulator, fit_to_masks
 
 Outputs = namedtuple("Outputs", ["logits", "aux"])
 
@@ -149,25 +149,63 @@ def test_mask_values_outside_the_classes_fail_the_batch() -> None:
         _seg_eval(torch.zeros(1, 3, 1, 2), torch.tensor([[[0, 5]]]))
 
 
-def _metrics(miou: float | None, top1: float | None = None) -> Metrics:
-    return Metrics(samples=100, top1=top1, mean_iou=miou)
+def _iou_evaluation(hits_per_class: int, images: int = 40) -> Evaluation:
+    """``images`` images of two classes, 50 labeled and 50 predicted pixels per class each, of
+    which ``hits_per_class`` hit: IoU = hits / (100 − hits) per class and image."""
+    counts = torch.tensor([[[50, 50], [50, 50], [hits_per_class] * 2]] * images)
+    iou = hits_per_class / (100 - hits_per_class)
+    metrics = Metrics(samples=images, mean_iou=iou)
+    return Evaluation(metrics=metrics, predictions=None, image_counts=counts)
 
 
 @pytest.mark.parametrize(
     ("before", "after", "verdict"),
-    [
-        (0.40, 0.55, Verdict.better),
-        (0.55, 0.40, Verdict.worse),
-        (0.5000, 0.5009, Verdict.unchanged),
-        (0.5000, 0.4991, Verdict.unchanged),
-    ],
+    [(25, 45, Verdict.better), (45, 25, Verdict.worse), (30, 30, Verdict.unchanged)],
 )
-def test_segmentation_verdict_by_mean_iou(before, after, verdict) -> None:
-    assert decide_verdict(_metrics(before), _metrics(after)) is verdict
+def test_segmentation_verdict_by_paired_bootstrap(before, after, verdict) -> None:
+    judgement = judge(_iou_evaluation(before), _iou_evaluation(after))
+    assert judgement.verdict is verdict
+    assert judgement.significance is not None
+    assert judgement.significance.test == "paired_bootstrap"
+    assert judgement.significance.samples == 40
+    interval = judgement.after.mean_iou_interval  # identical images: no spread
+    assert interval is not None
+    assert interval.low == pytest.approx(after / (100 - after))
+    assert interval.high == pytest.approx(after / (100 - after))
+
+
+def test_mean_iou_bootstrap_is_seeded_and_varies_with_the_images() -> None:
+    def mixed(hits: list[int]) -> Evaluation:
+        counts = torch.tensor([[[50, 50], [50, 50], [h, h]] for h in hits])
+        return Evaluation(metrics=Metrics(samples=len(hits), mean_iou=0.5), predictions=None,
+                          image_counts=counts)  # fmt: skip
+
+    before, after = mixed([20, 30, 40] * 5), mixed([21, 30, 41] * 5)
+    first, second = judge(before, after), judge(before, after)
+    assert first.significance == second.significance
+    assert first.after.mean_iou_interval == second.after.mean_iou_interval
+    interval = first.after.mean_iou_interval
+    assert interval is not None and interval.low < interval.high
+
+
+def test_image_counts_sum_to_the_confusion_matrix() -> None:
+    accumulator = SegmentationAccumulator(labeled=True, ignore_index=255)
+    logits = torch.zeros(2, 3, 2, 2)
+    logits[0, 0], logits[0, 1, 0, 0] = 1.0, 2.0  # image 0: class 0, one pixel class 1
+    logits[1, 2] = 1.0  # image 1: class 2 everywhere
+    masks = torch.tensor([[[0, 0], [0, 255]], [[2, 1], [2, 2]]])
+    accumulator.update(logits, masks)
+    counts = accumulator.result().image_counts
+    assert counts is not None
+    assert counts.tolist() == [
+        [[3, 0, 0], [2, 1, 0], [2, 0, 0]],  # labeled, predicted, hits (255 left out)
+        [[0, 1, 3], [0, 0, 4], [0, 0, 3]],
+    ]
 
 
 def test_verdict_unknown_without_top1_or_mean_iou() -> None:
-    assert decide_verdict(_metrics(None), _metrics(None)) is Verdict.unknown
+    empty = Evaluation(metrics=Metrics(samples=3), predictions=None)
+    assert judge(empty, empty).verdict is Verdict.unknown
 
 
 def test_output_change_exact_and_shape_changes_counted() -> None:

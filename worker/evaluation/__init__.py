@@ -21,7 +21,13 @@ from worker.evaluation.core import (
 )
 from worker.evaluation.label_free import ReferenceBuffers
 from worker.evaluation.task import TaskPlan, resolve_task
-from worker.evaluation.verdict import MEAN_IOU_TOLERANCE, decide_verdict, prediction_change
+from worker.evaluation.verdict import (
+    MEAN_IOU_TOLERANCE,
+    Judgement,
+    decide_verdict,
+    judge,
+    prediction_change,
+)
 
 MetricsAccumulator = ClassificationAccumulator
 """The classification accumulator under its former name."""
@@ -31,6 +37,7 @@ __all__ = [
     "MEAN_IOU_TOLERANCE",
     "ClassificationAccumulator",
     "Evaluation",
+    "Judgement",
     "MetricsAccumulator",
     "ReferenceBuffers",
     "TaskPlan",
@@ -38,6 +45,7 @@ __all__ = [
     "evaluate",
     "forward_logits",
     "infer_num_classes",
+    "judge",
     "max_output_diff",
     "pad_batch",
     "prediction_change",

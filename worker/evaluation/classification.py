@@ -15,6 +15,7 @@ from torch import nn
 
 from recalib.contract import ConfidenceHistogram, Metrics
 from recalib.errors import InvalidModelError
+from recalib.verdict import wilson_interval
 
 CONFIDENCE_BINS = 20
 """Bins of ``Metrics.confidence_histogram`` over [0, 1] (width 0.05)."""
@@ -24,11 +25,21 @@ CONFIDENCE_BINS = 20
 class Evaluation:
     """Metrics of one pass plus ``predictions``: top-1 class per sample (segmentation: per pixel,
     N×H×W in a compact integer type), in loader order; None without logits. ``output_change``:
-    how far the outputs moved from the reference (label-free evaluations after recalibration)."""
+    how far the outputs moved from the reference (label-free evaluations after recalibration).
+    For the verdict: ``correct`` (classification with labels) whether each sample's top-1 was
+    right, bool in loader order; ``image_counts`` (segmentation with labels) per image and class
+    the labeled pixels, predicted pixels and hits, (images, 3, classes) int64. For the label-free
+    estimate (classification): ``negative_entropy`` per sample (nats, float32), ``num_classes``,
+    and with labels ``labels``."""
 
     metrics: Metrics
     predictions: torch.Tensor | None
     output_change: object | None = None
+    correct: torch.Tensor | None = None
+    image_counts: torch.Tensor | None = None
+    negative_entropy: torch.Tensor | None = None
+    num_classes: int | None = None
+    labels: torch.Tensor | None = None
 
 
 def confidence_histogram(counts: torch.Tensor) -> ConfidenceHistogram:
@@ -70,6 +81,9 @@ class ClassificationAccumulator:
         self._entropy_sum = 0.0
         self._confidence_sum = 0.0
         self._predictions: list[torch.Tensor] = []
+        self._correct: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._negative_entropy: list[torch.Tensor] = []
         self._confidence_counts = torch.zeros(CONFIDENCE_BINS, dtype=torch.int64)
         self._class_hits = torch.zeros(0, dtype=torch.int64)  # per label, grown as needed
         self._class_totals = torch.zeros(0, dtype=torch.int64)
@@ -83,12 +97,15 @@ class ClassificationAccumulator:
         self._entropy_sum += float(entropy.sum(dtype=torch.float64))
         self._confidence_sum += float(confidence.sum(dtype=torch.float64))
         self._confidence_counts += confidence_bins(confidence)
+        self._negative_entropy.append((-entropy).cpu())
         predictions = logits.argmax(dim=1)
         self._predictions.append(predictions.cpu())
         if not self.labeled:
             return
         labels = labels.to(logits.device, torch.int64)
         self._top1 += int((predictions == labels).sum())
+        self._correct.append((predictions == labels).cpu())
+        self._labels.append(labels.cpu())
         self._count_per_class(labels, predictions == labels)
         if self.num_classes >= 5:
             top5 = logits.topk(5, dim=1).indices
@@ -105,6 +122,7 @@ class ClassificationAccumulator:
         with_top5 = self.labeled and (self.num_classes or 0) >= 5
         metrics = Metrics(
             top1=self._top1 / n if self.labeled else None,
+            top1_interval=wilson_interval(self._top1, n) if self.labeled else None,
             top5=self._top5 / n if with_top5 else None,
             loss=self._loss_sum / n if self.labeled else None,
             samples=n,
@@ -113,7 +131,15 @@ class ClassificationAccumulator:
             per_class_accuracy=self._per_class_accuracy() if self.labeled else None,
             confidence_histogram=confidence_histogram(self._confidence_counts),
         )
-        return Evaluation(metrics=metrics, predictions=torch.cat(self._predictions))
+        correct = torch.cat(self._correct) if self.labeled else None
+        return Evaluation(
+            metrics=metrics,
+            predictions=torch.cat(self._predictions),
+            correct=correct,
+            negative_entropy=torch.cat(self._negative_entropy),
+            num_classes=self.num_classes,
+            labels=torch.cat(self._labels) if self.labeled else None,
+        )
 
     def _count_per_class(self, labels: torch.Tensor, correct: torch.Tensor) -> None:
         totals = torch.bincount(labels, minlength=self.num_classes or 0).cpu()

@@ -25,6 +25,10 @@ from worker.evaluation.classification import (
     entropy_and_confidence,
 )
 
+MAX_IMAGE_COUNT_ENTRIES = 8_000_000
+"""Most per-image class counts (images × 3 × classes, int64: 64 MB) kept for the paired bootstrap
+of the verdict; an evaluation larger than that has no mean-IoU test (verdict ``inconclusive``)."""
+
 
 def fit_to_masks(logits: torch.Tensor, mask_size: tuple[int, int]) -> torch.Tensor:
     """``logits`` (N, C, h, w) upsampled to ``mask_size`` when smaller.
@@ -62,6 +66,8 @@ class SegmentationAccumulator:
         self._all_pixels = 0
         self._confidence_counts = torch.zeros(CONFIDENCE_BINS, dtype=torch.int64)
         self._predictions: list[torch.Tensor] = []
+        self._image_counts: list[torch.Tensor] | None = []
+        self._image_count_entries = 0
 
     def update(self, logits: torch.Tensor, masks: torch.Tensor) -> None:
         """Add one batch: ``logits`` (N, C, h, w); ``masks`` N×H×W (ignored when unlabeled)."""
@@ -93,6 +99,11 @@ class SegmentationAccumulator:
         confusion = pairs.reshape(classes, classes).cpu()
         self._confusion = confusion if self._confusion is None else self._confusion + confusion
         self.pixels += int(labels.numel())
+        self._image_count_entries += int(masks.shape[0]) * 3 * classes
+        if self._image_count_entries > MAX_IMAGE_COUNT_ENTRIES:
+            self._image_counts = None  # too many to keep: no bootstrap
+        elif self._image_counts is not None:
+            self._image_counts.append(_image_counts(masks, predictions, valid, classes))
         if labels.numel():
             per_pixel = logits.permute(0, 2, 3, 1)[valid]
             self._loss_sum += float(
@@ -127,7 +138,35 @@ class SegmentationAccumulator:
             per_class_iou=per_class,
             pixels=self.pixels if self.labeled else None,
         )
-        return Evaluation(metrics=metrics, predictions=_flat(self._predictions))
+        counts = None
+        if self.labeled and self._image_counts:
+            width = max(c.shape[2] for c in self._image_counts)
+            counts = torch.cat(
+                [nn.functional.pad(c, (0, width - c.shape[2])) for c in self._image_counts]
+            )
+        return Evaluation(
+            metrics=metrics, predictions=_flat(self._predictions), image_counts=counts
+        )
+
+
+def _image_counts(
+    masks: torch.Tensor, predictions: torch.Tensor, valid: torch.Tensor, classes: int
+) -> torch.Tensor:
+    """Per image and class: labeled pixels, predicted pixels, hits (ignored pixels left out);
+    (images, 3, classes) int64 on the CPU. Summed over images they give the confusion matrix's
+    row sums, column sums and diagonal, so any resample of images has its own mean IoU."""
+    images = masks.shape[0]
+    image_of = torch.arange(images, device=masks.device).view(-1, 1, 1).expand_as(masks)[valid]
+    labels, predicted = masks[valid], predictions[valid]
+    size = images * classes
+
+    def per_image(values: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+        keys = image_of * classes + values
+        keys = keys if where is None else keys[where]
+        return torch.bincount(keys, minlength=size).reshape(images, classes)
+
+    counts = (per_image(labels), per_image(predicted), per_image(labels, labels == predicted))
+    return torch.stack(counts, dim=1).cpu()
 
 
 def _flat(predictions: list[torch.Tensor]) -> torch.Tensor:

@@ -146,10 +146,15 @@ def run_spec(
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = spec.model_copy(update={
         "out_dir": str(out_dir),
-        **{k: str(Path(v).absolute()) for k in ("model_path", "calibration_path", "eval_path")
+        **{k: str(Path(v).absolute())
+           for k in ("model_path", "calibration_path", "eval_path", "source_eval_path")
            if (v := getattr(spec, k))},
     })  # fmt: skip
-    inputs = [p for p in (spec.model_path, spec.calibration_path, spec.eval_path) if p]
+    inputs = [
+        p
+        for p in (spec.model_path, spec.calibration_path, spec.eval_path, spec.source_eval_path)
+        if p
+    ]
     with tempfile.TemporaryDirectory(prefix="recalib-job-") as tmp:
         confinement = confinement_for(spec, inputs, Path(tmp), settings)
         request = JobRequest(spec=spec.model_dump(mode="json"), confinement=confinement,

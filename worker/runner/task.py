@@ -192,6 +192,7 @@ class JobRun:
             model_path=self._input("model"),
             calibration_path=self._input("calibration"),
             eval_path=self._input("eval"),
+            source_eval_path=self._input("source_eval"),
             arch=request.arch,
             arch_kwargs=request.arch_kwargs,
             options=options,
