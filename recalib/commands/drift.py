@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     if args.fold or args.register is not None:
         flag = "--fold" if args.fold else "--register"
         raise InvalidOptionError("a drift check writes no model", field=flag)
-    args.calib, args.eval = args.data, None
+    args.calib, args.eval, args.source_eval = args.data, None, None  # build_spec reads them
     args.out = args.out or str(Path("recalib-out") / f"{Path(args.model).stem}.drift")
     spec = build_spec(args).model_copy(update={"kind": JobKind.drift})
     require("worker", "drift")
