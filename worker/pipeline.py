@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from recalib.contract import FoldReport, JobKind, JobSpec, Phase, Progress, Report
-from recalib.errors import JobCancelledError
+from recalib.errors import InvalidOptionError, JobCancelledError
 from worker import report as reporting
 from worker.batch_limits import batch_limits, probe_indices, shape_guards_as_data_errors
 from worker.devices import resolve_device
@@ -129,6 +129,17 @@ class _Job:
             self.task = check_job(
                 self.model, self.loaded, self.plan, self.limits, self.options, self.call_fn
             )
+            if self.options.prior_strength == "auto" and self.loaded.format == "onnx":
+                raise InvalidOptionError(
+                    "prior_strength auto is not available for ONNX models yet: give a number",
+                    field="options.prior_strength",
+                )
+            if self.options.fold and self.loaded.format == "onnx":
+                raise InvalidOptionError(
+                    "fold is not available for ONNX models yet: recalibrate without it and fold "
+                    "the written .onnx with an ONNX optimizer (e.g. onnxoptimizer's fuse_bn)",
+                    field="options.fold",
+                )
         if self.spec.kind == JobKind.drift:
             return self._drift_check()
         logger.info("evaluating as %s (%s)", self.task.task, self.task.reason)
@@ -271,27 +282,14 @@ class _Job:
             )
 
     def _recalibrate(self, batch_size: int) -> RecalibrationResult:
-        options = self.options
         loader = self._loader(self.plan.calibration, self.plan.calibration_indices, batch_size)
         self.progress.start(Phase.recalibrating, len(loader))
-        with self.timer("recalibrate"), shape_guards_as_data_errors(self.limits):
-            result = recalibrate(
-                self.model,
-                loader,
-                estimator=options.estimator,
-                momentum=options.momentum,
-                prior_strength=options.prior_strength,
-                tolerance=options.tolerance,
-                tolerance_window=options.tolerance_window,
-                device=self.device,
-                channels_last=options.channels_last,
-                autocast_dtype=self.autocast_dtype,
-                batch_size_range=(self.limits.min_size, self.limits.max_size),
-                call_fn=self.call_fn,
-                total_batches=len(loader),
-                progress=self.progress.batches(Phase.recalibrating),
-                should_stop=self.should_stop,
-            )
+        if self.loaded.format == "onnx":
+            with self.timer("recalibrate"):
+                result = self._recalibrate_onnx(loader)
+        else:
+            with self.timer("recalibrate"), shape_guards_as_data_errors(self.limits):
+                result = self._recalibrate_torch(loader)
         if result.dropped_samples:  # the one place that says so (the engine only counts)
             logger.warning(
                 "calibrated on %d of %d samples: %d dropped (%s takes %s samples per call, "
@@ -303,6 +301,48 @@ class _Job:
                 self.limits.describe_batch(),
             )
         return result
+
+    def _recalibrate_torch(self, loader: TimedBatches) -> RecalibrationResult:
+        options = self.options
+        return recalibrate(
+            self.model,
+            loader,
+            estimator=options.estimator,
+            momentum=options.momentum,
+            prior_strength=options.prior_strength,
+            tolerance=options.tolerance,
+            tolerance_window=options.tolerance_window,
+            device=self.device,
+            channels_last=options.channels_last,
+            autocast_dtype=self.autocast_dtype,
+            batch_size_range=(self.limits.min_size, self.limits.max_size),
+            call_fn=self.call_fn,
+            total_batches=len(loader),
+            progress=self.progress.batches(Phase.recalibrating),
+            should_stop=self.should_stop,
+        )
+
+    def _recalibrate_onnx(self, loader: TimedBatches) -> RecalibrationResult:
+        """The ONNX engine (worker.onnx) on the graph; the module then runs the new model."""
+        from worker.onnx import recalibrate_onnx
+
+        options, module = self.options, self.loaded.module
+        done = recalibrate_onnx(
+            module.proto,  # type: ignore[arg-type]
+            loader,
+            name=self.loaded.source_path.name,
+            estimator=options.estimator,
+            momentum=options.momentum,
+            prior_strength=options.prior_strength,
+            tolerance=options.tolerance,
+            tolerance_window=options.tolerance_window,
+            threads=torch.get_num_threads(),
+            total_batches=len(loader),
+            progress=self.progress.batches(Phase.recalibrating),
+            should_stop=self.should_stop,
+        )
+        module.set_model(done.model)  # type: ignore[operator]
+        return done.result
 
     def _fold(self) -> FoldReport:
         """Fold BN into conv/linear, measure the output change on the eval data, save the copy."""

@@ -215,7 +215,7 @@ class DataSplit(Output):
 
 class Artifact(Output):
     file: str = Field(description="File name, relative to the job's output directory.")
-    format: Literal["pt2", "torchscript", "safetensors", "pt"]
+    format: Literal["pt2", "torchscript", "safetensors", "pt", "onnx"]
     sha256: str
     bytes: int
 
@@ -324,7 +324,7 @@ class Report(Output):
     kind: JobKind = Field(
         JobKind.recalibrate, description="What the job did; older reports lack it."
     )
-    model_format: Literal["pt2", "torchscript", "safetensors", "pt", "module"]
+    model_format: Literal["pt2", "torchscript", "safetensors", "pt", "module", "onnx"]
     bn_layers: int = Field(description="BN layers recalibrated.")
     skipped_layers: list[SkippedLayer]
     calibration: CalibrationSummary
