@@ -177,3 +177,31 @@ def test_recalib_run_and_the_rest_api_run_an_onnx_job_sandboxed(
         for metric, value in cli[phase].items():
             if isinstance(value, float):
                 assert service[phase][metric] == pytest.approx(value, abs=1e-6), (phase, metric)
+
+
+@pytest.mark.slow
+def test_an_onnx_export_is_an_artifact_of_the_rest_api(digits_files, stack, tmp_path):
+    """A .pt2 job with options.export=["onnx"]: GET /v1/jobs/{id}/onnx serves the export."""
+    with stack.client() as client:
+        body = {
+            "model_file": upload(client, digits_files["model"]),
+            "calibration_file": upload(client, digits_files["calibration"]),
+            "eval_file": upload(client, digits_files["evaluation"]),
+            "options": {"device": "cpu", "export": ["onnx"]},
+        }
+        done = wait_for_job(client, create_job(client, body)["id"], FINAL, timeout_s=180)
+        assert done["status"] == "succeeded", done["error"]
+        (export,) = done["result"]["exports"]
+        response = client.get(f"/v1/jobs/{done['id']}/onnx")
+        assert response.status_code == 200
+        assert "digits.recalibrated.onnx" in response.headers["content-disposition"]
+        assert response.headers["etag"].strip('"') == export["artifact"]["sha256"]
+        plain = wait_for_job(
+            client, create_job(client, {**body, "options": {"device": "cpu"}})["id"], FINAL,
+            timeout_s=180,
+        )  # fmt: skip
+        missing = client.get(f"/v1/jobs/{plain['id']}/onnx")
+        assert missing.status_code == 404 and "options.export" in missing.json()["detail"]
+    model = onnx.load_from_string(response.content)
+    evaluation = np.load(digits_files["evaluation"])["inputs"]
+    assert run_onnx(model, {model.graph.input[0].name: evaluation}).shape == (len(evaluation), 10)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recalib.contract import FoldReport, JobKind, JobSpec, Phase, Progress, Report
+from recalib.contract import ExportReport, FoldReport, JobKind, JobSpec, Phase, Progress, Report
 from recalib.errors import InvalidOptionError, JobCancelledError
 from worker import report as reporting
 from worker.batch_limits import batch_limits, probe_indices, shape_guards_as_data_errors
@@ -134,6 +134,11 @@ class _Job:
                     "prior_strength auto is not available for ONNX models yet: give a number",
                     field="options.prior_strength",
                 )
+            if self.options.export and self.loaded.format == "onnx":
+                raise InvalidOptionError(
+                    "export is for torch models, and this model is ONNX already: drop export",
+                    field="options.export",
+                )
             if self.options.fold and self.loaded.format == "onnx":
                 raise InvalidOptionError(
                     "fold is not available for ONNX models yet: recalibrate without it and fold "
@@ -180,6 +185,11 @@ class _Job:
             timings_s=self.timer.finish(),
             task=self.task,
         )
+        if "onnx" in self.options.export:
+            with self.timer("export_onnx"):
+                export = self._export_onnx()
+            update = {"exports": [export], "timings_s": self.timer.finish()}
+            report = report.model_copy(update=update)
         runtime = self.clock.summary(
             data_workers=loader_workers(self.plan.calibration, self.data_workers),
             pinned_memory=self.device.type == "cuda",
@@ -343,6 +353,18 @@ class _Job:
         )
         module.set_model(done.model)  # type: ignore[operator]
         return done.result
+
+    def _export_onnx(self) -> ExportReport:
+        """``options.export = ["onnx"]``: ``<stem>.recalibrated.onnx``, checked on an eval batch."""
+        from worker.onnx.export import export_onnx
+
+        plan, loaded = self.plan, self.loaded
+        size = self.limits.fit(min(self.eval_batch_size, 16))
+        example = plan.eval_set.get_batch(probe_indices(plan.eval_indices, size))[0]
+        if isinstance(example, dict) and loaded.program is not None:
+            example = tuple(example.values())  # a program takes its inputs in order
+        out_path = self.out_dir / f"{loaded.source_path.stem}.recalibrated.onnx"
+        return export_onnx(loaded.module.to("cpu"), example, out_path)
 
     def _fold(self) -> FoldReport:
         """Fold BN into conv/linear, measure the output change on the eval data, save the copy."""

@@ -220,6 +220,18 @@ class Artifact(Output):
     bytes: int
 
 
+class ExportReport(Output):
+    """A copy of the recalibrated model in another format (``options.export``)."""
+
+    artifact: Artifact
+    max_abs_diff: float = Field(
+        description="Max |output difference| to the recalibrated torch model on an eval batch."
+    )
+    tolerance: float = Field(
+        description="The largest difference accepted: ONNX_EXPORT_TOLERANCE × max(1, max |output|)."
+    )
+
+
 class FoldReport(Output):
     artifact: Artifact
     folded: int
@@ -340,6 +352,9 @@ class Report(Output):
         description="The recalibrated model; null for a drift job, which writes none."
     )
     folded: FoldReport | None = None
+    exports: list[ExportReport] = Field(
+        default_factory=list, description="Copies in other formats (options.export)."
+    )
     data: DataSplit
     options: JobOptions
     device: str
