@@ -4,8 +4,9 @@
 stored (an initializer, directly or through ``Identity`` nodes, as torch's legacy exporter
 shares equal tensors). :func:`statistics_graph` returns a rewritten copy in which each of those
 nodes normalizes with its batch's statistics, as train-mode BN does in torch (so downstream BNs
-see what they would see in the torch engine), computed with ``ReduceMean`` (no training-mode BN,
-which not every execution provider runs), and exposes per batch:
+see what they would see in the torch engine): ``ReduceMean`` and ``ReduceSumSquare`` compute
+them and feed the node's own mean/variance inputs (an inference-mode BN: no training-mode BN,
+which not every execution provider runs). It exposes per batch:
 
 - ``<prefix>mean``: per-channel mean, shape ``(C,)``;
 - ``<prefix>var``: per-channel *biased* variance (what normalizes), shape ``(C,)``;
@@ -237,18 +238,20 @@ class _BNRewrite:
         self.graph.initializer.append(numpy_helper.from_array(values, name))
         return name
 
-    def _reduce_mean(self, value: str, tag: str) -> str:
+    def _reduce(self, op: str, value: str, tag: str) -> str:
+        """``op`` over axes 0 and 2 of an (N, C, L) value, kept as (1, C, 1)."""
         if self.opset >= 18:  # axes became an input at opset 18
             axes = self._constant(f"{tag}_axes", np.array([0, 2], dtype=np.int64))
-            return self._node("ReduceMean", [value, axes], tag, keepdims=1)
-        return self._node("ReduceMean", [value], tag, axes=[0, 2], keepdims=1)
+            return self._node(op, [value, axes], tag, keepdims=1)
+        return self._node(op, [value], tag, axes=[0, 2], keepdims=1)
 
-    def _as_column(self, value: str, tag: str, compute: int) -> str:
-        if self.types.get(value, compute) != compute:
-            value = self._node("Cast", [value], f"{tag}_cast", to=compute)
-        return self._node("Reshape", [value, self.column_shape], tag)
+    def _flat(self, value: str, out: str) -> None:
+        self.built.append(helper.make_node("Reshape", [value, self.flat_shape], [out], name=out))
 
     def nodes(self, node: onnx.NodeProto, bn: BNNode) -> list[onnx.NodeProto]:
+        """Batch mean and biased variance in two passes (mean, then the centred sum of squares:
+        stable where E[x²] − E[x]² is not), then the BN node itself, unchanged but for its mean
+        and variance inputs: ONNX Runtime's own BN kernel normalizes with the batch's."""
         x_type = self.types.get(bn.input, TensorProto.FLOAT)
         compute = x_type if x_type in _MEASURED_TYPES else TensorProto.FLOAT
         dtype = helper.tensor_dtype_to_np_dtype(compute)
@@ -256,37 +259,29 @@ class _BNRewrite:
         if x_type != compute:
             x = self._node("Cast", [x], "x_cast", to=compute)
         channels_shape = self._constant("ncl", np.array([0, bn.channels, -1], dtype=np.int64))
-        self.column_shape = self._constant("column", np.array([-1, 1], dtype=np.int64))
-        flat_shape = self._constant("flat", np.array([-1], dtype=np.int64))
+        self.flat_shape = self._constant("flat", np.array([-1], dtype=np.int64))
         x3 = self._node("Reshape", [x, channels_shape], "x3")
-        mean3 = self._reduce_mean(x3, "mean3")
+        mean3 = self._reduce("ReduceMean", x3, "mean3")
         centred = self._node("Sub", [x3, mean3], "centred")
-        var3 = self._reduce_mean(self._node("Mul", [centred, centred], "squared"), "var3")
-        epsilon = self._constant("epsilon", np.array(bn.epsilon, dtype=dtype))
-        std3 = self._node("Sqrt", [self._node("Add", [var3, epsilon], "var_eps")], "std3")
-        normal = self._node("Div", [centred, std3], "normal")
-        scale = self._as_column(node.input[1], "scale", compute)
-        bias = self._as_column(node.input[2], "bias", compute)
-        y3 = self._node("Add", [self._node("Mul", [normal, scale], "scaled"), bias], "y3")
-        shape = self._node("Shape", [bn.input], "x_shape")
-        if x_type != compute:
-            y = self._node("Reshape", [y3, shape], "y")
-            self.built.append(helper.make_node("Cast", [y], [bn.output], name=node.name, to=x_type))
-        else:
-            self.built.append(helper.make_node("Reshape", [y3, shape], [bn.output], name=node.name))
-        self.built.append(
-            helper.make_node(
-                "Reshape", [mean3, flat_shape], [self.outputs.mean], name=self.outputs.mean
-            )
-        )
-        self.built.append(
-            helper.make_node(
-                "Reshape", [var3, flat_shape], [self.outputs.var], name=self.outputs.var
-            )
-        )
+        squares3 = self._reduce("ReduceSumSquare", centred, "squares3")
+        elements = self._node("Cast", [self._node("Size", [x3], "x3_size")], "x3_count", to=compute)
+        channels = self._constant("channels", np.array(bn.channels, dtype=dtype))
+        per_channel = self._node("Div", [elements, channels], "per_channel")
+        var3 = self._node("Div", [squares3, per_channel], "var3")
+        self._flat(mean3, self.outputs.mean)
+        self._flat(var3, self.outputs.var)
         self.built.append(
             helper.make_node("Size", [bn.input], [self.outputs.size], name=self.outputs.size)
         )
+        stats_type = self.types.get(bn.mean.initializer, compute)
+        mean, var = self.outputs.mean, self.outputs.var
+        if stats_type != compute:
+            mean = self._node("Cast", [mean], "mean_cast", to=stats_type)
+            var = self._node("Cast", [var], "var_cast", to=stats_type)
+        normalize = onnx.NodeProto()
+        normalize.CopyFrom(node)
+        normalize.input[3], normalize.input[4] = mean, var
+        self.built.append(normalize)
         self.graph.output.extend(
             [
                 helper.make_tensor_value_info(self.outputs.mean, compute, [bn.channels]),
