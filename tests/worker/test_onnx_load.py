@@ -141,3 +141,51 @@ def test_external_data_inside_the_artifact_is_read(digits_case, tmp_path):
     model = read_onnx(path, artifact_dir=folder)
     done = recalibrate_onnx(model, list(x.split(32)))
     assert len(done.result.layers) == 3
+
+
+_ALLOCATE_AT_RUN_TIME = """
+import resource, sys
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+from recalib.errors import InvalidModelError
+from worker.onnx.session import make_session, run_session
+
+# The shape comes from the input's values: no static check can see it (the sandbox's memory
+# rlimit is what stops it; here the same rlimit, 2 GiB of address space).
+resource.setrlimit(resource.RLIMIT_AS, (2 * 1024**3, 2 * 1024**3))
+nodes = [
+    helper.make_node("Cast", ["n"], ["n64"], name="to_int", to=TensorProto.INT64),
+    helper.make_node("ConstantOfShape", ["n64"], ["big"], name="fill"),
+    helper.make_node("ReduceSum", ["big"], ["y"], name="sum", keepdims=0),
+]
+graph = helper.make_graph(
+    nodes, "g", [helper.make_tensor_value_info("n", TensorProto.FLOAT, [2])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+)
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+model.ir_version = 7
+session = make_session(model, "bomb.onnx", threads=1)
+try:
+    run_session(session, None, {"n": np.array([1e5, 1e5], dtype=np.float32)}, "bomb.onnx")
+except InvalidModelError as exc:
+    print("REFUSED", exc)
+    sys.exit(0)
+print("RAN")
+sys.exit(1)
+"""
+
+
+def test_a_graph_allocating_beyond_the_memory_limit_at_run_time_fails_cleanly():
+    """40 GB asked for by values known only at run time, under a 2 GiB rlimit: invalid-model,
+    the process alive to report it."""
+    import subprocess
+    import sys
+
+    from tests.live import REPO_ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-c", _ALLOCATE_AT_RUN_TIME], capture_output=True, text=True,
+        timeout=120, cwd=REPO_ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "REFUSED bomb.onnx: ONNX Runtime" in done.stdout
