@@ -96,13 +96,12 @@ def _export(module: nn.Module, args: tuple, kwargs: dict[str, torch.Tensor], pat
                 )  # fmt: skip
                 return
             batch = torch.export.Dim("batch", min=2)
-            shapes = {"args": tuple({0: batch} for _ in args)} if args else None
-            if kwargs:
-                shapes = {name: {0: batch} for name in kwargs}
+            shapes: Any = (
+                {name: {0: batch} for name in kwargs} if kwargs else tuple({0: batch} for _ in args)
+            )
             torch.onnx.export(
                 module, args, str(path), kwargs=kwargs or None, dynamo=True, optimize=False,
-                dynamic_shapes=shapes["args"] if args and not kwargs else shapes,  # type: ignore[index]
-                external_data=False, verbose=False, report=False,
+                dynamic_shapes=shapes, external_data=False, verbose=False, report=False,
             )  # fmt: skip
     except Exception as exc:  # the exporters' errors share no base class
         first = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__

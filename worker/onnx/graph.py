@@ -21,6 +21,7 @@ measured in float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -228,7 +229,7 @@ class _BNRewrite:
         self.built: list[onnx.NodeProto] = []
         self.outputs = StatOutputs(f"{prefix}mean", f"{prefix}var", f"{prefix}size")
 
-    def _node(self, op: str, inputs: list[str], tag: str, **attributes: object) -> str:
+    def _node(self, op: str, inputs: list[str], tag: str, **attributes: Any) -> str:
         out = f"{self.prefix}{tag}"
         self.built.append(helper.make_node(op, inputs, [out], name=out, **attributes))
         return out

@@ -130,11 +130,13 @@ def recalibrate_onnx(
         )
     statistics, changes = [], []
     for bn, (old_mean, old_var), estimate in zip(nodes, source, estimators, strict=True):
-        mean, var = estimate.result()
-        mean = mix_with_prior(old_mean.float(), mean, prior_strength, samples)
-        var = mix_with_prior(old_var.float(), var, prior_strength, samples)
-        statistics.append((mean.numpy(), var.numpy()))
-        changes.append(statistics_change(bn.name, BN_OP, old_mean, old_var, mean, var, bn.epsilon))
+        target_mean, target_var = estimate.result()
+        new_mean = mix_with_prior(old_mean.float(), target_mean, prior_strength, samples)
+        new_var = mix_with_prior(old_var.float(), target_var, prior_strength, samples)
+        statistics.append((new_mean.numpy(), new_var.numpy()))
+        changes.append(
+            statistics_change(bn.name, BN_OP, old_mean, old_var, new_mean, new_var, bn.epsilon)
+        )
     return OnnxRecalibration(
         model=write_statistics(model, nodes, statistics),
         result=RecalibrationResult(
