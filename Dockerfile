@@ -16,7 +16,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python3 -m venv /opt/venv
 
 # Dependencies first (they change rarely), keyed only on pyproject.toml: a code change does not
-# reinstall them. The shared requirements, then each image's extra (api: FastAPI; worker: torch).
+# reinstall them. The shared requirements, then each image's extra (api: FastAPI; worker: torch
+# and the onnx extra, ONNX Runtime).
 FROM base AS core-deps
 WORKDIR /build
 COPY pyproject.toml README.md ./
@@ -35,7 +36,7 @@ ARG TORCH_INDEX_URL=""
 # TORCH_SPEC is a pinned requirement (torch==X or torch==X+cpu); hadolint cannot see through the ARG.
 # hadolint ignore=DL3013
 RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "${TORCH_SPEC}" \
-    && python3 -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); print('\n'.join(x for x in d['project']['optional-dependencies']['worker'] if not x.startswith('torch')))" > worker-requirements.txt \
+    && python3 -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); deps = d['project']['optional-dependencies']; print('\n'.join(x for x in deps['worker'] + deps['onnx'] if not x.startswith('torch')))" > worker-requirements.txt \
     && pip install -r worker-requirements.txt
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from recalib.errors import (
 
 logger = logging.getLogger(__name__)
 
-Artifact = Literal["checkpoint", "report", "folded"]
+Artifact = Literal["checkpoint", "report", "folded", "onnx"]
 
 
 class RecalibClient:

@@ -129,3 +129,8 @@ DRIFT_TOP_LAYERS = 5
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 """Devices a job or a worker may name: auto = CUDA if available, else CPU."""
+
+ONNX_EXPORT_TOLERANCE = 1e-4
+"""``options.export = ["onnx"]``: the exported ONNX model's outputs on an evaluation batch may
+differ from the recalibrated torch model's by at most this × max(1, max |output|) (float32
+kernels of two runtimes differ by ~1e-6 relative; a wrong export by far more)."""

@@ -29,6 +29,7 @@ EXAMPLES: dict[str, tuple[str, object]] = {
     "device": ("cpu", "cpu"),
     "output_key": ("aux.0", "aux.0"),
     "input_names": ("image, depth", ["image", "depth"]),
+    "export": ("onnx", ["onnx"]),
     "register": ("digits-cnn@champion", Register(name="digits-cnn", alias="champion")),
     "prior_strength": ("auto", "auto"),  # a number or the word auto
 }

@@ -87,7 +87,13 @@ class BatchLimits:
 
 
 def batch_limits(loaded: LoadedModel) -> BatchLimits:
-    """The limits of ``loaded``: those of a ``.pt2`` program's first input, else none."""
+    """The limits of ``loaded``: those of a ``.pt2`` program's first input, or an ONNX graph's
+    fixed batch dimension, else none."""
+    if loaded.format == "onnx":
+        from worker.onnx.session import batch_size_range
+
+        low, high = batch_size_range(loaded.module.inputs)  # type: ignore[arg-type]
+        return BatchLimits(low, high, None, loaded.source_path.name)
     if loaded.program is None:
         return BatchLimits(model_name=loaded.source_path.name)
     spec = program_input(loaded.program)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recalib.contract import FoldReport, JobKind, JobSpec, Phase, Progress, Report
+from recalib.contract import ExportReport, FoldReport, JobKind, JobSpec, Phase, Progress, Report
 from recalib.errors import InvalidOptionError, JobCancelledError
 from worker import report as reporting
 from worker.batch_limits import batch_limits, probe_indices, shape_guards_as_data_errors
@@ -129,6 +129,22 @@ class _Job:
             self.task = check_job(
                 self.model, self.loaded, self.plan, self.limits, self.options, self.call_fn
             )
+            if self.options.prior_strength == "auto" and self.loaded.format == "onnx":
+                raise InvalidOptionError(
+                    "prior_strength auto is not available for ONNX models yet: give a number",
+                    field="options.prior_strength",
+                )
+            if self.options.export and self.loaded.format == "onnx":
+                raise InvalidOptionError(
+                    "export is for torch models, and this model is ONNX already: drop export",
+                    field="options.export",
+                )
+            if self.options.fold and self.loaded.format == "onnx":
+                raise InvalidOptionError(
+                    "fold is not available for ONNX models yet: recalibrate without it and fold "
+                    "the written .onnx with an ONNX optimizer (e.g. onnxoptimizer's fuse_bn)",
+                    field="options.fold",
+                )
         if self.spec.kind == JobKind.drift:
             return self._drift_check()
         logger.info("evaluating as %s (%s)", self.task.task, self.task.reason)
@@ -171,6 +187,11 @@ class _Job:
             task=self.task,
             source=source,
         )
+        if "onnx" in self.options.export:
+            with self.timer("export_onnx"):
+                export = self._export_onnx()
+            update = {"exports": [export], "timings_s": self.timer.finish()}
+            report = report.model_copy(update=update)
         runtime = self.clock.summary(
             data_workers=loader_workers(self.plan.calibration, self.data_workers),
             pinned_memory=self.device.type == "cuda",
@@ -307,27 +328,14 @@ class _Job:
             )
 
     def _recalibrate(self, batch_size: int) -> RecalibrationResult:
-        options = self.options
         loader = self._loader(self.plan.calibration, self.plan.calibration_indices, batch_size)
         self.progress.start(Phase.recalibrating, len(loader))
-        with self.timer("recalibrate"), shape_guards_as_data_errors(self.limits):
-            result = recalibrate(
-                self.model,
-                loader,
-                estimator=options.estimator,
-                momentum=options.momentum,
-                prior_strength=options.prior_strength,
-                tolerance=options.tolerance,
-                tolerance_window=options.tolerance_window,
-                device=self.device,
-                channels_last=options.channels_last,
-                autocast_dtype=self.autocast_dtype,
-                batch_size_range=(self.limits.min_size, self.limits.max_size),
-                call_fn=self.call_fn,
-                total_batches=len(loader),
-                progress=self.progress.batches(Phase.recalibrating),
-                should_stop=self.should_stop,
-            )
+        if self.loaded.format == "onnx":
+            with self.timer("recalibrate"):
+                result = self._recalibrate_onnx(loader)
+        else:
+            with self.timer("recalibrate"), shape_guards_as_data_errors(self.limits):
+                result = self._recalibrate_torch(loader)
         if result.dropped_samples:  # the one place that says so (the engine only counts)
             logger.warning(
                 "calibrated on %d of %d samples: %d dropped (%s takes %s samples per call, "
@@ -339,6 +347,60 @@ class _Job:
                 self.limits.describe_batch(),
             )
         return result
+
+    def _recalibrate_torch(self, loader: TimedBatches) -> RecalibrationResult:
+        options = self.options
+        return recalibrate(
+            self.model,
+            loader,
+            estimator=options.estimator,
+            momentum=options.momentum,
+            prior_strength=options.prior_strength,
+            tolerance=options.tolerance,
+            tolerance_window=options.tolerance_window,
+            device=self.device,
+            channels_last=options.channels_last,
+            autocast_dtype=self.autocast_dtype,
+            batch_size_range=(self.limits.min_size, self.limits.max_size),
+            call_fn=self.call_fn,
+            total_batches=len(loader),
+            progress=self.progress.batches(Phase.recalibrating),
+            should_stop=self.should_stop,
+        )
+
+    def _recalibrate_onnx(self, loader: TimedBatches) -> RecalibrationResult:
+        """The ONNX engine (worker.onnx) on the graph; the module then runs the new model."""
+        from worker.onnx import recalibrate_onnx
+
+        options, module = self.options, self.loaded.module
+        done = recalibrate_onnx(
+            module.proto,  # type: ignore[arg-type]
+            loader,
+            name=self.loaded.source_path.name,
+            estimator=options.estimator,
+            momentum=options.momentum,
+            prior_strength=options.prior_strength,
+            tolerance=options.tolerance,
+            tolerance_window=options.tolerance_window,
+            threads=torch.get_num_threads(),
+            total_batches=len(loader),
+            progress=self.progress.batches(Phase.recalibrating),
+            should_stop=self.should_stop,
+        )
+        module.set_model(done.model)  # type: ignore[operator]
+        return done.result
+
+    def _export_onnx(self) -> ExportReport:
+        """``options.export = ["onnx"]``: ``<stem>.recalibrated.onnx``, checked on an eval batch."""
+        from worker.onnx.export import export_onnx
+
+        plan, loaded = self.plan, self.loaded
+        size = self.limits.fit(min(self.eval_batch_size, 16))
+        example = plan.eval_set.get_batch(probe_indices(plan.eval_indices, size))[0]
+        if isinstance(example, dict) and loaded.program is not None:
+            example = tuple(example.values())  # a program takes its inputs in order
+        out_path = self.out_dir / f"{loaded.source_path.stem}.recalibrated.onnx"
+        return export_onnx(loaded.module.to("cpu"), example, out_path)
 
     def _fold(self) -> FoldReport:
         """Fold BN into conv/linear, measure the output change on the eval data, save the copy."""

@@ -111,13 +111,16 @@ def check_job(
     call_fn: CallFn,
 ) -> TaskPlan:
     """Fail before any evaluation (see the module docstring); return the evaluation's plan."""
-    layers, skipped = find_bn_layers(model)
-    if not layers:
-        detail = f" ({len(skipped)} skipped: {skipped[0].reason})" if skipped else ""
-        raise NoBatchNormError(
-            "model has no BatchNorm layers whose statistics can be re-estimated" + detail
-        )
-    check_input_names(model, loaded, options.input_names)
+    if loaded.format == "onnx":
+        _check_onnx(loaded, options.input_names)
+    else:
+        layers, skipped = find_bn_layers(model)
+        if not layers:
+            detail = f" ({len(skipped)} skipped: {skipped[0].reason})" if skipped else ""
+            raise NoBatchNormError(
+                "model has no BatchNorm layers whose statistics can be re-estimated" + detail
+            )
+        check_input_names(model, loaded, options.input_names)
     data_sets = [(plan.calibration, plan.calibration_indices)]
     if plan.eval_set is not plan.calibration:
         data_sets.append((plan.eval_set, plan.eval_indices))
@@ -203,6 +206,22 @@ def check_input_names(model: torch.nn.Module, loaded: LoadedModel, names: list[s
         raise InvalidOptionError(
             f"{missing} of input_names {names} are not arguments of the model's "
             f"forward({', '.join(arguments)}); several inputs are passed by name",
+            field="options.input_names",
+        )
+
+
+def _check_onnx(loaded: LoadedModel, names: list[str]) -> None:
+    """An ONNX model has a recalibratable BN node (else ``no-batchnorm``, with the export advice)
+    and, given several ``input_names``, takes exactly those graph inputs."""
+    from worker.onnx.graph import find_bn_nodes
+
+    module = loaded.module
+    find_bn_nodes(module.proto, loaded.source_path.name)  # type: ignore[arg-type]
+    expected = [spec.name for spec in module.inputs]  # type: ignore[union-attr]
+    if len(names) >= 2 and sorted(names) != sorted(expected):
+        raise InvalidOptionError(
+            f"{loaded.source_path.name} takes the graph inputs {expected}, and input_names lists "
+            f"{names}: name the data's arrays as the graph's inputs",
             field="options.input_names",
         )
 

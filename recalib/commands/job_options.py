@@ -49,9 +49,9 @@ METAVARS = {
 """Metavars where the last word of the field name would not say what the value is."""
 
 MODEL_HELP = (
-    "Model file: an exported program (.pt2), TorchScript (.pt, .ts), or a state_dict "
-    "(.safetensors, .pt) together with --arch; the recalibrated model is written in the same "
-    "format."
+    "Model file: an exported program (.pt2), TorchScript (.pt, .ts), a state_dict "
+    "(.safetensors, .pt) together with --arch, or an ONNX model (.onnx, BN kept); the "
+    "recalibrated model is written in the same format."
 )
 CALIB_HELP = (
     "Calibration data from the target domain (labels optional): a tensor file (.npz, "

@@ -202,6 +202,8 @@ def _download_all(client: RecalibClient, job: JobPublic, dest: Path) -> None:
     result = job.result
     which_all = ["report"] + (["checkpoint"] if result and result.checkpoint else [])
     which_all += ["folded"] if result and result.folded else []
+    if result and any(e.artifact.format == "onnx" for e in result.exports):
+        which_all.append("onnx")
     for which in which_all:
         path = client.download(job.id, which, dest)  # type: ignore[arg-type]
         _note(f"{which}: {path} (sha256 verified)")

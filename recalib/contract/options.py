@@ -217,6 +217,16 @@ class JobOptions(Input):
         ),
     )
     fold: bool = Field(False, description="Also write a copy with BN folded into conv/linear.")
+    export: list[Literal["onnx"]] = Field(
+        [],
+        max_length=1,
+        description=(
+            "Also write the recalibrated model in these formats: `onnx` writes "
+            "`<stem>.recalibrated.onnx` (torch.onnx, BN kept, dynamic batch), checked against "
+            "the torch model on an evaluation batch (`defaults.ONNX_EXPORT_TOLERANCE`). For "
+            "torch inputs."
+        ),
+    )
     channels_last: bool = Field(False, description="Use channels_last memory format (4-D input).")
     autocast: Literal["off", "bf16", "fp16"] = Field(
         "off", description="Autocast dtype for forward passes (statistics stay float32)."

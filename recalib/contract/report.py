@@ -287,9 +287,21 @@ class DataSplit(Output):
 
 class Artifact(Output):
     file: str = Field(description="File name, relative to the job's output directory.")
-    format: Literal["pt2", "torchscript", "safetensors", "pt"]
+    format: Literal["pt2", "torchscript", "safetensors", "pt", "onnx"]
     sha256: str
     bytes: int
+
+
+class ExportReport(Output):
+    """A copy of the recalibrated model in another format (``options.export``)."""
+
+    artifact: Artifact
+    max_abs_diff: float = Field(
+        description="Max |output difference| to the recalibrated torch model on an eval batch."
+    )
+    tolerance: float = Field(
+        description="The largest difference accepted: ONNX_EXPORT_TOLERANCE × max(1, max |output|)."
+    )
 
 
 class FoldReport(Output):
@@ -396,7 +408,7 @@ class Report(Output):
     kind: JobKind = Field(
         JobKind.recalibrate, description="What the job did; older reports lack it."
     )
-    model_format: Literal["pt2", "torchscript", "safetensors", "pt", "module"]
+    model_format: Literal["pt2", "torchscript", "safetensors", "pt", "module", "onnx"]
     bn_layers: int = Field(description="BN layers recalibrated.")
     skipped_layers: list[SkippedLayer]
     calibration: CalibrationSummary
@@ -429,6 +441,9 @@ class Report(Output):
         description="The recalibrated model; null for a drift job, which writes none."
     )
     folded: FoldReport | None = None
+    exports: list[ExportReport] = Field(
+        default_factory=list, description="Copies in other formats (options.export)."
+    )
     data: DataSplit
     options: JobOptions
     device: str

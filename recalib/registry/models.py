@@ -53,7 +53,7 @@ __all__ = [  # with the client's two checks, which callers import from here
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "recalib"
-MODEL_SUFFIXES = (".pt2", ".pt", ".pth", ".ts", ".safetensors")
+MODEL_SUFFIXES = (".pt2", ".pt", ".pth", ".ts", ".safetensors", ".onnx")
 """Files a registered version may hold for recalib: a .pt2 program, TorchScript, a state_dict."""
 
 

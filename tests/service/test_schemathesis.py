@@ -50,6 +50,7 @@ OPERATIONS = [
     ("GET", "/v1/jobs/{job_id}/checkpoint"),
     ("GET", "/v1/jobs/{job_id}/report"),
     ("GET", "/v1/jobs/{job_id}/folded"),
+    ("GET", "/v1/jobs/{job_id}/onnx"),
     ("GET", "/v1/jobs/{job_id}/report.html"),
     ("GET", "/v1/jobs/{job_id}/metrics"),
     ("GET", "/healthz"),

@@ -173,13 +173,8 @@ class CalibrationRun:
         self.history.append([estimator.result() for estimator in self.estimators])
         if len(self.history) <= self.window:
             return False
-        (old, new) = self.history[0], self.history[-1]
-        for (old_mean, old_var), (new_mean, new_var) in zip(old, new, strict=True):
-            std = new_var.clamp_min(1e-12).sqrt()
-            mean_move = ((new_mean - old_mean).abs() / std).max()
-            std_move = ((std - old_var.clamp_min(1e-12).sqrt()).abs() / std).max()
-            if float(torch.maximum(mean_move, std_move)) > self.tolerance:
-                return False
+        if not estimates_converged(self.history[0], self.history[-1], self.tolerance):
+            return False
         self.stopped_early = True
         return True
 
@@ -278,14 +273,51 @@ class CalibrationRun:
 
 
 def _layer_change(layer: BNLayer, old_mean: torch.Tensor, old_var: torch.Tensor) -> LayerChange:
-    new_mean, new_var = layer.running_mean.double(), layer.running_var.double()
+    return statistics_change(
+        layer.name,
+        layer.type_name,
+        old_mean,
+        old_var,
+        layer.running_mean,
+        layer.running_var,
+        layer.eps,
+    )
+
+
+def estimates_converged(
+    old: list[tuple[torch.Tensor, torch.Tensor]],
+    new: list[tuple[torch.Tensor, torch.Tensor]],
+    tolerance: float,
+) -> bool:
+    """Whether, between two snapshots of every layer's (mean, var) estimate, no channel's mean
+    moved by more than ``tolerance`` new stds and no channel's std by more than that fraction."""
+    for (old_mean, old_var), (new_mean, new_var) in zip(old, new, strict=True):
+        std = new_var.clamp_min(1e-12).sqrt()
+        mean_move = ((new_mean - old_mean).abs() / std).max()
+        std_move = ((std - old_var.clamp_min(1e-12).sqrt()).abs() / std).max()
+        if float(torch.maximum(mean_move, std_move)) > tolerance:
+            return False
+    return True
+
+
+def statistics_change(
+    name: str,
+    type_name: str,
+    old_mean: torch.Tensor,
+    old_var: torch.Tensor,
+    new_mean: torch.Tensor,
+    new_var: torch.Tensor,
+    eps: float,
+) -> LayerChange:
+    """How one layer's running statistics moved (see :class:`LayerChange`)."""
+    new_mean, new_var = new_mean.double(), new_var.double()
     old_mean, old_var = old_mean.double(), old_var.double()
-    shift = (new_mean - old_mean) / (old_var + layer.eps).sqrt()
+    shift = (new_mean - old_mean) / (old_var + eps).sqrt()
     ratio = (new_var.clamp_min(1e-12) / old_var.clamp_min(1e-12)).log().mean().exp()
     return LayerChange(
-        name=layer.name,
-        type=layer.type_name,
-        channels=layer.channels,
+        name=name,
+        type=type_name,
+        channels=int(new_mean.numel()),
         mean_shift_std=float(shift.square().mean().sqrt()),
         var_ratio=float(ratio) if math.isfinite(float(ratio)) else 0.0,
     )

@@ -7,6 +7,9 @@ Formats, detected by content (the extension is only a hint):
 - ``safetensors`` / ``pt``: a state_dict (safetensors header / ``torch.save`` file), plus ``arch``.
 - ``module``: a whole pickled ``nn.Module`` in a ``torch.save`` file. Detected because the
   weights-only load refuses it (never by unpickling); loaded only with ``allow_unsafe_pickle``.
+- ``onnx``: an ONNX ``ModelProto`` (:mod:`recalib.files.onnx_sniff`), run by ONNX Runtime as a
+  :class:`worker.onnx.module.OnnxModule` (the ``onnx`` extra); saved back as ``.onnx`` with only
+  its BN running statistics changed.
 
 :meth:`LoadedModel.save` writes ``<stem>.recalibrated<ext>`` (the input's extension) with the
 module's current statistics, in the input's format and container.
@@ -33,14 +36,21 @@ from recalib import defaults
 from recalib.checksums import sha256_of
 from recalib.contract import Artifact
 from recalib.errors import InvalidModelError, InvalidOptionError, UnsafePickleError
+from recalib.files.onnx_sniff import SNIFF_BYTES, looks_like_onnx
 from worker.formats import export_program, state_dict, torchscript
 from worker.formats.pickle_safety import load_weights_only
 
 logger = logging.getLogger(__name__)
 
-ModelFormat = Literal["pt2", "torchscript", "safetensors", "pt", "module"]
-_Kind = Literal["pt2", "torchscript", "torch_save", "safetensors"]
-_DEFAULT_EXT = {"pt2": ".pt2", "torchscript": ".pt", "safetensors": ".safetensors", "pt": ".pt"}
+ModelFormat = Literal["pt2", "torchscript", "safetensors", "pt", "module", "onnx"]
+_Kind = Literal["pt2", "torchscript", "torch_save", "safetensors", "onnx"]
+_DEFAULT_EXT = {
+    "pt2": ".pt2",
+    "torchscript": ".pt",
+    "safetensors": ".safetensors",
+    "pt": ".pt",
+    "onnx": ".onnx",
+}
 _MAX_RATIO = 1000  # zip members expanding more than this (and over 64 MiB) are refused
 _MAX_HEADER_BYTES = 100 * 1024**2
 
@@ -71,7 +81,11 @@ class LoadedModel:
         return artifact(out_path, "pt" if self.format == "module" else self.format)
 
     def _write(self, path: Path) -> None:
-        if self.format == "pt2" and self.program is not None:
+        if self.format == "onnx":
+            import onnx
+
+            onnx.save_model(self.module.proto, str(path))  # type: ignore[union-attr,arg-type]
+        elif self.format == "pt2" and self.program is not None:
             export_program.save_program(self.program, self.module, path)
         elif self.format == "torchscript":
             torchscript.save_torchscript(self.module, path)  # type: ignore[arg-type]
@@ -84,7 +98,9 @@ class LoadedModel:
             torch.save(self.module, path)
 
 
-def artifact(path: Path, format: Literal["pt2", "torchscript", "safetensors", "pt"]) -> Artifact:
+def artifact(
+    path: Path, format: Literal["pt2", "torchscript", "safetensors", "pt", "onnx"]
+) -> Artifact:
     """The :class:`Artifact` record (name, sha256, size) of a written file."""
     return Artifact(
         file=path.name, format=format, sha256=sha256_of(path), bytes=path.stat().st_size
@@ -116,7 +132,7 @@ def read_model(
     """
     path = Path(path)
     kind, archive, root = _detect(path)
-    if arch is not None and kind in ("pt2", "torchscript"):
+    if arch is not None and kind in ("pt2", "torchscript", "onnx"):
         raise InvalidOptionError(
             f"arch is for state_dict files, and {path.name} is a {kind} model: drop arch",
             field="arch",
@@ -129,6 +145,8 @@ def read_model(
         return LoadedModel(export_program.to_module(program, path), "pt2", path, program=program)
     if archive is not None:
         archive.close()
+    if kind == "onnx":
+        return _read_onnx(path)
     if kind == "torchscript":
         return LoadedModel(torchscript.load_torchscript(path), "torchscript", path)
     if kind == "safetensors":
@@ -143,6 +161,21 @@ def read_model(
         return LoadedModel(obj.to("cpu").eval(), "module", path)
     tensors = state_dict.unwrap_checkpoint(obj, path)
     return _from_state_dict(path, tensors, "pt", arch, arch_kwargs, arch_allowlist, None)
+
+
+def _read_onnx(path: Path) -> LoadedModel:
+    """An ONNX file as an :class:`~worker.onnx.module.OnnxModule` (external data refused: an
+    uploaded model is one file; see :func:`worker.onnx.read_onnx`)."""
+    try:
+        from worker.onnx import read_onnx
+        from worker.onnx.module import OnnxModule
+    except ImportError as exc:
+        raise InvalidModelError(
+            f"{path.name} is an ONNX model, and this worker lacks ONNX support (install "
+            "recalib[onnx]: onnx, onnxruntime)",
+            file=str(path),
+        ) from exc
+    return LoadedModel(OnnxModule(read_onnx(path), path.name), "onnx", path)
 
 
 def _load_torch_save(path: Path, allow_unsafe_pickle: bool) -> Any:
@@ -191,7 +224,7 @@ def _detect(path: Path) -> tuple[_Kind, zipfile.ZipFile | None, str | None]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
-            head = handle.read(9)
+            head = handle.read(SNIFF_BYTES)
     except OSError as exc:
         raise InvalidModelError(
             f"{path.name}: cannot read the model file: {exc}", file=str(path)
@@ -200,15 +233,17 @@ def _detect(path: Path) -> tuple[_Kind, zipfile.ZipFile | None, str | None]:
         raise InvalidModelError(f"{path.name}: the model file is empty", file=str(path))
     if head.startswith(b"PK"):
         return _detect_zip(path)
-    if len(head) == 9 and head[8:9] == b"{":
+    if len(head) >= 9 and head[8:9] == b"{":
         (header_bytes,) = struct.unpack("<Q", head[:8])
         if header_bytes < min(size, _MAX_HEADER_BYTES):
             return "safetensors", None, None
     if head[:1] == b"\x80":  # a pickle protocol opcode: torch.save's legacy (non-zip) format
         return "torch_save", None, None
+    if looks_like_onnx(head):
+        return "onnx", None, None
     raise InvalidModelError(
         f"{path.name}: not a recognized model file; expected a torch.export .pt2, a TorchScript "
-        "archive, a .safetensors state_dict or a torch.save .pt",
+        "archive, a .safetensors state_dict, a torch.save .pt or an ONNX .onnx model",
         file=str(path),
     )
 

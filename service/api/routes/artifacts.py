@@ -1,4 +1,4 @@
-"""``/v1/jobs/{id}/checkpoint|report|folded``: artifacts of succeeded jobs.
+"""``/v1/jobs/{id}/checkpoint|report|folded|onnx``: artifacts of succeeded jobs.
 
 Served from the attempt the job's record names (``output_attempt``) only, with the sha256 as
 ``ETag`` (``If-None-Match`` → 304), a ``Content-Disposition`` named after the model, and HTTP
@@ -45,7 +45,7 @@ from service.problems import problem_responses
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
 
 REPORT_FILE = "report.json"
-Which = Literal["checkpoint", "report", "folded"]
+Which = Literal["checkpoint", "report", "folded", "onnx"]
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,16 @@ def resolve_artifact(
                 field="folded",
             )
         artifact = report.folded.artifact
-    if artifact is None:  # unreachable: which is one of three
+    if which == "onnx":
+        artifact = next((e.artifact for e in report.exports if e.artifact.format == "onnx"), None)
+        if artifact is None:
+            raise NotFoundError(
+                f'job {record.id} has no ONNX export: submit with options.export=["onnx"]',
+                field="onnx",
+            )
+    if artifact is None:  # unreachable: which is one of four
         raise NotFoundError(f"unknown artifact {which}")
-    label = "recalibrated" if which == "checkpoint" else "folded"
+    label = "folded" if which == "folded" else "recalibrated"
     suffix = FsPath(artifact.file).suffix
     key = prefix + FsPath(artifact.file).name
     return ArtifactFile(key, artifact.sha256, f"{stem}.{label}{suffix}", "application/octet-stream")
@@ -262,3 +269,4 @@ def _route(which: Which, summary: str) -> None:
 _route("checkpoint", "Download the recalibrated model")
 _route("report", "Download report.json")
 _route("folded", "Download the BN-folded model (jobs with options.fold)")
+_route("onnx", "Download the recalibrated model as ONNX (jobs with options.export onnx)")
