@@ -205,3 +205,14 @@ def test_an_onnx_export_is_an_artifact_of_the_rest_api(digits_files, stack, tmp_
     model = onnx.load_from_string(response.content)
     evaluation = np.load(digits_files["evaluation"])["inputs"]
     assert run_onnx(model, {model.graph.input[0].name: evaluation}).shape == (len(evaluation), 10)
+
+
+def test_a_drift_check_on_an_onnx_model_is_refused_clearly(onnx_files, tmp_path):
+    spec = JobSpec(
+        kind="drift",
+        model_path=str(onnx_files["model"]),
+        calibration_path=str(onnx_files["calibration"]),
+        out_dir=str(tmp_path),
+    )
+    with pytest.raises(InvalidOptionError, match="drift check .*ONNX"):
+        run_job(spec)

@@ -139,6 +139,12 @@ class _Job:
                     "export is for torch models, and this model is ONNX already: drop export",
                     field="options.export",
                 )
+            if self.spec.kind == JobKind.drift and self.loaded.format == "onnx":
+                raise InvalidOptionError(
+                    "a drift check is not available for ONNX models yet: run a recalibration "
+                    "job instead (report.layers gives how far each BN layer's statistics moved)",
+                    field="kind",
+                )
             if self.options.fold and self.loaded.format == "onnx":
                 raise InvalidOptionError(
                     "fold is not available for ONNX models yet: recalibrate without it and fold "
