@@ -214,5 +214,5 @@ def test_a_drift_check_on_an_onnx_model_is_refused_clearly(onnx_files, tmp_path)
         calibration_path=str(onnx_files["calibration"]),
         out_dir=str(tmp_path),
     )
-    with pytest.raises(InvalidOptionError, match="drift check .*ONNX"):
+    with pytest.raises(InvalidOptionError, match=r"drift check .*ONNX"):
         run_job(spec)
