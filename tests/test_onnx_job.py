@@ -104,15 +104,25 @@ def test_label_free_onnx_job_measures_the_output_change(onnx_files, tmp_path):
     assert report.output_change is not None and report.output_change.relative_l2 > 0.1
 
 
-def test_fold_on_onnx_is_refused_clearly(onnx_files, tmp_path):
+def test_fold_on_onnx_writes_a_folded_graph_with_the_same_outputs(onnx_files, tmp_path):
     spec = JobSpec(
         model_path=str(onnx_files["model"]),
         calibration_path=str(onnx_files["calibration"]),
+        eval_path=str(onnx_files["evaluation"]),
         out_dir=str(tmp_path),
         options=JobOptions(fold=True),
     )
-    with pytest.raises(InvalidOptionError, match="fold is not available for ONNX"):
-        run_job(spec)
+    report = run_job(spec)
+    assert report.folded is not None
+    assert report.folded.artifact.file == "digits.folded.onnx"
+    assert report.folded.folded == report.bn_layers and report.folded.not_folded == []
+    folded = onnx.load(tmp_path / "digits.folded.onnx")
+    assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
+    recalibrated = onnx.load(tmp_path / report.checkpoint.file)
+    x = np.load(onnx_files["evaluation"])["inputs"]
+    want = run_onnx(recalibrated, {"x": x})
+    assert_logits_equal(run_onnx(folded, {"x": x}), want)
+    assert report.folded.max_abs_diff <= 1e-4 * float(np.abs(want).max())
 
 
 @pytest.mark.slow

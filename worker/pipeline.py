@@ -39,6 +39,7 @@ from worker.evaluation import Evaluation, ReferenceBuffers, evaluate, max_output
 from worker.fold_export import save_folded
 from worker.folding import fold_batchnorm
 from worker.formats.data import SampleSet, make_loader
+from worker.formats.models import artifact
 from worker.preflight import check_job, load_job, load_source_eval
 from worker.runtime import RunClock, TimedBatches, halve_on_oom, loader_workers
 
@@ -144,12 +145,6 @@ class _Job:
                     "a drift check is not available for ONNX models yet: run a recalibration "
                     "job instead (report.layers gives how far each BN layer's statistics moved)",
                     field="kind",
-                )
-            if self.options.fold and self.loaded.format == "onnx":
-                raise InvalidOptionError(
-                    "fold is not available for ONNX models yet: recalibrate without it and fold "
-                    "the written .onnx with an ONNX optimizer (e.g. onnxoptimizer's fuse_bn)",
-                    field="options.fold",
                 )
         if self.spec.kind == JobKind.drift:
             return self._drift_check()
@@ -408,9 +403,40 @@ class _Job:
         out_path = self.out_dir / f"{loaded.source_path.stem}.recalibrated.onnx"
         return export_onnx(loaded.module.to("cpu"), example, out_path)
 
+    def _fold_onnx(self) -> FoldReport:
+        """:meth:`_fold` for an ONNX model: BN folded into its Conv/Gemm in a copy of the
+        recalibrated graph (:mod:`worker.onnx.fold`), saved as ``<stem>.folded.onnx``."""
+        import onnx
+
+        from worker.onnx.fold import fold_bn_nodes
+        from worker.onnx.module import OnnxModule
+
+        loaded = self.loaded
+        name = loaded.source_path.name
+        fold = fold_bn_nodes(loaded.module.proto, name)  # type: ignore[arg-type]
+        diff = max_output_diff(
+            loaded.module,
+            OnnxModule(fold.model, name),
+            self.eval_loader,
+            device=self.device,
+            min_batch_size=self.limits.min_size,
+            call_fn=self.call_fn,
+            should_stop=self.should_stop,
+        )
+        out_path = self.out_dir / f"{loaded.source_path.stem}.folded.onnx"
+        onnx.save_model(fold.model, str(out_path))
+        return FoldReport(
+            artifact=artifact(out_path, "onnx"),
+            folded=len(fold.folded),
+            not_folded=fold.not_folded,
+            max_abs_diff=diff,
+        )
+
     def _fold(self) -> FoldReport:
         """Fold BN into conv/linear, measure the output change on the eval data, save the copy."""
         loaded, plan = self.loaded, self.plan
+        if loaded.format == "onnx":
+            return self._fold_onnx()
         result = fold_batchnorm(loaded)
         try:
             diff = max_output_diff(
