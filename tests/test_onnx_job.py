@@ -123,6 +123,7 @@ def test_fold_on_onnx_writes_a_folded_graph_with_the_same_outputs(onnx_files, tm
     want = run_onnx(recalibrated, {"x": x})
     assert_logits_equal(run_onnx(folded, {"x": x}), want)
     assert report.folded.max_abs_diff <= 1e-4 * float(np.abs(want).max())
+    assert report.device == "cpu, ONNX Runtime CPUExecutionProvider"
 
 
 @pytest.mark.slow

@@ -197,7 +197,12 @@ class _Job:
             data_workers=loader_workers(self.plan.calibration, self.data_workers),
             pinned_memory=self.device.type == "cuda",
         )
-        report = report.model_copy(update={"runtime": runtime})
+        update: dict[str, object] = {"runtime": runtime}
+        if self.loaded.format == "onnx":  # which runtime ran the passes, not only the device
+            from worker.onnx.session import CPU_PROVIDER
+
+            update["device"] = f"{report.device}, ONNX Runtime {CPU_PROVIDER}"
+        report = report.model_copy(update=update)
         reporting.write_report(report, self.out_dir)
         return report  # options.register: the trusted side registers it (worker.runner.sandboxed)
 
