@@ -1,4 +1,5 @@
-"""The submit form's ``multipart/form-data`` body: three files streamed to disk, a few text fields.
+"""The submit form's ``multipart/form-data`` body: up to four files streamed to disk, a few text
+fields.
 
 Like ``POST /v1/files`` (:mod:`service.uploads`), files are never held in memory: each file field
 is written into a part file of the file store as it arrives (hashed, capped at
@@ -22,7 +23,7 @@ from recalib.files.storage import UploadPart as PartFile
 from recalib.files.store import FileStore
 from service.uploads import MULTIPART_OVERHEAD_BYTES, SLICE_BYTES, check_declared_length
 
-FILE_FIELDS = ("model", "calibration", "evaluation")
+FILE_FIELDS = ("model", "calibration", "evaluation", "source_evaluation")
 TEXT_FIELDS = ("csrf_token", "kind", "estimator", "batch_size", "fold", "arch", "options")
 MAX_FIELD_BYTES = 64 * 1024
 

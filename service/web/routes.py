@@ -75,7 +75,7 @@ def job_page(request: Request, job_id: JobIdPath) -> Response:
         files: FileStore = request.app.state.file_store
         names = {
             role: filename_of(files, tenant, getattr(record.request, f"{role}_file"))
-            for role in ("model", "calibration", "eval")
+            for role in ("model", "calibration", "eval", "source_eval")
         }
     except UnauthorizedError:
         return to_login(request)
@@ -190,11 +190,13 @@ def _job_create(form: SubmitForm) -> JobCreate:
             raise InvalidOptionError("options: give a JSON object {...}", field="options")
         options |= extra
     evaluation = form.uploads.get("evaluation")
+    source = form.uploads.get("source_evaluation")
     return JobCreate(
         kind=fields.get("kind") or "recalibrate",
         model_file=form.uploads["model"][0],
         calibration_file=form.uploads["calibration"][0],
         eval_file=evaluation[0] if evaluation else None,
+        source_eval_file=source[0] if source else None,
         arch=fields.get("arch", "").strip() or None,
         options=JobOptions.model_validate(options),
     )

@@ -291,3 +291,20 @@ def test_submit_form_queues_a_drift_check(api: ApiThread, tmp_path: Path, redis_
         assert f"/v1/jobs/{job_id}/checkpoint" not in page.text  # a drift check writes no model
         assert f"/v1/jobs/{job_id}/metrics" in page.text
         assert "drift: recalibrate" in browser.get("/").text
+
+
+def test_submit_form_takes_a_labeled_source_set_for_the_label_free_verdict(api: ApiThread) -> None:
+    with _browser(api) as browser:
+        assert _login(browser, KEY_A).status_code == 303
+        page = browser.get("/submit").text
+        assert 'name="source_evaluation"' in page
+        token = _csrf(browser, "/submit")
+        files = _submit_files() | {"source_evaluation": ("source.npz", b"source")}
+        response = browser.post("/submit", data={"csrf_token": token}, files=files)
+        assert response.status_code == 303, response.text
+        job_id = response.headers["location"].removeprefix("/?created=")
+        request = browser.get(f"/v1/jobs/{job_id}").json()["request"]
+        source = browser.get(f"/v1/files/{request['source_eval_file']}").json()
+        assert source["filename"] == "source.npz"
+        page = browser.get(f"/jobs/{job_id}")
+        assert page.status_code == 200 and "source.npz" in page.text
