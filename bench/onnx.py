@@ -72,8 +72,11 @@ def main() -> None:
     nodes, _ = find_bn_nodes(proto, "bench.onnx")
     rewritten, outputs = statistics_graph(proto, nodes)
     stat_names = [n for out in outputs for n in (out.mean, out.var, out.size)]
+    fused, fused_outputs = statistics_graph(proto, nodes, training_bn=True)
+    fused_names = [n for out in fused_outputs for n in (out.mean, out.var, out.size)]
     plain = make_session(proto, "plain", threads=args.threads)
     stats = make_session(rewritten, "rewrite", threads=args.threads)
+    fused_stats = make_session(fused, "training-mode BN", threads=args.threads)
 
     def torch_engine() -> None:
         recalibrate(make_model(), batches, estimator="population")
@@ -89,11 +92,16 @@ def main() -> None:
         for x in arrays:
             stats.run(stat_names, {"x": x})
 
+    def training_bn_pass() -> None:
+        for x in arrays:
+            fused_stats.run(fused_names, {"x": x})
+
     contenders: dict[str, Callable[[], None]] = {
         "torch engine": torch_engine,
         "onnx engine": onnx_engine,
         "onnx plain inference": plain_inference,
         "onnx rewrite pass": rewrite_pass,
+        "onnx training-BN pass": training_bn_pass,
     }
     for run in contenders.values():  # warm-up: allocator pools, lazy imports
         run()
@@ -122,11 +130,16 @@ def main() -> None:
             "onnx_engine_over_torch_engine": median["onnx engine"] / median["torch engine"],
             "rewrite_over_plain_inference": median["onnx rewrite pass"]
             / median["onnx plain inference"],
+            "training_bn_over_plain_inference": median["onnx training-BN pass"]
+            / median["onnx plain inference"],
             "onnx_engine_over_plain_inference": median["onnx engine"]
             / median["onnx plain inference"],
             "paired": {
                 "onnx_engine_over_torch_engine": paired("onnx engine", "torch engine"),
                 "rewrite_over_plain_inference": paired("onnx rewrite pass", "onnx plain inference"),
+                "training_bn_over_plain_inference": paired(
+                    "onnx training-BN pass", "onnx plain inference"
+                ),
             },
         },
         args.out,

@@ -270,3 +270,28 @@ def test_one_sample_batches_are_merged_and_a_single_sample_refused(digits):
     assert done.result.samples == 5 and done.result.merged_batches >= 2
     with pytest.raises(InvalidDataError, match="fewer than 2 samples"):
         recalibrate_onnx(model, batches(flat[:1], 1))
+
+
+@pytest.mark.parametrize("exporter", ["legacy-13", "legacy-18", "dynamo-18"])
+def test_training_mode_bn_measures_what_the_reducemean_rewrite_does(
+    digits, digits_exports, exporter
+):
+    """The CPU provider's fused training-mode BN (opset >= 14) and the ReduceMean rewrite (every
+    provider) give each node the same batch mean and biased variance; opset 13 keeps the rewrite."""
+    from worker.onnx.graph import find_bn_nodes, statistics_graph
+
+    _, calibration, _ = digits
+    model = read_onnx(digits_exports[exporter])
+    nodes, _ = find_bn_nodes(model, "m.onnx")
+    name = model.graph.input[0].name
+    results = []
+    for training_bn in (False, True):
+        graph, outputs = statistics_graph(model, nodes, training_bn=training_bn)
+        kinds = [a.i for n in graph.graph.node if n.op_type == "BatchNormalization"
+                 for a in n.attribute if a.name == "training_mode" and a.i == 1]  # fmt: skip
+        assert len(kinds) == (len(nodes) if training_bn and exporter != "legacy-13" else 0)
+        names = [n for out in outputs for n in (out.mean, out.var)]
+        batch = np.ascontiguousarray(np.asarray(calibration[:BATCH]), dtype=np.float32)
+        results.append(make_session(graph, "m").run(names, {name: batch}))
+    for plain, fused in zip(*results, strict=True):
+        np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-6)

@@ -165,10 +165,17 @@ class StatOutputs:
 
 
 def statistics_graph(
-    model: onnx.ModelProto, nodes: list[BNNode]
+    model: onnx.ModelProto, nodes: list[BNNode], *, training_bn: bool = False
 ) -> tuple[onnx.ModelProto, list[StatOutputs]]:
     """A copy of ``model`` whose ``nodes`` normalize with batch statistics and expose them as
-    graph outputs (see the module docstring); the original outputs stay outputs too."""
+    graph outputs (see the module docstring); the original outputs stay outputs too.
+
+    ``training_bn``: the session's execution provider runs training-mode ``BatchNormalization``
+    (ONNX Runtime's CPU provider does; its CUDA provider does not): a float32/float64 node of an
+    opset ≥ 14 graph then becomes that node in training mode with momentum 0, one fused kernel
+    whose running-statistics outputs are the batch's mean and biased variance (ONNX Runtime
+    centres before squaring: as accurate as the two-pass rewrite). Other nodes, and every node
+    without it, take the ``ReduceMean`` rewrite."""
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     graph = rewritten.graph
@@ -184,7 +191,8 @@ def statistics_graph(
             continue
         k, bn = by_index[index]
         rewrite = _BNRewrite(f"{prefix}bn{k}_", opset, elem_types, graph)
-        new_nodes.extend(rewrite.nodes(node, bn))
+        fused = training_bn and opset >= TRAINING_BN_OPSET and rewrite.measured_as_stored(bn)
+        new_nodes.extend(rewrite.training_nodes(node, bn) if fused else rewrite.nodes(node, bn))
         outputs.append(rewrite.outputs)
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -217,6 +225,8 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 _MEASURED_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE}
+TRAINING_BN_OPSET = 14
+"""From this opset a training-mode BN's extra outputs are its running mean and variance."""
 
 
 class _BNRewrite:
@@ -248,6 +258,41 @@ class _BNRewrite:
 
     def _flat(self, value: str, out: str) -> None:
         self.built.append(helper.make_node("Reshape", [value, self.flat_shape], [out], name=out))
+
+    def measured_as_stored(self, bn: BNNode) -> bool:
+        """The node's input and its stored statistics share a float32/float64 type (no cast)."""
+        x_type = self.types.get(bn.input, TensorProto.FLOAT)
+        return x_type in _MEASURED_TYPES and self.types.get(bn.mean.initializer, x_type) == x_type
+
+    def training_nodes(self, node: onnx.NodeProto, bn: BNNode) -> list[onnx.NodeProto]:
+        """The node in training mode with momentum 0: its batch mean and biased variance as
+        outputs 1 and 2 (ONNX Runtime's CPU kernel), and the input's element count."""
+        compute = self.types.get(bn.input, TensorProto.FLOAT)
+        train = onnx.NodeProto()
+        train.CopyFrom(node)
+        kept = [a for a in node.attribute if a.name not in ("training_mode", "momentum")]
+        del train.attribute[:]
+        train.attribute.extend(kept)
+        train.attribute.extend(
+            [helper.make_attribute("training_mode", 1), helper.make_attribute("momentum", 0.0)]
+        )
+        del train.output[1:]
+        train.output.extend([self.outputs.mean, self.outputs.var])
+        self.built.append(train)
+        self.built.append(
+            helper.make_node("Size", [bn.input], [self.outputs.size], name=self.outputs.size)
+        )
+        self._declare_outputs(compute, bn.channels)
+        return self.built
+
+    def _declare_outputs(self, compute: int, channels: int) -> None:
+        self.graph.output.extend(
+            [
+                helper.make_tensor_value_info(self.outputs.mean, compute, [channels]),
+                helper.make_tensor_value_info(self.outputs.var, compute, [channels]),
+                helper.make_tensor_value_info(self.outputs.size, TensorProto.INT64, []),
+            ]
+        )
 
     def nodes(self, node: onnx.NodeProto, bn: BNNode) -> list[onnx.NodeProto]:
         """Batch mean and biased variance in two passes (mean, then the centred sum of squares:
@@ -283,13 +328,7 @@ class _BNRewrite:
         normalize.CopyFrom(node)
         normalize.input[3], normalize.input[4] = mean, var
         self.built.append(normalize)
-        self.graph.output.extend(
-            [
-                helper.make_tensor_value_info(self.outputs.mean, compute, [bn.channels]),
-                helper.make_tensor_value_info(self.outputs.var, compute, [bn.channels]),
-                helper.make_tensor_value_info(self.outputs.size, TensorProto.INT64, []),
-            ]
-        )
+        self._declare_outputs(compute, bn.channels)
         return self.built
 
 
