@@ -5,8 +5,9 @@ stored (an initializer, directly or through ``Identity`` nodes, as torch's legac
 shares equal tensors). :func:`statistics_graph` returns a rewritten copy in which each of those
 nodes normalizes with its batch's statistics, as train-mode BN does in torch (so downstream BNs
 see what they would see in the torch engine): ``ReduceMean`` and ``ReduceSumSquare`` compute
-them and feed the node's own mean/variance inputs (an inference-mode BN: no training-mode BN,
-which not every execution provider runs). It exposes per batch:
+them and feed the node's own mean/variance inputs (an inference-mode BN, which every execution
+provider runs), or, with ``training_bn``, the node itself runs in training mode (one fused kernel
+on ONNX Runtime's CPU provider). It exposes per batch:
 
 - ``<prefix>mean``: per-channel mean, shape ``(C,)``;
 - ``<prefix>var``: per-channel *biased* variance (what normalizes), shape ``(C,)``;
@@ -191,7 +192,7 @@ def statistics_graph(
             continue
         k, bn = by_index[index]
         rewrite = _BNRewrite(f"{prefix}bn{k}_", opset, elem_types, graph)
-        fused = training_bn and opset >= TRAINING_BN_OPSET and rewrite.measured_as_stored(bn)
+        fused = training_bn and opset >= TRAINING_BN_OPSET and rewrite.trains_in_place(node, bn)
         new_nodes.extend(rewrite.training_nodes(node, bn) if fused else rewrite.nodes(node, bn))
         outputs.append(rewrite.outputs)
     del graph.node[:]
@@ -259,10 +260,13 @@ class _BNRewrite:
     def _flat(self, value: str, out: str) -> None:
         self.built.append(helper.make_node("Reshape", [value, self.flat_shape], [out], name=out))
 
-    def measured_as_stored(self, bn: BNNode) -> bool:
-        """The node's input and its stored statistics share a float32/float64 type (no cast)."""
+    def trains_in_place(self, node: onnx.NodeProto, bn: BNNode) -> bool:
+        """The node can measure itself in training mode: its input and stored statistics share a
+        float32/float64 type (no cast), and nothing reads outputs other than its ``Y`` (training
+        mode gives outputs 1 and 2 other meanings)."""
         x_type = self.types.get(bn.input, TensorProto.FLOAT)
-        return x_type in _MEASURED_TYPES and self.types.get(bn.mean.initializer, x_type) == x_type
+        same_type = self.types.get(bn.mean.initializer, x_type) == x_type
+        return x_type in _MEASURED_TYPES and same_type and not any(node.output[1:])
 
     def training_nodes(self, node: onnx.NodeProto, bn: BNNode) -> list[onnx.NodeProto]:
         """The node in training mode with momentum 0: its batch mean and biased variance as
@@ -279,17 +283,18 @@ class _BNRewrite:
         del train.output[1:]
         train.output.extend([self.outputs.mean, self.outputs.var])
         self.built.append(train)
+        self._expose(bn, compute)
+        return self.built
+
+    def _expose(self, bn: BNNode, compute: int) -> None:
+        """The input's element count, and the statistics as graph outputs."""
         self.built.append(
             helper.make_node("Size", [bn.input], [self.outputs.size], name=self.outputs.size)
         )
-        self._declare_outputs(compute, bn.channels)
-        return self.built
-
-    def _declare_outputs(self, compute: int, channels: int) -> None:
         self.graph.output.extend(
             [
-                helper.make_tensor_value_info(self.outputs.mean, compute, [channels]),
-                helper.make_tensor_value_info(self.outputs.var, compute, [channels]),
+                helper.make_tensor_value_info(self.outputs.mean, compute, [bn.channels]),
+                helper.make_tensor_value_info(self.outputs.var, compute, [bn.channels]),
                 helper.make_tensor_value_info(self.outputs.size, TensorProto.INT64, []),
             ]
         )
@@ -316,9 +321,6 @@ class _BNRewrite:
         var3 = self._node("Div", [squares3, per_channel], "var3")
         self._flat(mean3, self.outputs.mean)
         self._flat(var3, self.outputs.var)
-        self.built.append(
-            helper.make_node("Size", [bn.input], [self.outputs.size], name=self.outputs.size)
-        )
         stats_type = self.types.get(bn.mean.initializer, compute)
         mean, var = self.outputs.mean, self.outputs.var
         if stats_type != compute:
@@ -327,8 +329,8 @@ class _BNRewrite:
         normalize = onnx.NodeProto()
         normalize.CopyFrom(node)
         normalize.input[3], normalize.input[4] = mean, var
+        self._expose(bn, compute)
         self.built.append(normalize)
-        self._declare_outputs(compute, bn.channels)
         return self.built
 
 

@@ -76,7 +76,7 @@ def recalibrate_onnx(
         JobCancelledError: ``should_stop`` returned True.
     """
     nodes, skipped = find_bn_nodes(model, name)
-    rewritten, outputs = statistics_graph(model, nodes, training_bn=True)  # CPU provider
+    rewritten, outputs = statistics_graph(model, nodes, training_bn=True)  # make_session: CPU
     session = make_session(rewritten, name, threads=threads)
     specs = graph_inputs(model)
     min_batch, max_batch = batch_size_range(specs)
